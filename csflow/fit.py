@@ -1,0 +1,120 @@
+"""From a folder of normal images to a calibrated model: split, extract, train, calibrate."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from csflow.backbones import create_backbone
+from csflow.calibration import Calibration, calibrate
+from csflow.data import ImageLimits, load_batch
+from csflow.extractor import FeatureExtractor
+from csflow.flow import FlowConfig
+from csflow.model import CSFlow, anomaly_maps, image_scores
+from csflow.training import (
+    EpochRecord,
+    TrainConfig,
+    TrainResult,
+    extract_features,
+    features_scores,
+    split_indices,
+    train_flow,
+)
+
+T = TypeVar("T")
+Progress = Callable[[Iterable[T], str, int], Iterable[T]]
+
+
+def no_progress(items: Iterable[T], desc: str, total: int) -> Iterable[T]:
+    return items
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def image_batches(paths: Sequence[Path], size: int, limits: ImageLimits, batch_size: int) -> Iterator[Tensor]:
+    for i in range(0, len(paths), batch_size):
+        yield load_batch(paths[i : i + batch_size], size, limits)
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    backbone: str
+    weights: str
+    image_size: int
+    flow: FlowConfig
+    train: TrainConfig
+    val_fraction: float
+    target_fpr: float
+    limits: ImageLimits
+
+
+@dataclass
+class FitResult:
+    model: CSFlow
+    calibration: Calibration
+    training: TrainResult
+    extract_seconds: float
+
+    def summary(self, spec: FitSpec, n_train: int) -> dict:
+        return {
+            "n_train": n_train,
+            "n_heldout": len(self.calibration.scores),
+            "epochs": len(self.training.history),
+            "best_epoch": self.training.best_epoch,
+            "best_heldout_nll": self.training.best_val_nll,
+            "train_seconds": round(self.training.seconds, 1),
+            "extract_seconds": round(self.extract_seconds, 1),
+            "train_config": asdict(spec.train),
+            "val_fraction": spec.val_fraction,
+        }
+
+
+def build_model(backbone: str, weights: str, image_size: int, flow: FlowConfig) -> CSFlow:
+    return CSFlow(FeatureExtractor(create_backbone(backbone, weights)), image_size, flow, backbone).eval()
+
+
+def fit(
+    normal_images: Sequence[Path],
+    spec: FitSpec,
+    device: torch.device,
+    progress: Progress = no_progress,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> FitResult:
+    """Train on normal images; a seeded share is held out to pick weights and set the threshold."""
+    torch.manual_seed(spec.train.seed)
+    model = build_model(spec.backbone, spec.weights, spec.image_size, spec.flow).to(device)
+    train_idx, val_idx = split_indices(len(normal_images), spec.val_fraction, spec.train.seed)
+    t0 = time.perf_counter()
+    bs = spec.train.batch_size
+
+    def features(idx: Sequence[int], desc: str) -> list[Tensor]:
+        paths = [normal_images[i] for i in idx]
+        batches = image_batches(paths, spec.image_size, spec.limits, bs)
+        return extract_features(model, progress(batches, desc, -(-len(paths) // bs)), device)
+
+    train_feats = features(train_idx, "extract train")
+    val_feats = features(val_idx, "extract held-out")
+    extract_seconds = time.perf_counter() - t0
+    result = train_flow(model, train_feats, val_feats, spec.train, device, on_epoch)
+    val_scores = features_scores(model, val_feats, bs, device).numpy()
+    return FitResult(model, calibrate(val_scores, spec.target_fpr), result, extract_seconds)
+
+
+@torch.no_grad()
+def score_batch(model: CSFlow, images: Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and anomaly maps for a batch of (B, 3, S, S) images in [0, 1]."""
+    out = model(images.to(device))
+    return image_scores(out.z).cpu().numpy(), anomaly_maps(out.z, model.image_size).cpu().numpy()

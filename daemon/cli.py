@@ -1,0 +1,263 @@
+"""The `inspectd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import structlog
+from tqdm import tqdm
+
+from csflow.artifacts import ArtifactError, ModelVersion, load_model, save_model
+from csflow.backbones import WeightsError
+from csflow.data import DatasetError, ImageError, load_batch, load_dataset, read_image, to_tensor
+from csflow.elpv import ElpvExport, export_elpv
+from csflow.evaluation import evaluate_samples
+from csflow.fit import FitSpec, fit, resolve_device, score_batch
+from csflow.training import EpochRecord
+from daemon.config import ConfigError, Settings, load_settings, override
+from daemon.logs import configure_logging
+from daemon.report import plot_evaluation
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+USER_ERRORS = (ImageError, DatasetError, ArtifactError, WeightsError, ValueError, RuntimeError)
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], desc: str, total: int) -> Iterable[T]:
+    return tqdm(items, desc=desc, total=total, file=sys.stderr, disable=None, leave=False)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    log = structlog.get_logger()
+    dataset = load_dataset(args.data)
+    model_cfg = override(settings.model, "model", backbone=args.backbone, image_size=args.image_size)
+    train_cfg = override(settings.train, "train", epochs=args.epochs, seed=args.seed)
+    spec = FitSpec(
+        backbone=model_cfg.backbone,
+        weights=model_cfg.weights_source,
+        image_size=model_cfg.image_size,
+        flow=settings.flow.to_config(),
+        train=train_cfg.to_config(),
+        val_fraction=train_cfg.val_fraction,
+        target_fpr=settings.calibration.target_fpr,
+        limits=settings.limits.to_limits(),
+    )
+    device = resolve_device(model_cfg.device)
+    paths = [s.path for s in dataset.train]
+    log.info(
+        "training",
+        data=str(args.data),
+        images=len(paths),
+        device=str(device),
+        backbone=spec.backbone,
+        image_size=spec.image_size,
+        epochs=spec.train.epochs,
+        hidden_channels=spec.flow.hidden_channels,
+    )
+    bar = tqdm(total=spec.train.epochs, desc="train", file=sys.stderr, disable=None, leave=False)
+
+    def on_epoch(record: EpochRecord) -> None:
+        bar.update(1)
+        bar.set_postfix(nll=f"{record.train_nll:.3f}", val=f"{record.val_nll:.3f}" if record.val_nll else "-")
+        log.info(
+            "epoch",
+            epoch=record.epoch,
+            train_nll=round(record.train_nll, 4),
+            heldout_nll=None if record.val_nll is None else round(record.val_nll, 4),
+            seconds=round(record.seconds, 1),
+        )
+
+    result = fit(paths, spec, device, progress, on_epoch)
+    bar.close()
+    manifest = save_model(args.out, result.model, spec.weights, result.calibration, result.summary(spec, len(paths)))
+    log.info(
+        "model saved",
+        out=str(args.out),
+        version=manifest.version,
+        threshold=result.calibration.threshold,
+        best_epoch=result.training.best_epoch,
+        seconds_per_epoch=round(result.training.seconds_per_epoch, 2),
+    )
+    print(
+        f"model {manifest.version} saved to {args.out} (threshold {result.calibration.threshold:.4f}, "
+        f"{result.training.seconds:.0f} s training, {result.training.seconds_per_epoch:.1f} s/epoch)"
+    )
+    return 0
+
+
+def _load(args: argparse.Namespace, settings: Settings) -> ModelVersion:
+    return load_model(args.model, str(resolve_device(settings.model.device)))
+
+
+def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
+    version = _load(args, settings)
+    device = next(version.model.parameters()).device
+    limits = settings.limits.to_limits()
+    rows, failed = [], 0
+    for path in args.images:
+        try:
+            image = to_tensor(read_image(path, limits), version.model.image_size)[None]
+        except ImageError as exc:
+            failed += 1
+            rows.append({"image": str(path), "error": str(exc)})
+            continue
+        score = float(score_batch(version.model, image, device)[0][0])
+        rows.append(
+            {
+                "image": str(path),
+                "score": score,
+                "threshold": version.threshold,
+                "anomalous": score > version.threshold,
+                "model_version": version.version,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            if "error" in row:
+                print(f"{row['image']}\tERROR\t{row['error']}")
+            else:
+                verdict = "ANOMALOUS" if row["anomalous"] else "normal"
+                print(f"{row['image']}\t{row['score']:.4f}\t(threshold {row['threshold']:.4f})\t{verdict}")
+    return EXIT_ERROR if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    version = _load(args, settings)
+    model, size = version.model, version.model.image_size
+    device = next(model.parameters()).device
+    dataset = load_dataset(args.data)
+    if not dataset.test:
+        raise DatasetError(f"{args.data} has no test/ folder to evaluate on")
+    limits = settings.limits.to_limits()
+    result = evaluate_samples(
+        model, dataset.test, version.threshold, limits, settings.train.batch_size, device, progress
+    )
+    evaluation = result.evaluation
+    op = evaluation.operating_point
+    print(
+        f"image AUROC {evaluation.image_auroc:.4f}"
+        + (f", pixel AUROC {evaluation.pixel_auroc:.4f}" if evaluation.pixel_auroc is not None else "")
+        + f" | at threshold {op.threshold:.4f}: FPR {op.fpr:.3f}, TPR {op.tpr:.3f}, "
+        f"balanced accuracy {op.balanced_accuracy:.3f} | {evaluation.n_normal} normal, "
+        f"{evaluation.n_anomalous} defective"
+    )
+    for defect, auroc in evaluation.per_type_auroc.items():
+        print(f"  {defect}: AUROC {auroc:.4f}")
+    if args.json:
+        report = {"model_version": version.version, "data": str(args.data), **evaluation.to_dict()}
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        picks = _overlay_picks(result.scores, result.anomalous)
+        images = load_batch([dataset.test[i].path for i in picks], size, limits)
+        _, maps = score_batch(model, images, device)
+        overlays = [
+            (
+                f"{'defective' if result.anomalous[i] else 'normal'}: {result.scores[i]:.3f}",
+                image.permute(1, 2, 0).numpy(),
+                amap,
+            )
+            for i, image, amap in zip(picks, images, maps, strict=True)
+        ]
+        plot_evaluation(
+            args.plot, f"{args.data} — model {version.version}", evaluation, result.scores, result.anomalous, overlays
+        )
+    return 0
+
+
+def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
+    """The two highest-scoring defective images and the highest and lowest normal ones."""
+    defective = np.flatnonzero(anomalous)[np.argsort(-scores[anomalous])][:2]
+    normal = np.flatnonzero(~anomalous)[np.argsort(-scores[~anomalous])]
+    return [*defective.tolist(), int(normal[0]), int(normal[-1])]
+
+
+def cmd_export_elpv(args: argparse.Namespace, settings: Settings) -> int:
+    counts = export_elpv(args.out, ElpvExport(args.cell_type, args.test_fraction, args.seed))
+    print(f"ELPV ({args.cell_type}) exported to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inspectd", description="Streaming, drift-aware visual inspection.")
+    parser.add_argument("--config", help="settings file (default: $INSPECTD_CONFIG or ./config.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train CS-Flow on the normal images of a dataset",
+        description="Train on DIR/train/good (MVTec layout) or a plain folder of normal images; "
+        "a share is held out to select weights and calibrate the threshold.",
+    )
+    p.add_argument("--data", required=True, type=Path, help="dataset folder")
+    p.add_argument("--backbone", help="timm backbone name (default from config)")
+    p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.add_argument("--seed", type=int, help="seed for the held-out split and training")
+    p.add_argument("--out", type=Path, default=Path("models/latest"), help="model directory to write")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser(
+        "score",
+        help="score images with a model",
+        description="Print score, threshold and verdict per image; exit 1 if any image could not be read.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=cmd_score)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="AUROC and operating point on a labelled test set",
+        description="Image AUROC, pixel AUROC where masks exist, per-defect-type AUROC and the "
+        "FPR/TPR at the model's calibrated threshold, on DIR/test.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="model directory")
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec layout)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON")
+    p.add_argument("--plot", type=Path, metavar="OUT.png", help="write ROC, histograms and overlays")
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser(
+        "export-elpv",
+        help="export the ELPV solar cells into the MVTec layout",
+        description="Normal = defect probability 0, defective = 1, one cell type; seeded split.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.add_argument("--cell-type", default="mono", choices=["mono", "poly"])
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of normal images for the test set")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=cmd_export_elpv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"inspectd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log.level, settings.log.format)
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    try:
+        return handler(args, settings)
+    except ConfigError as exc:
+        print(f"inspectd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except USER_ERRORS as exc:
+        print(f"inspectd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

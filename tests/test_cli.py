@@ -1,0 +1,136 @@
+"""The command line end to end on a tiny synthetic dataset: train, score, evaluate, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.cli import main
+
+TINY = {
+    "INSPECTD_FLOW__HIDDEN_CHANNELS": "8",
+    "INSPECTD_MODEL__IMAGE_SIZE": "128",
+    "INSPECTD_MODEL__DEVICE": "cpu",
+    "INSPECTD_TRAIN__EPOCHS": "2",
+    "INSPECTD_TRAIN__BATCH_SIZE": "4",
+    "INSPECTD_TRAIN__EVAL_EVERY": "1",
+    "INSPECTD_TRAIN__VAL_FRACTION": "0.25",
+    "INSPECTD_CALIBRATION__TARGET_FPR": "0.1",
+}
+
+
+def _cell(rng: np.random.Generator, defect: bool) -> Image.Image:
+    """A grey textured square; defective ones carry a dark scratch."""
+    img = (128 + 20 * rng.standard_normal((96, 96))).clip(0, 255)
+    if defect:
+        img[40:46, 10:90] = 10
+    return Image.fromarray(img.astype(np.uint8), mode="L")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for folder, n, defect in (("train/good", 12, False), ("test/good", 4, False), ("test/scratch", 4, True)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            _cell(rng, defect).save(root / folder / f"{i:03d}.png")
+    (root / "ground_truth/scratch").mkdir(parents=True)
+    for i in range(4):
+        mask = np.zeros((96, 96), np.uint8)
+        mask[40:46, 10:90] = 255
+        Image.fromarray(mask).save(root / "ground_truth/scratch" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "m"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in TINY.items():
+            mp.setenv(k, v)
+        assert main(["train", "--data", str(dataset), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _tiny_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in [k for k in os.environ if k.startswith("INSPECTD_")]:
+        monkeypatch.delenv(k)
+    for k, v in TINY.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_train_writes_a_verified_model(model_dir: Path) -> None:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert sorted(p.name for p in model_dir.iterdir()) == ["flow.safetensors", "manifest.json"]
+    assert manifest["image_size"] == 128
+    assert manifest["flow"]["hidden_channels"] == 8
+    assert manifest["summary"]["n_train"] == 12
+    assert manifest["summary"]["n_heldout"] == 3
+    assert len(manifest["calibration"]["scores"]) == 3
+
+
+def test_score_prints_verdicts(model_dir: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images = [str(dataset / "test/good/000.png"), str(dataset / "test/scratch/000.png")]
+    assert main(["score", "--model", str(model_dir), *images, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in rows] == images
+    for row in rows:
+        assert row["anomalous"] == (row["score"] > row["threshold"])
+        assert np.isfinite(row["score"])
+
+
+def test_score_reports_a_corrupt_image_and_goes_on(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    good = dataset / "test/good/001.png"
+    assert main(["score", "--model", str(model_dir), str(bad), str(good)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "ERROR" in out[0] and "bad.png" in out[0]
+    assert out[1].startswith(str(good)) and ("normal" in out[1] or "ANOMALOUS" in out[1])
+
+
+def test_evaluate_writes_figures_and_plot(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    report, plot = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert (
+        main(
+            ["evaluate", "--model", str(model_dir), "--data", str(dataset), "--json", str(report), "--plot", str(plot)]
+        )
+        == 0
+    )
+    figures = json.loads(report.read_text())
+    assert figures["n_normal"] == 4 and figures["n_anomalous"] == 4
+    assert 0.0 <= figures["image_auroc"] <= 1.0
+    assert figures["pixel_auroc"] is not None
+    assert set(figures["per_type_auroc"]) == {"scratch"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_tampered_model_is_refused(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "m"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["calibration"]["threshold"] = 1e9
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["score", "--model", str(copy), str(model_dir / "manifest.json")]) == 1
+    assert "does not match version" in capsys.readouterr().err
+
+
+def test_bad_image_size_flag_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(dataset), "--image-size", "200", "--out", str(tmp_path / "m")]) == 2
+    assert "model.image_size" in capsys.readouterr().err

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("INSPECTD_"):
+            monkeypatch.delenv(key)
+
+
+def test_config_toml_documents_exactly_the_defaults() -> None:
+    documented = tomllib.loads((ROOT / "config.toml").read_text())
+
+    class NoFile(Settings):
+        pass
+
+    defaults = json.loads(NoFile().model_dump_json())
+    assert json.loads(json.dumps(documented)) == defaults
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nepochs = 3\n[flow]\nhidden_channels = 32\n")
+    monkeypatch.setenv("INSPECTD_TRAIN__EPOCHS", "7")
+    settings = load_settings(cfg)
+    assert settings.train.epochs == 7
+    assert settings.flow.hidden_channels == 32
+    assert settings.model.image_size == 256
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "expected"),
+    [
+        ("[train]\nepocs = 3\n", {}, "train.epocs"),
+        ("[trian]\nepochs = 3\n", {}, "trian"),
+        ("[model]\nimage_size = 300\n", {}, "model.image_size"),
+        ("[model]\ndevice = 'gpu'\n", {}, "model.device"),
+        ("[flow]\nkernel_sizes = [3, 3]\n", {}, "kernel_sizes"),
+        ("", {"INSPECTD_TRAIN__LR": "fast"}, "train.lr"),
+        ("", {"INSPECTD_LOG__LEVEL": "loud"}, "log.level"),
+        ("[train\n", {}, "not valid TOML"),
+    ],
+)
+def test_invalid_config_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, env: dict[str, str], expected: str
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(content)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_settings(cfg)
+
+
+def test_cli_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[calibration]\ntarget_fpr = 2.0\n")
+    assert main(["--config", str(cfg), "score", "--model", str(tmp_path), "x.png"]) == 2
+    assert "calibration.target_fpr" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(tmp_path / "nope.toml"), "export-elpv", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
