@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from csflow.backbones import LITE0, default_weights
@@ -89,6 +89,59 @@ class LimitsSection(Section):
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.image_formats)
 
 
+class KafkaSection(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "frames"
+    group_id: str = "inspectd"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    # Secrets never live in this file: INSPECTD_KAFKA__SASL_PASSWORD, or a file path here.
+    sasl_password: SecretStr = SecretStr("")
+    sasl_password_file: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}.dlq"
+
+    def password(self) -> str:
+        return read_secret(self.sasl_password, self.sasl_password_file, "kafka.sasl_password_file")
+
+
+class RedisSection(Section):
+    # redis://[:password@]host:port/db or rediss:// for TLS. A password is better given through
+    # INSPECTD_REDIS__URL or url_file than written here.
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    url_file: str = ""
+    key_prefix: str = "inspectd:"
+    verdict_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    frame_ttl_s: int = Field(3600, ge=1)
+    stream_max_len: int = Field(1_000_000, ge=1000)
+
+    def connection_url(self) -> str:
+        return read_secret(self.url, self.url_file, "redis.url_file")
+
+
+class WorkerSection(Section):
+    batch_size: int = Field(16, ge=1, le=1024)
+    max_wait_ms: int = Field(50, ge=1)
+    decode_threads: int = Field(2, ge=1, le=64)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8080, ge=0, le=65535)
+    retry_backoff_s: float = Field(0.5, gt=0)
+    retry_backoff_max_s: float = Field(10.0, gt=0)
+    drain_timeout_s: float = Field(30.0, gt=0)
+    lag_interval_s: float = Field(5.0, gt=0)
+    model_dir: str = "models/latest"
+
+
 class LogSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -102,6 +155,9 @@ class Settings(BaseSettings):
     train: TrainSection = TrainSection()
     calibration: CalibrationSection = CalibrationSection()
     limits: LimitsSection = LimitsSection()
+    kafka: KafkaSection = KafkaSection()
+    redis: RedisSection = RedisSection()
+    worker: WorkerSection = WorkerSection()
     log: LogSection = LogSection()
 
     @classmethod
@@ -115,6 +171,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment ahead of the file, so INSPECTD_* always wins over config.toml.
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def read_secret(value: SecretStr, file: str, key: str) -> str:
+    """A secret from its file when one is named, else from the setting (itself from the environment)."""
+    if not file:
+        return value.get_secret_value()
+    try:
+        return Path(file).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {file} ({exc.strerror})") from exc
 
 
 S = TypeVar("S", bound=Section)

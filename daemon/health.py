@@ -1,0 +1,54 @@
+"""The HTTP endpoint: /healthz (alive), /readyz (model loaded, Kafka and Redis reachable), /metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class HealthServer:
+    """Serves in a daemon thread; `readiness()` returns the names of what is not ready."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, readiness: Callable[[], list[str]]):
+        registry_, readiness_ = registry, readiness
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._send(200, "application/json", b'{"status": "ok"}')
+                elif self.path == "/readyz":
+                    problems = readiness_()
+                    body = json.dumps({"ready": not problems, "not_ready": problems}).encode()
+                    self._send(503 if problems else 200, "application/json", body)
+                elif self.path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry_))
+                else:
+                    self._send(404, "text/plain", b"not found\n")
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep probes out of the logs
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

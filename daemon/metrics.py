@@ -1,0 +1,36 @@
+"""Prometheus metrics of one worker (own registry, so several workers can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("inspectd_frames", "Frames handled, by outcome", ["outcome"], registry=r)
+        self.bad_frames = Counter("inspectd_bad_frames", "Frames sent to the dead-letter topic", ["reason"], registry=r)
+        self.batch_size = Histogram(
+            "inspectd_batch_size", "Frames per scored batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.stage_seconds = Histogram(
+            "inspectd_stage_seconds", "Time per batch stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e_latency = Histogram(
+            "inspectd_end_to_end_latency_seconds",
+            "From the frame's ts header to its verdict in Redis",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.scores = Histogram(
+            "inspectd_score", "Anomaly scores", buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 100), registry=r
+        )
+        self.anomalous = Counter("inspectd_anomalous_frames", "Frames judged anomalous", ["camera_id"], registry=r)
+        self.consumer_lag = Gauge(
+            "inspectd_consumer_lag", "Records behind the partition end", ["partition"], registry=r
+        )
+        self.model = Info("inspectd_model", "The active model version", registry=r)
+        self.retries = Counter("inspectd_retries", "Retried operations after an outage", ["target"], registry=r)

@@ -1,0 +1,88 @@
+"""Verdicts and cached frames in Redis, written idempotently by frame id.
+
+One Lua script per verdict sets `verdict:{frame_id}` only if absent and, only then, appends to the
+`verdicts` stream: a frame redelivered after a crash gets no second verdict, and the two writes
+cannot be separated by a crash because a script runs atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import redis
+
+from daemon.frames import Frame
+
+_WRITE_VERDICT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  local fields = cjson.decode(ARGV[1])
+  local flat = {}
+  for _, k in ipairs(cjson.decode(ARGV[4])) do
+    table.insert(flat, k)
+    table.insert(flat, tostring(fields[k]))
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(flat))
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    frame_id: str
+    camera_id: str
+    ts: int
+    score: float
+    threshold: float
+    anomalous: bool
+    model_version: str
+    latency_ms: float
+
+
+VERDICT_FIELDS = list(Verdict.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    @property
+    def verdicts(self) -> str:
+        return f"{self.prefix}verdicts"
+
+    def verdict(self, frame_id: str) -> str:
+        return f"{self.prefix}verdict:{frame_id}"
+
+    def frame(self, frame_id: str) -> str:
+        return f"{self.prefix}frame:{frame_id}"
+
+
+class VerdictStore:
+    def __init__(self, client: redis.Redis, keys: Keys, verdict_ttl_s: int, frame_ttl_s: int, stream_max_len: int):
+        self.client = client
+        self.keys = keys
+        self.verdict_ttl_s = verdict_ttl_s
+        self.frame_ttl_s = frame_ttl_s
+        self.stream_max_len = stream_max_len
+        self._script = client.register_script(_WRITE_VERDICT)
+
+    def write(self, verdicts: Sequence[Verdict], frames: Sequence[Frame]) -> int:
+        """Cache the frames and write the verdicts; returns how many verdicts were new."""
+        pipe = self.client.pipeline(transaction=False)
+        for frame in frames:
+            pipe.set(self.keys.frame(frame.frame_id), frame.data, ex=self.frame_ttl_s)
+        for v in verdicts:
+            self._script(
+                keys=[self.keys.verdict(v.frame_id), self.keys.verdicts],
+                args=[json.dumps(asdict(v)), self.verdict_ttl_s, self.stream_max_len, json.dumps(VERDICT_FIELDS)],
+                client=pipe,
+            )
+        results = pipe.execute()
+        return int(sum(results[len(frames) :]))
+
+    def verdict(self, frame_id: str) -> Verdict | None:
+        raw = self.client.get(self.keys.verdict(frame_id))
+        return None if raw is None else Verdict(**json.loads(raw))

@@ -1,0 +1,292 @@
+"""The streaming worker: frames from Kafka, CS-Flow verdicts into Redis, offsets committed last.
+
+Each iteration: collect a batch (size or max wait), parse and decode (thread pool), score, write
+verdicts to Redis, send bad frames to the dead-letter topic, commit. Outages are retried with
+backoff while /readyz reports not-ready; nothing is committed before it is durable, so a crash at
+any point only causes redelivery, and idempotent verdict writes turn that into exactly one verdict.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any, TypeVar
+
+import numpy as np
+import redis
+import structlog
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import CommitFailedError, KafkaError
+
+from csflow.artifacts import ModelVersion
+from csflow.data import to_tensor
+from csflow.model import image_scores
+from daemon.config import Settings
+from daemon.frames import BadFrame, Frame, decode_frame, parse_record
+from daemon.health import HealthServer
+from daemon.kafka_clients import make_consumer, make_producer
+from daemon.metrics import WorkerMetrics
+from daemon.store import Keys, Verdict, VerdictStore
+
+T = TypeVar("T")
+OUTAGE_ERRORS = (redis.RedisError, KafkaError, OSError)
+STATUS_INTERVAL_S = 1.0
+
+
+class DrainTimeout(RuntimeError):
+    """Stopping was requested but Kafka or Redis stayed unreachable past the drain timeout."""
+
+
+class Worker:
+    def __init__(self, settings: Settings, model: ModelVersion, device: torch.device) -> None:
+        self.settings = settings
+        self.model = model
+        self.device = device
+        self.metrics = WorkerMetrics()
+        self.metrics.model.info({"version": model.version})
+        self.status = {"model": True, "kafka": False, "redis": False}
+        self.http_port: int | None = None
+        self._stop = threading.Event()
+        self._stop_deadline: float | None = None
+        self._next_lag_check = 0.0
+        self._next_status_check = 0.0
+        self._log = structlog.get_logger()
+
+    # lifecycle ---------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current batch, commit, exit. Safe to call from a signal handler."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def not_ready(self) -> list[str]:
+        return [name for name, ok in self.status.items() if not ok]
+
+    def run(self) -> int:
+        cfg = self.settings
+        with ExitStack() as stack:
+            health = HealthServer(cfg.worker.http_host, cfg.worker.http_port, self.metrics.registry, self.not_ready)
+            health.start()
+            stack.callback(health.stop)
+            self.http_port = health.port
+            self.consumer: KafkaConsumer = self._retry("kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size))
+            stack.callback(self.consumer.close)
+            self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))
+            stack.callback(self.producer.close)
+            client = redis.Redis.from_url(cfg.redis.connection_url(), socket_timeout=5, socket_connect_timeout=5)
+            stack.callback(client.close)
+            self.store = VerdictStore(
+                client,
+                Keys(cfg.redis.key_prefix),
+                cfg.redis.verdict_ttl_s,
+                cfg.redis.frame_ttl_s,
+                cfg.redis.stream_max_len,
+            )
+            self._retry("redis", client.ping)
+            pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
+            self._log.info(
+                "worker started",
+                topic=cfg.kafka.topic,
+                group=cfg.kafka.group_id,
+                model_version=self.model.version,
+                device=str(self.device),
+                http_port=self.http_port,
+            )
+            try:
+                while not self._stop.is_set():
+                    records = self._collect()
+                    if records:
+                        self._handle(records, pool)
+                    self._check_kafka()
+            except DrainTimeout as exc:
+                self._log.error("drain timed out, exiting without commit", reason=str(exc))
+                return 1
+            self._log.info("worker stopped")
+        return 0
+
+    # one iteration -----------------------------------------------------------------------------
+    def _collect(self) -> list[Any]:
+        """Up to batch_size records; waits at most max_wait_ms after the first one arrives."""
+        cfg = self.settings.worker
+        max_wait = cfg.max_wait_ms / 1000
+        records: list[Any] = []
+        first_at: float | None = None
+        while len(records) < cfg.batch_size and not self._stop.is_set():
+            left = max_wait if first_at is None else max_wait - (time.monotonic() - first_at)
+            if left <= 0:
+                break
+            try:
+                polled = self.consumer.poll(
+                    timeout_ms=max(1, int(left * 1000)), max_records=cfg.batch_size - len(records)
+                )
+            except KafkaError as exc:
+                self.status["kafka"] = False
+                self._log.warning("kafka poll failed", error=str(exc))
+                self._stop.wait(cfg.retry_backoff_s)
+                break
+            got = [r for batch in polled.values() for r in batch]
+            if not got and first_at is None:
+                break
+            if got and first_at is None:
+                first_at = time.monotonic()
+            records += got
+        return records
+
+    def _handle(self, records: list[Any], pool: ThreadPoolExecutor) -> None:
+        cfg = self.settings
+        t0 = time.perf_counter()
+        dead: list[tuple[Any, str]] = []
+        parsed: list[tuple[Any, Frame]] = []
+        for record in records:
+            try:
+                parsed.append((record, parse_record(record, cfg.kafka.max_message_bytes)))
+            except BadFrame as exc:
+                dead.append((record, exc.reason))
+        good: list[tuple[Frame, torch.Tensor]] = []
+        for (record, frame), image in zip(parsed, pool.map(self._decode, [f for _, f in parsed]), strict=True):
+            if isinstance(image, BadFrame):
+                dead.append((record, image.reason))
+            else:
+                good.append((frame, image))
+        t1 = time.perf_counter()
+        scores = self._score([img for _, img in good]) if good else np.zeros(0)
+        t2 = time.perf_counter()
+        now_ms = time.time() * 1000
+        verdicts = [
+            Verdict(
+                f.frame_id,
+                f.camera_id,
+                f.ts_ms,
+                float(s),
+                self.model.threshold,
+                bool(s > self.model.threshold),
+                self.model.version,
+                round(now_ms - f.ts_ms, 1),
+            )
+            for (f, _), s in zip(good, scores, strict=True)
+        ]
+        new = self._retry("redis", lambda: self.store.write(verdicts, [f for f, _ in good])) if good else 0
+        t3 = time.perf_counter()
+        if dead:
+            self._retry("kafka", lambda: self._dead_letter(dead))
+        self._commit()
+        t4 = time.perf_counter()
+        self._observe(verdicts, dead, {"decode": t1 - t0, "score": t2 - t1, "redis": t3 - t2, "commit": t4 - t3})
+        self._log.info(
+            "batch",
+            frames=len(records),
+            scored=len(verdicts),
+            new_verdicts=new,
+            dead_lettered=len(dead),
+            anomalous=sum(v.anomalous for v in verdicts),
+            model_version=self.model.version,
+            ms={
+                k: round(v * 1000, 1)
+                for k, v in (("decode", t1 - t0), ("score", t2 - t1), ("redis", t3 - t2), ("commit", t4 - t3))
+            },
+        )
+
+    def _decode(self, frame: Frame) -> torch.Tensor | BadFrame:
+        try:
+            return to_tensor(decode_frame(frame, self.settings.limits.to_limits()), self.model.model.image_size)
+        except BadFrame as exc:
+            return exc
+
+    @torch.inference_mode()
+    def _score(self, images: list[torch.Tensor]) -> np.ndarray:
+        batch = torch.stack(images)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return image_scores(self.model.model(batch).z).cpu().numpy()
+
+    def _dead_letter(self, dead: list[tuple[Any, str]]) -> None:
+        cfg = self.settings.kafka
+        futures = []
+        for record, reason in dead:
+            value = record.value if record.value and len(record.value) <= cfg.max_message_bytes else b""
+            headers = [
+                *(record.headers or []),
+                ("reason", reason.encode()),
+                ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
+            ]
+            futures.append(self.producer.send(cfg.dlq_topic, key=record.key, value=value, headers=headers))
+            self._log.warning(
+                "frame dead-lettered",
+                reason=reason,
+                source=f"{record.topic}:{record.partition}:{record.offset}",
+                camera_id=record.key.decode(errors="replace") if record.key else None,
+            )
+        self.producer.flush(timeout=10)
+        for future in futures:
+            future.get(timeout=10)
+
+    def _commit(self) -> None:
+        try:
+            self._retry("kafka", self.consumer.commit)
+        except CommitFailedError as exc:  # partitions moved to another worker: it re-scores, idempotently
+            self._log.warning("commit failed after a rebalance", error=str(exc))
+
+    def _observe(self, verdicts: list[Verdict], dead: list[tuple[Any, str]], stages: dict[str, float]) -> None:
+        m = self.metrics
+        m.frames.labels("scored").inc(len(verdicts))
+        m.frames.labels("dead_lettered").inc(len(dead))
+        for _, reason in dead:
+            m.bad_frames.labels(reason.split(":")[0][:40]).inc()
+        m.batch_size.observe(len(verdicts) + len(dead))
+        for stage, seconds in stages.items():
+            m.stage_seconds.labels(stage).observe(seconds)
+        now_ms = time.time() * 1000
+        for v in verdicts:
+            m.e2e_latency.observe(max(0.0, now_ms - v.ts) / 1000)
+            m.scores.observe(v.score)
+            if v.anomalous:
+                m.anomalous.labels(v.camera_id).inc()
+
+    def _check_kafka(self) -> None:
+        """Readiness from the client's open connections (each second); consumer lag every lag_interval_s."""
+        now = time.monotonic()
+        if now >= self._next_status_check:
+            self._next_status_check = now + STATUS_INTERVAL_S
+            connections = self.consumer.metrics().get("consumer-metrics", {}).get("connection-count", 0)
+            self.status["kafka"] = connections > 0
+        if now < self._next_lag_check:
+            return
+        self._next_lag_check = now + self.settings.worker.lag_interval_s
+        try:
+            assigned = list(self.consumer.assignment())
+            ends = self.consumer.end_offsets(assigned) if assigned else {}
+            for tp in assigned:
+                lag = max(0, ends[tp] - self.consumer.position(tp))
+                self.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
+        except KafkaError as exc:
+            self._log.debug("lag check failed", error=str(exc))
+
+    # retries -----------------------------------------------------------------------------------
+    def _retry(self, target: str, fn: Callable[[], T]) -> T:
+        """Call fn until it works, backing off; not-ready meanwhile. Gives up only when draining."""
+        cfg = self.settings.worker
+        backoff, attempt = cfg.retry_backoff_s, 0
+        while True:
+            try:
+                result = fn()
+                self.status[target] = True
+                return result
+            except CommitFailedError:
+                raise
+            except OUTAGE_ERRORS as exc:
+                attempt += 1
+                self.status[target] = False
+                self.metrics.retries.labels(target).inc()
+                if self._stop.is_set():
+                    self._stop_deadline = self._stop_deadline or time.monotonic() + cfg.drain_timeout_s
+                    if time.monotonic() > self._stop_deadline:
+                        raise DrainTimeout(f"{target} unreachable: {exc}") from exc
+                self._log.warning("retrying", target=target, attempt=attempt, backoff_s=backoff, error=str(exc))
+                time.sleep(backoff)
+                backoff = min(backoff * 2, cfg.retry_backoff_max_s)
