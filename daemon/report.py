@@ -41,10 +41,11 @@ def plot_evaluation(
     ax_hist.axvline(op.threshold, color="red", ls="--", label="threshold")
     ax_hist.set(xlabel="anomaly score", ylabel="images", title="score distributions")
     ax_hist.legend()
+    vmax = max((float(amap.max()) for _, _, amap in overlays[:N_OVERLAYS]), default=1.0)
     for i, (caption, image, amap) in enumerate(overlays[:N_OVERLAYS]):
         ax = fig.add_subplot(grid[1, i])
         ax.imshow(image)
-        ax.imshow(amap, cmap="jet", alpha=0.45)
+        ax.imshow(amap, cmap="jet", alpha=0.45, vmin=0.0, vmax=vmax)  # one scale: maps are comparable
         ax.set_title(caption, fontsize=9)
         ax.axis("off")
     fig.suptitle(title)

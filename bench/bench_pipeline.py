@@ -1,0 +1,166 @@
+"""End-to-end worker throughput and latency against the bare model, in one run.
+
+Starts a local Kafka-protocol broker and Redis, loads ELPV frames (PNG), and measures on the same
+frames and configuration:
+  1. bare model: decode + preprocess + score in batches (what the hardware can do);
+  2. worker throughput: a backlog of frames in the topic, drained by `inspectd run`'s Worker;
+     images/s from the first verdict to the last (start-up and group join excluded);
+  3. worker latency: frames produced at a fixed share of the bare rate; produce -> verdict in Redis,
+     p50/p99 (from the frame's ts header to the verdict stream entry's time).
+The ratio worker/bare is the pipeline's overhead. Usage:
+
+    python bench/bench_pipeline.py [--model DIR] [--image-size 256] [--hidden 64] [--frames 320]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+import torch
+from kafka import KafkaProducer
+
+from csflow.artifacts import load_model, save_model
+from csflow.backbones import LITE0, LITE0_PACKAGE
+from csflow.calibration import calibrate
+from csflow.data import ImageLimits, decode_image, to_tensor
+from csflow.elpv import elpv_labels
+from csflow.fit import build_model, resolve_device
+from csflow.flow import FlowConfig
+from csflow.model import image_scores
+from daemon.config import load_settings
+from daemon.services import LocalKafka, LocalRedis
+from daemon.worker import Worker
+
+
+def frames(n: int) -> list[bytes]:
+    data_dir, rows = elpv_labels()
+    return [(data_dir / name).read_bytes() for name, _, _ in rows[:n]]
+
+
+def make_model(args: argparse.Namespace, out: Path) -> Path:
+    if args.model:
+        return Path(args.model)
+    torch.manual_seed(0)
+    model = build_model(LITE0, LITE0_PACKAGE, args.image_size, FlowConfig(hidden_channels=args.hidden))
+    with torch.no_grad():
+        scores = image_scores(model(torch.rand(4, 3, args.image_size, args.image_size)).z).numpy()
+    save_model(out, model, LITE0_PACKAGE, calibrate(scores, 0.25), {"purpose": "benchmark"})
+    return out
+
+
+@torch.inference_mode()
+def bare_rate(model_dir: Path, blobs: list[bytes], batch: int, device: torch.device) -> float:
+    version = load_model(model_dir, str(device))
+    size, limits = version.model.image_size, ImageLimits()
+    version.model(torch.rand(2, 3, size, size, device=device))
+    t0 = time.perf_counter()
+    for i in range(0, len(blobs), batch):
+        images = torch.stack([to_tensor(decode_image(b, limits), size) for b in blobs[i : i + batch]])
+        image_scores(version.model(images.to(device)).z).cpu()
+    return len(blobs) / (time.perf_counter() - t0)
+
+
+def publish(producer: KafkaProducer, topic: str, blobs: list[bytes], tag: str, rate: float = 0.0) -> None:
+    started = time.monotonic()
+    for i, blob in enumerate(blobs):
+        camera = f"cam-{i % 4}"
+        headers = [
+            ("frame_id", f"{tag}-{i}".encode()),
+            ("camera_id", camera.encode()),
+            ("ts", str(int(time.time() * 1000)).encode()),
+            ("content_type", b"image/png"),
+        ]
+        producer.send(topic, key=camera.encode(), value=blob, headers=headers)
+        if rate > 0:
+            delay = started + (i + 1) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    producer.flush()
+
+
+def stream_times(client: redis.Redis, key: str, prefix: str) -> tuple[list[float], list[float]]:
+    """(verdict time, frame ts) in ms for the stream entries whose frame id starts with prefix."""
+    done, sent = [], []
+    for entry_id, fields in client.xrange(key):
+        if fields[b"frame_id"].decode().startswith(prefix):
+            done.append(float(entry_id.split(b"-")[0]))
+            sent.append(float(fields[b"ts"]))
+    return done, sent
+
+
+def wait_for(client: redis.Redis, key: str, prefix: str, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(stream_times(client, key, prefix)[0]) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {n} verdicts for {prefix} after {timeout} s")
+        time.sleep(0.25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: random lite0 flow)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=64, help="flow hidden channels of the random model")
+    parser.add_argument("--frames", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--latency-load", type=float, default=0.5, help="latency phase rate as share of bare")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    blobs = frames(args.frames)
+    with tempfile.TemporaryDirectory() as tmp, LocalKafka() as kafka, LocalRedis() as server:
+        model_dir = make_model(args, Path(tmp) / "model")
+        bare = bare_rate(model_dir, blobs, args.batch, device)
+        kafka.create_topic("frames", 4)
+        kafka.create_topic("frames.dlq", 1)
+        os.environ.update(
+            {
+                "INSPECTD_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap,
+                "INSPECTD_REDIS__URL": server.url,
+                "INSPECTD_WORKER__MODEL_DIR": str(model_dir),
+                "INSPECTD_WORKER__HTTP_PORT": "0",
+                "INSPECTD_WORKER__BATCH_SIZE": str(args.batch),
+                "INSPECTD_MODEL__DEVICE": str(device),
+                "INSPECTD_KAFKA__SESSION_TIMEOUT_MS": "6000",
+                "INSPECTD_LOG__LEVEL": "warning",
+            }
+        )
+        settings = load_settings()
+        producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, max_request_size=16 * 2**20, linger_ms=5)
+        client = redis.Redis.from_url(server.url)
+        key = f"{settings.redis.key_prefix}verdicts"
+        publish(producer, "frames", blobs[:8], "warm")  # join the group and warm up before measuring
+        publish(producer, "frames", blobs, "backlog")
+        worker = Worker(settings, load_model(model_dir, str(device)), device)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        wait_for(client, key, "backlog", len(blobs), timeout=3600)
+        done, _ = stream_times(client, key, "backlog")
+        first_batch = sum(1 for t in done if t == done[0])
+        throughput = (len(done) - first_batch) / max((done[-1] - done[0]) / 1000, 1e-9)
+        rate = bare * args.latency_load
+        publish(producer, "frames", blobs[: max(64, len(blobs) // 2)], "latency", rate=rate)
+        wait_for(client, key, "latency", max(64, len(blobs) // 2), timeout=3600)
+        done_l, sent_l = stream_times(client, key, "latency")
+        latency = np.asarray(done_l) - np.asarray(sent_l)
+        worker.request_stop()
+        thread.join(timeout=60)
+        producer.close()
+    print(f"device {device}, image size {args.image_size}, batch {args.batch}, {len(blobs)} ELPV frames (PNG)")
+    print(f"bare model (decode + preprocess + score): {bare:8.2f} frames/s")
+    print(f"worker, Kafka -> Redis (backlog):        {throughput:8.2f} frames/s  ratio {throughput / bare:.3f}")
+    print(
+        f"latency at {rate:.1f} frames/s ({args.latency_load:.0%} of bare): p50 {np.percentile(latency, 50):.0f} ms, "
+        f"p99 {np.percentile(latency, 99):.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
