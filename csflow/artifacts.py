@@ -3,17 +3,27 @@
 No pickle anywhere: tensors are safetensors, everything else is JSON. The version id is a hash of the
 manifest's content (which includes the sha256 of every tensor file), so equal content means equal id
 and any tampering with a file or the manifest is detected.
+
+Two kinds of version share the format. A base version holds the flow (`flow.safetensors`) and names
+its backbone weights. An adapted version holds only the extractor tensors its adaptation changed
+(`extractor_delta.safetensors`: full tensors of the adapted blocks, not differences) and names its
+parent version; loading resolves the chain down to the base, verifies every link (manifest hash, file
+hashes, the parent's version id) and checks that the rebuilt extractor has the digest the adapter
+recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -26,8 +36,15 @@ from csflow.model import CSFlow
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FLOW_FILE = "flow.safetensors"
+DELTA_FILE = "extractor_delta.safetensors"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 VERSION_CHARS = 20
+MAX_CHAIN = 32  # adapted-of-adapted links followed before giving up (guards against loops)
+# Not part of the content hash: where a parent lives is a location hint, not content. The parent's
+# identity is its version id (`parent`, hashed), checked against the directory found.
+LOCATION_FIELDS = ("parent_path",)
+
+Resolver = Callable[[str], str | Path]  # parent version id -> its directory
 
 
 class ArtifactError(RuntimeError):
@@ -49,9 +66,11 @@ class Manifest:
     created_at: str = ""
     version: str = ""
     format: int = FORMAT_VERSION
+    parent_path: str | None = None  # adapted versions: parent directory, relative to this one or absolute
 
     def content_hash(self) -> str:
-        content = {k: v for k, v in asdict(self).items() if k not in ("version", "created_at")}
+        excluded = ("version", "created_at", *LOCATION_FIELDS)
+        content = {k: v for k, v in asdict(self).items() if k not in excluded}
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(canonical.encode()).hexdigest()[:VERSION_CHARS]
 
@@ -66,8 +85,12 @@ class Manifest:
 
 @dataclass(frozen=True)
 class ModelVersion:
+    """A loaded model and the manifest of its version; `lineage` lists version ids from this one to the
+    base (one entry for a base version)."""
+
     model: CSFlow
     manifest: Manifest
+    lineage: tuple[str, ...] = ()
 
     @property
     def version(self) -> str:
@@ -113,9 +136,78 @@ def save_model(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     manifest = Manifest(**{**asdict(manifest), "version": manifest.content_hash()})
+    _write_manifest(directory, manifest)
+    return manifest
+
+
+def _write_manifest(directory: Path, manifest: Manifest) -> None:
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True, allow_nan=False))
     tmp.replace(directory / MANIFEST)
+
+
+def save_adapter(
+    directory: str | Path,
+    model: CSFlow,
+    parent: ModelVersion,
+    block_names: Sequence[str],
+    summary: dict[str, Any],
+    domain: str,
+    parent_dir: str | Path | None = None,
+    calibration: Calibration | None = None,
+) -> Manifest:
+    """Write `model`, an adaptation of `parent`, as a version holding only the tensors of `block_names`.
+
+    `block_names` are extractor state-dict prefixes (e.g. `blocks.1.0`); every other extractor tensor and
+    the whole flow must equal the parent's, otherwise the adapter could not reproduce `model` and a
+    `ValueError` is raised. `parent_dir` is stored relative to `directory` (so a registry folder can move
+    as a whole); without it, loading needs a resolver. The calibration defaults to a copy of the
+    parent's: the adaptation aims to bring target normals back to the source score level, so the
+    source threshold stays the operating point.
+    """
+    directory = Path(directory)
+    if model.image_size != parent.model.image_size or model.flow_config != parent.model.flow_config:
+        raise ValueError("the adapted model's image size or flow config differs from its parent's")
+    prefixes = tuple(f"{name}." for name in block_names)
+    if not prefixes:
+        raise ValueError("an adapter needs at least one adapted block")
+    state = model.extractor.state_dict()
+    parent_state = parent.model.extractor.state_dict()
+    unknown = [p for p in prefixes if not any(k.startswith(p) for k in state)]
+    if unknown:
+        raise ValueError(f"no extractor tensors under {unknown}")
+    for key, tensor in state.items():
+        if not key.startswith(prefixes) and not torch.equal(tensor.cpu(), parent_state[key].cpu()):
+            raise ValueError(f"extractor tensor {key!r} differs from the parent's but is outside the adapted blocks")
+    if model.flow is not parent.model.flow:
+        parent_flow = parent.model.flow.state_dict()
+        for key, tensor in model.flow.state_dict().items():
+            if not torch.equal(tensor.cpu(), parent_flow[key].cpu()):
+                raise ValueError(
+                    f"flow tensor {key!r} differs from the parent's; adapters carry only extractor tensors"
+                )
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items() if k.startswith(prefixes)}
+    save_file(tensors, directory / DELTA_FILE)
+    location = None
+    if parent_dir is not None:
+        location = os.path.relpath(Path(parent_dir).resolve(), directory.resolve())
+    manifest = Manifest(
+        backbone=parent.manifest.backbone,
+        backbone_weights=parent.manifest.backbone_weights,
+        backbone_sha256=state_digest(model.extractor),
+        image_size=parent.manifest.image_size,
+        flow=dict(parent.manifest.flow),
+        calibration=calibration.to_dict() if calibration is not None else dict(parent.manifest.calibration),
+        files={DELTA_FILE: file_sha256(directory / DELTA_FILE)},
+        parent=parent.version,
+        domain=domain,
+        summary=summary,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        parent_path=location,
+    )
+    manifest = Manifest(**{**asdict(manifest), "version": manifest.content_hash()})
+    _write_manifest(directory, manifest)
     return manifest
 
 
@@ -149,11 +241,64 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
             raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupted or tampered)")
 
 
-def load_model(directory: str | Path, device: str = "cpu") -> ModelVersion:
-    """Load a verified model version; raises `ArtifactError` naming what is wrong."""
-    directory = Path(directory)
+def load_model(directory: str | Path, device: str = "cpu", resolver: Resolver | None = None) -> ModelVersion:
+    """Load a verified model version; raises `ArtifactError` naming what is wrong.
+
+    An adapted version's parent is found with `resolver(parent_version_id)` when given, else through the
+    manifest's `parent_path`; every link is verified before any tensor is used.
+    """
+    chain = _resolve_chain(Path(directory), resolver)
+    base_dir, base = chain[-1]
+    model = _load_base(base_dir, base)
+    for adapter_dir, manifest in reversed(chain[:-1]):
+        _apply_adapter(model, adapter_dir, manifest)
+    return ModelVersion(model.to(device).eval(), chain[0][1], tuple(m.version for _, m in chain))
+
+
+def _resolve_chain(directory: Path, resolver: Resolver | None) -> list[tuple[Path, Manifest]]:
+    """(directory, manifest) from `directory` down to its base version, each link verified."""
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
+    chain = [(directory, manifest)]
+    while manifest.parent is not None:
+        if len(chain) > MAX_CHAIN:
+            raise ArtifactError(f"{chain[0][0]}: parent chain is longer than {MAX_CHAIN} versions")
+        child_dir, child = directory, manifest
+        directory = _parent_dir(child_dir, child, resolver)
+        manifest = read_manifest(directory)
+        if manifest.version != child.parent:
+            raise ArtifactError(
+                f"{child_dir} names parent version {child.parent}, but {directory} holds version {manifest.version}"
+            )
+        verify_files(directory, manifest)
+        _check_same_model(child_dir, child, manifest)
+        chain.append((directory, manifest))
+    return chain
+
+
+def _parent_dir(directory: Path, manifest: Manifest, resolver: Resolver | None) -> Path:
+    if resolver is not None:
+        try:
+            return Path(resolver(str(manifest.parent)))
+        except (LookupError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{directory}: cannot resolve parent version {manifest.parent}: {exc}") from exc
+    if manifest.parent_path is None:
+        raise ArtifactError(
+            f"{directory}: parent version {manifest.parent} has no stored location; pass a resolver to load it"
+        )
+    return directory / manifest.parent_path  # an absolute parent_path replaces `directory`
+
+
+def _check_same_model(directory: Path, child: Manifest, parent: Manifest) -> None:
+    fields = ("backbone", "backbone_weights", "image_size", "flow")
+    differing = [f for f in fields if getattr(child, f) != getattr(parent, f)]
+    if differing:
+        raise ArtifactError(f"{directory}: {', '.join(differing)} differ from parent version {parent.version}")
+    if DELTA_FILE not in child.files:
+        raise ArtifactError(f"{directory}: an adapted version must list {DELTA_FILE}")
+
+
+def _load_base(directory: Path, manifest: Manifest) -> CSFlow:
     try:
         extractor = FeatureExtractor(create_backbone(manifest.backbone, manifest.backbone_weights))
         model = CSFlow(extractor, manifest.image_size, manifest.flow_config, manifest.backbone)
@@ -167,6 +312,27 @@ def load_model(directory: str | Path, device: str = "cpu") -> ModelVersion:
     try:
         tensors = load_file(directory / FLOW_FILE)
         model.flow.load_state_dict(tensors, strict=True)
-    except (SafetensorError, RuntimeError) as exc:
+    except (SafetensorError, RuntimeError, OSError) as exc:
         raise ArtifactError(f"{directory / FLOW_FILE} does not fit the manifest's flow: {exc}") from exc
-    return ModelVersion(model.to(device).eval(), manifest)
+    return model
+
+
+def _apply_adapter(model: CSFlow, directory: Path, manifest: Manifest) -> None:
+    """Overwrite the extractor tensors an adapter carries; the result must have the recorded digest."""
+    path = directory / DELTA_FILE
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from exc
+    state = model.extractor.state_dict()
+    if not tensors:
+        raise ArtifactError(f"{path} holds no tensors")
+    for key, tensor in tensors.items():
+        target = state.get(key)
+        if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+            raise ArtifactError(f"{path}: tensor {key!r} does not fit the extractor of {manifest.backbone}")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            state[key].copy_(tensor)
+    if state_digest(model.extractor) != manifest.backbone_sha256:
+        raise ArtifactError(f"{directory}: the rebuilt extractor does not match version {manifest.version}")

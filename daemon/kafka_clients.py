@@ -58,6 +58,9 @@ def make_producer(cfg: KafkaSection) -> KafkaProducer:
         **security_config(cfg),
         client_id="inspectd",
         acks="all",
+        # Dead letters are at-least-once anyway; an idempotent producer can get stuck for good on
+        # UnknownProducerId after a broker loses its state, which would stall the worker.
+        enable_idempotence=False,
         max_request_size=cfg.max_message_bytes + FETCH_HEADROOM,
         retries=5,
     )

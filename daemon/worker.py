@@ -20,7 +20,7 @@ import redis
 import structlog
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
@@ -34,7 +34,9 @@ from daemon.store import Keys, Verdict, VerdictStore
 
 T = TypeVar("T")
 OUTAGE_ERRORS = (redis.RedisError, KafkaError, OSError)
+REBALANCE_ERRORS = (CommitFailedError, RebalanceInProgressError)
 STATUS_INTERVAL_S = 1.0
+KAFKA_CALL_TIMEOUT_MS = 10_000  # a blocking broker call never holds the loop (and SIGTERM) longer
 
 
 class DrainTimeout(RuntimeError):
@@ -222,14 +224,14 @@ class Worker:
                 source=f"{record.topic}:{record.partition}:{record.offset}",
                 camera_id=record.key.decode(errors="replace") if record.key else None,
             )
-        self.producer.flush(timeout=10)
+        self.producer.flush(timeout=KAFKA_CALL_TIMEOUT_MS / 1000)
         for future in futures:
-            future.get(timeout=10)
+            future.get(timeout=KAFKA_CALL_TIMEOUT_MS / 1000)
 
     def _commit(self) -> None:
         try:
-            self._retry("kafka", self.consumer.commit)
-        except CommitFailedError as exc:  # partitions moved to another worker: it re-scores, idempotently
+            self._retry("kafka", lambda: self.consumer.commit(timeout_ms=KAFKA_CALL_TIMEOUT_MS))
+        except REBALANCE_ERRORS as exc:  # partitions moved to another worker: it re-scores, idempotently
             self._log.warning("commit failed after a rebalance", error=str(exc))
 
     def _observe(self, verdicts: list[Verdict], dead: list[tuple[Any, str]], stages: dict[str, float]) -> None:
@@ -260,7 +262,8 @@ class Worker:
         self._next_lag_check = now + self.settings.worker.lag_interval_s
         try:
             assigned = list(self.consumer.assignment())
-            ends = self.consumer.end_offsets(assigned) if assigned else {}
+            ends = self.consumer.end_offsets(assigned, timeout_ms=KAFKA_CALL_TIMEOUT_MS) if assigned else {}
+            self.metrics.consumer_lag.clear()  # partitions lost in a rebalance must not keep a stale value
             for tp in assigned:
                 lag = max(0, ends[tp] - self.consumer.position(tp))
                 self.metrics.consumer_lag.labels(str(tp.partition)).set(lag)
@@ -277,7 +280,7 @@ class Worker:
                 result = fn()
                 self.status[target] = True
                 return result
-            except CommitFailedError:
+            except REBALANCE_ERRORS:
                 raise
             except OUTAGE_ERRORS as exc:
                 attempt += 1

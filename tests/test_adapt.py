@@ -1,0 +1,202 @@
+"""Few-shot adaptation: which blocks it may touch, that it lowers the shots' NLL, its stopping rule,
+BN handling, and seeded augmentation / synthetic defects."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from adapters.adapt import AdaptConfig, AdaptResult, adapt, blocks_nbytes, first_blocks, flat_blocks
+from adapters.augment import NO_AUGMENTATION, Augmentation, DefectConfig, augment, synthetic_defects
+from csflow.backbones import NO_WEIGHTS
+from csflow.calibration import Calibration
+from csflow.model import CSFlow
+
+ADAPTED = ("blocks.0.0.", "blocks.1.0.", "blocks.1.1.", "blocks.2.0.", "blocks.2.1.")
+FAST = AdaptConfig(lr=1e-3, max_steps=3, stop_quantile=None)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def parent(make_tiny_model: Callable[..., CSFlow]) -> CSFlow:
+    return make_tiny_model(seed=4)
+
+
+@pytest.fixture(scope="module")
+def shots(make_images: Callable[..., Tensor]) -> Tensor:
+    return make_images(2, seed=11)
+
+
+@pytest.fixture(scope="module")
+def run(parent: CSFlow, shots: Tensor) -> tuple[AdaptResult, dict[str, Tensor], dict[str, Tensor]]:
+    """One short adaptation, with the parent's extractor and flow tensors as they were before it."""
+    extractor_before, flow_before = snapshot(parent.extractor), snapshot(parent.flow)
+    return adapt(parent, shots, FAST), extractor_before, flow_before
+
+
+def test_flat_blocks_of_lite0(parent: CSFlow) -> None:
+    blocks = flat_blocks(parent.extractor)
+    stages = parent.extractor.blocks
+    assert [len(s) for s in stages] == [1, 2, 2, 3, 3, 4]
+    assert len(blocks) == 15
+    first = first_blocks(parent.extractor, 5)
+    assert list(first) == ["blocks.0.0", "blocks.1.0", "blocks.1.1", "blocks.2.0", "blocks.2.1"]
+    expected = [stages[0][0], stages[1][0], stages[1][1], stages[2][0], stages[2][1]]
+    assert all(got is want for got, want in zip(first.values(), expected, strict=True))
+    assert list(blocks.values())[-1] is stages[5][3]
+    state = parent.extractor.state_dict()
+    assert all(any(k.startswith(f"{name}.") for k in state) for name in blocks)
+    for bad in (0, 16):
+        with pytest.raises(ValueError, match="n_blocks"):
+            first_blocks(parent.extractor, bad)
+
+
+def test_adapter_payload_size_lite0(parent: CSFlow) -> None:
+    # 5 blocks of lite0: 57,424 float32 values (54,576 parameters + BN running stats) + 14 int64 BN counters
+    assert blocks_nbytes(parent.extractor, 5) == 229_808
+
+
+def test_only_the_first_blocks_change(run: tuple[AdaptResult, dict[str, Tensor], dict[str, Tensor]]) -> None:
+    result, extractor_before, flow_before = run
+    after = result.model.extractor.state_dict()
+    assert result.block_names == [p.rstrip(".") for p in ADAPTED]
+    changed = {k for k, v in after.items() if not torch.equal(v, extractor_before[k])}
+    assert changed, "adaptation changed nothing"
+    assert all(k.startswith(ADAPTED) for k in changed), sorted(changed - {k for k in changed if k.startswith(ADAPTED)})
+    assert any(k.startswith("blocks.0.0.") for k in changed) and any(k.startswith("blocks.2.1.") for k in changed)
+    # frozen BN: running statistics of the adapted blocks are untouched too
+    assert not any("running_" in k or "num_batches" in k for k in changed)
+    for key, tensor in result.model.flow.state_dict().items():
+        assert torch.equal(tensor, flow_before[key]), key
+
+
+def test_parent_is_not_modified(parent: CSFlow, run: tuple[AdaptResult, dict[str, Tensor], dict[str, Tensor]]) -> None:
+    result, extractor_before, flow_before = run
+    for key, tensor in parent.extractor.state_dict().items():
+        assert torch.equal(tensor, extractor_before[key]), key
+    for key, tensor in parent.flow.state_dict().items():
+        assert torch.equal(tensor, flow_before[key]), key
+    assert result.model.extractor is not parent.extractor
+    assert result.model.flow is parent.flow  # shared, frozen
+    assert all(p.grad is None for p in parent.parameters())
+    assert not result.model.training and not any(p.requires_grad for p in result.model.extractor.parameters())
+
+
+def test_shot_nll_decreases(run: tuple[AdaptResult, dict[str, Tensor], dict[str, Tensor]]) -> None:
+    result, _, _ = run
+    assert result.steps == FAST.max_steps and result.stop_reason == "max_steps"
+    assert len(result.history) == FAST.max_steps + 1
+    nll = [r.nll for r in result.history]
+    assert nll[-1] < 0.5 * nll[0], nll
+    train = [r.train_nll for r in result.history[:-1]]
+    assert all(t is not None for t in train) and result.history[-1].train_nll is None
+    summary = result.summary()
+    assert summary["initial_nll"] == nll[0] and summary["final_nll"] == nll[-1] and summary["steps"] == 3
+
+
+def test_stops_at_the_source_calibration_level(parent: CSFlow, shots: Tensor) -> None:
+    """The target is a quantile of the calibration scores; reaching it stops the run before the cap."""
+    initial = adapt(parent, shots, AdaptConfig(max_steps=0)).history[0].score
+    target = 0.5 * initial
+    calibration = Calibration(threshold=2 * target, target_fpr=0.1, scores=[0.5 * target, target, 4 * target])
+    result = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8), calibration=calibration)
+    assert result.target_score == pytest.approx(target)
+    assert result.stop_reason == "target" and 0 < result.steps < 8
+    assert result.final.score <= target < result.history[-2].score
+
+    already = Calibration(threshold=4 * initial, target_fpr=0.1, scores=[2 * initial])
+    none = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8), calibration=already)
+    assert (none.steps, none.stop_reason) == (0, "target")
+    for key, tensor in none.model.extractor.state_dict().items():
+        assert torch.equal(tensor, parent.extractor.state_dict()[key]), key
+
+
+def test_non_finite_model_stops_as_diverged(make_tiny_model: Callable[..., CSFlow], shots: Tensor) -> None:
+    model = make_tiny_model(seed=1, weights=NO_WEIGHTS)
+    with torch.no_grad():
+        next(model.flow.parameters()).fill_(float("nan"))
+    result = adapt(model, shots, FAST)
+    assert (result.stop_reason, result.steps) == ("diverged", 0)
+
+
+def test_a_step_that_blows_up_is_undone(parent: CSFlow, shots: Tensor) -> None:
+    result = adapt(parent, shots, AdaptConfig(lr=1e30, max_steps=3, stop_quantile=None))
+    assert (result.stop_reason, result.steps) == ("diverged", 1)
+    assert not math.isfinite(result.final.score)
+    before = parent.extractor.state_dict()
+    assert all(torch.equal(v, before[k]) for k, v in result.model.extractor.state_dict().items())
+    json.dumps(result.summary(), allow_nan=False)  # fit for a manifest
+
+
+def test_batch_norm_batch_mode_updates_running_stats_of_adapted_blocks_only(parent: CSFlow, shots: Tensor) -> None:
+    result = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=1, stop_quantile=None, batch_norm="batch"))
+    before = parent.extractor.state_dict()
+    changed = {k for k, v in result.model.extractor.state_dict().items() if not torch.equal(v, before[k])}
+    assert any("running_mean" in k for k in changed)
+    assert all(k.startswith(ADAPTED) for k in changed)
+
+
+def test_sgd_and_seeded_augmentation_are_deterministic(parent: CSFlow, shots: Tensor) -> None:
+    config = AdaptConfig(
+        optimizer="sgd", lr=1e-3, max_steps=2, stop_quantile=None, seed=5, augmentation=Augmentation(hflip=True)
+    )
+    a, b = adapt(parent, shots, config), adapt(parent, shots, config)
+    assert [r.nll for r in a.history] == [r.nll for r in b.history]
+    state_b = b.model.extractor.state_dict()
+    assert all(torch.equal(v, state_b[k]) for k, v in a.model.extractor.state_dict().items())
+
+
+def test_rejects_bad_shots_and_config(parent: CSFlow, shots: Tensor) -> None:
+    for bad in (shots[:, :1], shots[:, :, :64, :64], shots * 2, shots[:0]):
+        with pytest.raises(ValueError):
+            adapt(parent, bad, FAST)
+    for kwargs in ({"optimizer": "rmsprop"}, {"batch_norm": "train"}, {"lr": 0.0}, {"stop_quantile": 1.5}):
+        with pytest.raises(ValueError):
+            AdaptConfig(**kwargs)
+
+
+def test_augmentation_is_seeded(make_images: Callable[..., Tensor]) -> None:
+    images = make_images(3, seed=2)
+    config = Augmentation(hflip=True, vflip=True, max_shift=0.05, noise_std=0.02)
+
+    def draw(seed: int) -> Tensor:
+        return augment(images, config, torch.Generator().manual_seed(seed))
+
+    first, again, other = draw(7), draw(7), draw(8)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert first.shape == images.shape and first.min() >= 0 and first.max() <= 1
+    assert not torch.equal(first, images)
+    assert torch.equal(augment(images, NO_AUGMENTATION, torch.Generator()), images)
+    shift_only = augment(images, Augmentation(max_shift=0.05, noise_std=0.0), torch.Generator().manual_seed(1))
+    assert torch.allclose(shift_only.mean(), images.mean(), atol=0.05)  # a shift moves content, adds nothing
+    with pytest.raises(ValueError):
+        Augmentation(max_shift=0.5)
+
+
+def test_synthetic_defects_are_seeded_and_visible(make_images: Callable[..., Tensor]) -> None:
+    images = make_images(2, seed=3)
+    config = DefectConfig(per_image=4)
+    a = synthetic_defects(images, config, torch.Generator().manual_seed(0))
+    b = synthetic_defects(images, config, torch.Generator().manual_seed(0))
+    c = synthetic_defects(images, config, torch.Generator().manual_seed(1))
+    assert a.shape == (8, 3, 128, 128) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() <= 1
+    for i in range(8):
+        changed = (a[i] - images[i // 4]).abs().amax(dim=0) > 0.1
+        share = changed.float().mean().item()
+        assert 0.002 < share < 0.2, (i, share)  # a local defect, not a global change
+    scratches = synthetic_defects(images, DefectConfig(per_image=2, kinds=("scratch",)), torch.Generator())
+    assert scratches.shape[0] == 4
+    with pytest.raises(ValueError):
+        DefectConfig(kinds=("smudge",))
+    assert np.isfinite(a.numpy()).all()
