@@ -35,6 +35,7 @@ from csflow.fit import build_model, resolve_device
 from csflow.flow import FlowConfig
 from csflow.model import image_scores
 from daemon.config import load_settings
+from daemon.logs import configure_logging
 from daemon.services import LocalKafka, LocalRedis
 from daemon.worker import Worker
 
@@ -133,6 +134,7 @@ def main() -> None:
             }
         )
         settings = load_settings()
+        configure_logging("warning", "console")
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, max_request_size=16 * 2**20, linger_ms=5)
         client = redis.Redis.from_url(server.url)
         key = f"{settings.redis.key_prefix}verdicts"

@@ -38,6 +38,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def peak_mib(device: torch.device) -> float:
+    """Peak so far: allocated CUDA memory, or the process's max RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def elpv_png_bytes(n: int) -> list[bytes]:
     data_dir, rows = elpv_labels()
     return [(data_dir / name).read_bytes() for name, _, _ in rows[:n]]
@@ -72,6 +79,7 @@ def bench_one(backbone: str, size: int, args: argparse.Namespace) -> dict:
             for key, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 stages[key] += dt
     total = sum(stages.values())
+    peak_scoring = peak_mib(device)
     # training: optimiser steps on pre-extracted features (the second one timed), scaled to an epoch
     opt = torch.optim.Adam(model.flow.parameters(), lr=2e-4, eps=1e-4)
     with torch.no_grad():
@@ -85,11 +93,6 @@ def bench_one(backbone: str, size: int, args: argparse.Namespace) -> dict:
         opt.step()
         sync(device)
     step_s = time.perf_counter() - t0
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
     return {
         "backbone": backbone,
         "image_size": size,
@@ -97,7 +100,8 @@ def bench_one(backbone: str, size: int, args: argparse.Namespace) -> dict:
         "hidden_channels": args.hidden,
         "images_per_s": len(blobs) / total,
         "ms_per_image": {k: 1000 * v / len(blobs) for k, v in stages.items()},
-        "peak_mib": peak,
+        "peak_mib": peak_scoring,
+        "peak_train_mib": peak_mib(device),
         "train_s_per_epoch_400": step_s * 400 / args.train_batch,
     }
 
@@ -133,7 +137,7 @@ def main() -> None:
     passthrough += ["--channels-last"] if args.channels_last else []
     print(
         f"{'backbone':24} {'size':>5} {'img/s':>7} {'decode':>7} {'prep':>7} {'extract':>8} {'flow':>8} "
-        f"{'peak MiB':>9} {'train s/epoch(400)':>19}"
+        f"{'peak MiB':>9} {'train s/epoch(400)':>19} {'train peak MiB':>15}"
     )
     for backbone, size in CONFIGS:
         cmd = [sys.executable, __file__, *passthrough, "--only", f"{backbone}:{size}"]
@@ -143,7 +147,8 @@ def main() -> None:
         ms = row["ms_per_image"]
         print(
             f"{backbone:24} {size:5d} {row['images_per_s']:7.2f} {ms['decode']:7.1f} {ms['preprocess']:7.1f} "
-            f"{ms['extractor']:8.1f} {ms['flow']:8.1f} {row['peak_mib']:9.0f} {row['train_s_per_epoch_400']:19.1f}",
+            f"{ms['extractor']:8.1f} {ms['flow']:8.1f} {row['peak_mib']:9.0f} {row['train_s_per_epoch_400']:19.1f} "
+            f"{row['peak_train_mib']:15.0f}",
             flush=True,
         )
     if args.json:

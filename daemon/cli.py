@@ -27,6 +27,7 @@ from daemon.report import plot_evaluation
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_REJECTED = 3
 USER_ERRORS = (ImageError, DatasetError, ArtifactError, WeightsError, ValueError, RuntimeError)
 T = TypeVar("T")
 
@@ -181,6 +182,49 @@ def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
     return [*defective.tolist(), int(normal[0]), int(normal[-1])]
 
 
+def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.gate import adapt_and_gate
+    from csflow.artifacts import save_adapter
+
+    parent = _load(args, settings)
+    adapt_config, gate_config = override(
+        settings.adapt, "adapt", max_steps=args.steps, n_blocks=args.blocks, lr=args.lr
+    ).to_configs()
+    shots = load_batch(args.images, parent.model.image_size, settings.limits.to_limits())
+    gated = adapt_and_gate(parent, shots, adapt_config, gate_config)
+    decision, result = gated.decision, gated.result
+    report = {
+        "accepted": decision.accepted,
+        "reasons": decision.reasons,
+        "figures": decision.figures,
+        "adaptation": result.summary(),
+    }
+    if decision.accepted:
+        manifest = save_adapter(
+            args.out,
+            result.model,
+            parent,
+            result.block_names,
+            {**result.summary(), "gate": decision.figures},
+            domain=args.domain,
+            parent_dir=args.model,
+        )
+        report["version"] = manifest.version
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(
+            f"adaptation: {result.steps} steps ({result.stop_reason}), {len(shots)} shots, "
+            f"blocks {', '.join(result.block_names)}"
+        )
+        for key, value in decision.figures.items():
+            print(f"  {key}: {value}")
+        verdict = f"ACCEPTED as version {report['version']} in {args.out}" if decision.accepted else "REJECTED"
+        failed = [reason for reason in decision.reasons if not reason.startswith("ok")]
+        print(f"candidate {verdict}" + ("" if decision.accepted else ": " + "; ".join(failed)))
+    return 0 if decision.accepted else EXIT_REJECTED
+
+
 def cmd_export_elpv(args: argparse.Namespace, settings: Settings) -> int:
     counts = export_elpv(args.out, ElpvExport(args.cell_type, args.test_fraction, args.seed))
     print(f"ELPV ({args.cell_type}) exported to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -269,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser(
+        "adapt",
+        help="adapt a model to a new domain from a few normal images",
+        description="Tune the first extractor blocks on the images through the frozen flow, check the candidate "
+        "on held-out shots and synthetic defects, and write it as a new version if it passes. "
+        "Exit 0 accepted, 3 rejected.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="parent model directory")
+    p.add_argument("--images", required=True, nargs="+", type=Path, metavar="IMG", help="normal target-domain images")
+    p.add_argument("--out", required=True, type=Path, help="directory for the adapted version")
+    p.add_argument("--domain", default="adapted", help="domain tag for the manifest")
+    p.add_argument("--steps", type=int, help="maximum adaptation steps (default from [adapt])")
+    p.add_argument("--blocks", type=int, help="number of early blocks to adapt (default from [adapt])")
+    p.add_argument("--lr", type=float, help="learning rate (default from [adapt])")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(handler=cmd_adapt)
+
+    p = sub.add_parser(
         "export-elpv",
         help="export the ELPV solar cells into the MVTec layout",
         description="Normal = defect probability 0, defective = 1, one cell type; seeded split.",
@@ -279,14 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_export_elpv)
 
-    p = sub.add_parser("run", help="the streaming worker: frames from Kafka, verdicts into Redis",
-                       description="Consume [kafka] topic in group [kafka] group_id, score with the model in "
-                       "[worker] model_dir, write verdicts to Redis; SIGTERM drains and exits 0. Health on "
-                       "[worker] http_port: /healthz, /readyz, /metrics.")
+    p = sub.add_parser(
+        "run",
+        help="the streaming worker: frames from Kafka, verdicts into Redis",
+        description="Consume [kafka] topic in group [kafka] group_id, score with the model in "
+        "[worker] model_dir, write verdicts to Redis; SIGTERM drains and exits 0. Health on "
+        "[worker] http_port: /healthz, /readyz, /metrics.",
+    )
     p.set_defaults(handler=cmd_run)
 
-    p = sub.add_parser("produce", help="camera simulator: publish images as frames",
-                       description="Publish images (a dataset's test set, or a folder) to the frames topic.")
+    p = sub.add_parser(
+        "produce",
+        help="camera simulator: publish images as frames",
+        description="Publish images (a dataset's test set, or a folder) to the frames topic.",
+    )
     p.add_argument("--images", required=True, type=Path, help="dataset (MVTec layout) or folder of images")
     p.add_argument("--count", type=int, default=100, help="frames to publish")
     p.add_argument("--rate", type=float, default=10.0, help="frames per second over all cameras (0 = max)")

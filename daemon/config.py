@@ -13,6 +13,8 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from adapters.adapt import AdaptConfig
+from adapters.gate import GateConfig
 from csflow.backbones import LITE0, default_weights
 from csflow.data import ImageLimits
 from csflow.flow import FlowConfig
@@ -89,6 +91,31 @@ class LimitsSection(Section):
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.image_formats)
 
 
+class AdaptSection(Section):
+    n_blocks: int = Field(5, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    max_steps: int = Field(100, ge=1)
+    batch_norm: Literal["frozen", "batch"] = "frozen"
+    stop_quantile: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+    holdout_fraction: float = Field(0.25, gt=0, lt=1)
+    min_defect_detection: float = Field(0.8, ge=0, le=1)
+
+    def to_configs(self) -> tuple[AdaptConfig, GateConfig]:
+        adapt = AdaptConfig(
+            n_blocks=self.n_blocks,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            max_steps=self.max_steps,
+            batch_norm=self.batch_norm,
+            stop_quantile=self.stop_quantile,
+            seed=self.seed,
+        )
+        gate = GateConfig(holdout_fraction=self.holdout_fraction, min_defect_detection=self.min_defect_detection)
+        return adapt, gate
+
+
 class KafkaSection(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "frames"
@@ -154,6 +181,7 @@ class Settings(BaseSettings):
     flow: FlowSection = FlowSection()
     train: TrainSection = TrainSection()
     calibration: CalibrationSection = CalibrationSection()
+    adapt: AdaptSection = AdaptSection()
     limits: LimitsSection = LimitsSection()
     kafka: KafkaSection = KafkaSection()
     redis: RedisSection = RedisSection()

@@ -3,7 +3,6 @@ link by link on load."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_artifacts import rewrite_manifest
 from torch import Tensor
 
 from adapters.adapt import AdaptConfig, AdaptResult, adapt, blocks_nbytes
@@ -75,15 +75,6 @@ def copy_of(stored: Stored, tmp_path: Path) -> Stored:
     """The registry copied, for tests that tamper with it."""
     shutil.copytree(stored.root, tmp_path / "registry")
     return Stored(tmp_path / "registry", stored.parent, stored.result, stored.manifest)
-
-
-def rewrite_manifest(directory: Path, rehash: bool = True, **changes: Any) -> None:
-    path = directory / MANIFEST
-    data = json.loads(path.read_text())
-    data.update(changes)
-    if rehash:
-        data["version"] = Manifest(**data).content_hash()
-    path.write_text(json.dumps(data))
 
 
 def test_round_trip_is_exact(stored: Stored, make_images: Callable[..., Tensor]) -> None:

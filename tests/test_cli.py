@@ -134,3 +134,36 @@ def test_tampered_model_is_refused(model_dir: Path, tmp_path: Path, capsys: pyte
 def test_bad_image_size_flag_names_the_key(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--data", str(dataset), "--image-size", "200", "--out", str(tmp_path / "m")]) == 2
     assert "model.image_size" in capsys.readouterr().err
+
+
+def test_adapt_reports_the_gate_and_writes_only_an_accepted_candidate(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from csflow.artifacts import load_model
+
+    out = tmp_path / "adapted"
+    shots = [str(dataset / "test/good" / f"{i:03d}.png") for i in range(4)]
+    code = main(["adapt", "--model", str(model_dir), "--images", *shots, "--out", str(out), "--steps", "5", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if report["accepted"] else 3)
+    assert report["adaptation"]["n_shots"] == 3  # one of four held out by the gate
+    assert report["reasons"] and "figures" in report
+    if report["accepted"]:
+        adapted = load_model(out)
+        assert adapted.manifest.parent == load_model(model_dir).version
+        assert adapted.version == report["version"]
+    else:
+        assert not (out / "manifest.json").exists()
+
+
+def test_adapt_rejects_a_broken_candidate_with_exit_3(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "adapted"
+    shots = [str(dataset / "test/good" / f"{i:03d}.png") for i in range(4)]
+    code = main(
+        ["adapt", "--model", str(model_dir), "--images", *shots, "--out", str(out), "--steps", "20", "--lr", "5"]
+    )
+    assert code == 3, capsys.readouterr().out
+    assert "REJECTED" in capsys.readouterr().out
+    assert not (out / "manifest.json").exists()
