@@ -45,7 +45,7 @@ from csflow.model import CSFlow, image_scores
 class GateConfig:
     holdout_fraction: float = 0.25
     n_views: int = 4  # k == 1: augmented views of the shot used as held-out frames
-    views: Augmentation = field(default_factory=lambda: Augmentation(max_shift=0.05, noise_std=0.02))
+    views: Augmentation = field(default_factory=lambda: Augmentation(max_shift=0.05, noise_std=0.0))
     view_seed: int = 7919  # must differ from the adaptation seed
     max_false_reject_rate: float = 0.0
     min_defect_detection: float = 0.8
