@@ -49,6 +49,7 @@ class Worker:
         self.model = model
         self.device = device
         self.metrics = WorkerMetrics()
+        self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
         self.metrics.model.info({"version": model.version})
         self.status = {"model": True, "kafka": False, "redis": False}
         self.http_port: int | None = None
@@ -196,7 +197,7 @@ class Worker:
 
     def _decode(self, frame: Frame) -> torch.Tensor | BadFrame:
         try:
-            return to_tensor(decode_frame(frame, self.settings.limits.to_limits()), self.model.model.image_size)
+            return to_tensor(decode_frame(frame, self._limits), self.model.model.image_size)
         except BadFrame as exc:
             return exc
 
