@@ -116,6 +116,15 @@ class AdaptSection(Section):
         return adapt, gate
 
 
+class ConfirmationsSection(Section):
+    buffer_max_frames: int = Field(50, ge=1, le=10_000)
+    max_operator_chars: int = Field(64, ge=1)
+    max_note_chars: int = Field(500, ge=0)
+    stream_max_len: int = Field(100_000, ge=1000)
+    claim_min_idle_ms: int = Field(60_000, ge=1)
+    batch_size: int = Field(32, ge=1, le=1000)
+
+
 class KafkaSection(Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topic: str = "frames"
@@ -151,6 +160,7 @@ class RedisSection(Section):
     verdict_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     frame_ttl_s: int = Field(3600, ge=1)
     stream_max_len: int = Field(1_000_000, ge=1000)
+    events_max_len: int = Field(100_000, ge=1000)
 
     def connection_url(self) -> str:
         return read_secret(self.url, self.url_file, "redis.url_file")
@@ -169,6 +179,13 @@ class WorkerSection(Section):
     model_dir: str = "models/latest"
 
 
+class RegistrySection(Section):
+    cache_dir: str = "models/cache"
+    max_blob_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    history_len: int = Field(100, ge=2)
+    lines: dict[str, str] = Field(default_factory=dict)
+
+
 class LogSection(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -182,10 +199,12 @@ class Settings(BaseSettings):
     train: TrainSection = TrainSection()
     calibration: CalibrationSection = CalibrationSection()
     adapt: AdaptSection = AdaptSection()
+    confirmations: ConfirmationsSection = ConfirmationsSection()
     limits: LimitsSection = LimitsSection()
     kafka: KafkaSection = KafkaSection()
     redis: RedisSection = RedisSection()
     worker: WorkerSection = WorkerSection()
+    registry: RegistrySection = RegistrySection()
     log: LogSection = LogSection()
 
     @classmethod

@@ -34,3 +34,6 @@ class WorkerMetrics:
         )
         self.model = Info("inspectd_model", "The active model version", registry=r)
         self.retries = Counter("inspectd_retries", "Retried operations after an outage", ["target"], registry=r)
+        self.confirmations = Counter(
+            "inspectd_confirmations", "Operator confirmations handled, by outcome", ["outcome"], registry=r
+        )

@@ -59,6 +59,47 @@ class Keys:
     def frame(self, frame_id: str) -> str:
         return f"{self.prefix}frame:{frame_id}"
 
+    # Operator confirmations and adaptation buffers (daemon/confirmations.py).
+    @property
+    def confirmations(self) -> str:
+        return f"{self.prefix}confirmations"
+
+    @property
+    def rejected_confirmations(self) -> str:
+        return f"{self.prefix}confirmations:rejected"
+
+    def buffer(self, camera_id: str) -> str:
+        """Sorted set: the camera's confirmed frame ids, scored by confirmation time."""
+        return f"{self.prefix}buffer:{camera_id}"
+
+    def buffer_data(self, camera_id: str) -> str:
+        return f"{self.prefix}buffer-data:{camera_id}"
+
+    def buffer_meta(self, camera_id: str) -> str:
+        return f"{self.prefix}buffer-meta:{camera_id}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    # Model registry (daemon/registry.py). `models` is a pub/sub channel, not a key.
+    @property
+    def model_versions(self) -> str:
+        return f"{self.prefix}model-versions"
+
+    def model(self, version: str) -> str:
+        return f"{self.prefix}model:{version}"
+
+    def active(self, scope: str) -> str:
+        return f"{self.prefix}active:{scope}"
+
+    def history(self, scope: str) -> str:
+        return f"{self.prefix}history:{scope}"
+
+    @property
+    def models_channel(self) -> str:
+        return f"{self.prefix}models"
+
 
 class VerdictStore:
     def __init__(self, client: redis.Redis, keys: Keys, verdict_ttl_s: int, frame_ttl_s: int, stream_max_len: int):

@@ -8,11 +8,14 @@ any point only causes redelivery, and idempotent verdict writes turn that into e
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,6 +29,7 @@ from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.model import image_scores
 from daemon.config import Settings
+from daemon.confirmations import ConfirmationProcessor
 from daemon.frames import BadFrame, Frame, decode_frame, parse_record
 from daemon.health import HealthServer
 from daemon.kafka_clients import make_consumer, make_producer
@@ -92,6 +96,9 @@ class Worker:
                 cfg.redis.stream_max_len,
             )
             self._retry("redis", client.ping)
+            self.confirmations = ConfirmationProcessor(
+                self.store, cfg.confirmations, consumer=f"{socket.gethostname()}-{os.getpid()}"
+            )
             pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
             self._log.info(
                 "worker started",
@@ -106,6 +113,7 @@ class Worker:
                     records = self._collect()
                     if records:
                         self._handle(records, pool)
+                    self._confirm()
                     self._check_kafka()
             except DrainTimeout as exc:
                 self._log.error("drain timed out, exiting without commit", reason=str(exc))
@@ -250,6 +258,17 @@ class Worker:
             m.scores.observe(v.score)
             if v.anomalous:
                 m.anomalous.labels(v.camera_id).inc()
+
+    def _confirm(self) -> None:
+        """Operator confirmations, between batches: a non-blocking read, so an idle stream costs two calls."""
+        if self._stop.is_set():
+            return
+        cfg = self.settings.confirmations
+        counts = self._retry("redis", lambda: self.confirmations.process(cfg.batch_size))
+        if counts.total:
+            for outcome, n in asdict(counts).items():
+                self.metrics.confirmations.labels(outcome).inc(n)
+            self._log.info("confirmations", **asdict(counts))
 
     def _check_kafka(self) -> None:
         """Readiness from the client's open connections (each second); consumer lag every lag_interval_s."""

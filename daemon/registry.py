@@ -1,0 +1,323 @@
+"""Model versions in Redis: manifests, adapter blobs, and per-scope active pointers that workers follow.
+
+Adapted versions are small, so they travel whole through Redis; a base version (hundreds of MB) is stored
+as its manifest plus its directory on the shared volume. Activation and rollback are WATCH/MULTI
+transactions: the pointer, the history, the announcement and the event commit together or not at all.
+
+Key layout (prefix [redis] key_prefix; `Keys` in daemon/store.py):
+- `model-versions`: sorted set of version ids, scored by first publish time (ms epoch).
+- `model:{version}`: hash; `manifest` (JSON, `parent_path` dropped: location is not content), plus
+  `file:{name}` (tensor file bytes, sha256 in the manifest) for an adapted version, or `path` (its
+  directory as workers mount it) for a base version.
+- `active:{scope}`: the version served in the scope; `history:{scope}`: activations, newest first (the
+  head is the active version), capped at [registry] history_len. Rollback pops the head.
+- pub/sub channel `models`: one JSON announcement per change, see `Announcement`. Pub/sub is at-most-once,
+  so a worker reads `active()` when it (re)subscribes and takes an announcement as a cue to re-resolve.
+
+A scope is a camera id, a line or "default". A camera serves its own active version if it has one, else its
+line's ([registry] lines maps cameras to lines), else the default scope's.
+
+The client must return bytes (redis-py's default, no `decode_responses`): blobs are binary. Nothing read
+from Redis is unpickled; every read is bounded in size, and every blob is checked against its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import redis
+from redis.client import Pipeline
+
+from csflow.artifacts import MANIFEST, MAX_CHAIN, MAX_MANIFEST_BYTES, Manifest, read_manifest, verify_files
+from daemon.config import Settings
+from daemon.events import Event, EventKind, EventLog, now_ms
+from daemon.store import Keys
+
+DEFAULT_SCOPE = "default"
+MANIFEST_FIELD = "manifest"
+PATH_FIELD = "path"
+FILE_FIELD = "file:"  # + the file's name
+MAX_PATH_BYTES = 4096
+
+# A field's length first, so that an oversized value is refused without being transferred.
+_BOUNDED_HGET = """
+local n = redis.call('HSTRLEN', KEYS[1], ARGV[1])
+if n > tonumber(ARGV[2]) then return n end
+return redis.call('HGET', KEYS[1], ARGV[1])
+"""
+
+
+class RegistryError(RuntimeError):
+    """The registry refuses a request or holds something inconsistent; the message says which and why."""
+
+
+class UnknownVersionError(RegistryError):
+    def __init__(self, version: str):
+        super().__init__(f"unknown model version {version!r} (not published in the registry)")
+        self.version = version
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Published on the `models` channel after each change: `version` is now active in `scope`, replacing
+    `previous` (None when the scope had none)."""
+
+    action: Literal["activate", "rollback"]
+    scope: str
+    version: str
+    previous: str | None
+    ts: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Announcement:
+        return cls(**json.loads(data))
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        events: EventLog,
+        max_blob_bytes: int,
+        history_len: int,
+        lines: Mapping[str, str],
+    ):
+        self.client = client
+        self.keys = keys
+        self.events = events
+        self.max_blob_bytes = max_blob_bytes
+        self.history_len = history_len
+        self.lines = dict(lines)
+        self._bounded_hget = client.register_script(_BOUNDED_HGET)
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> ModelRegistry:
+        keys = Keys(settings.redis.key_prefix)
+        cfg = settings.registry
+        events = EventLog(client, keys, settings.redis.events_max_len)
+        return cls(client, keys, events, cfg.max_blob_bytes, cfg.history_len, cfg.lines)
+
+    # ---------------------------------------------------------------------------------------------- publish
+
+    def publish(self, directory: str | Path) -> Manifest:
+        """Register the version in `directory` (verified first); publishing it again changes nothing but a
+        base version's path. An adapted version's parent must be registered already."""
+        directory = Path(directory).resolve()
+        manifest = read_manifest(directory)
+        if manifest.parent is None:
+            verify_files(directory, manifest)  # once here; workers' load_model verifies again on each load
+            fields = {PATH_FIELD: str(directory).encode()}
+        else:
+            if not self.registered(manifest.parent):
+                raise RegistryError(
+                    f"parent version {manifest.parent} of {manifest.version} is not registered: publish it first"
+                )
+            fields = {FILE_FIELD + name: self._read_file(manifest, directory, name) for name in manifest.files}
+        fields[MANIFEST_FIELD] = json.dumps(asdict(replace(manifest, parent_path=None)), sort_keys=True).encode()
+        pipe = self.client.pipeline()  # MULTI: a version is registered whole or not at all
+        pipe.hset(self.keys.model(manifest.version), mapping=fields)
+        pipe.zadd(self.keys.model_versions, {manifest.version: now_ms()}, nx=True)
+        pipe.execute()
+        return manifest
+
+    def _read_file(self, manifest: Manifest, directory: Path, name: str) -> bytes:
+        path = directory / _checked_name(manifest, name)
+        if not path.is_file():
+            raise RegistryError(f"{path} is listed in the manifest but missing")
+        size = path.stat().st_size
+        if size > self.max_blob_bytes:
+            raise RegistryError(f"{path}: {size} bytes, more than [registry] max_blob_bytes ({self.max_blob_bytes})")
+        data = path.read_bytes()
+        _check_sha256(manifest, name, data)
+        return data
+
+    # ---------------------------------------------------------------------------------------------- queries
+
+    def registered(self, version: str) -> bool:
+        return bool(self.client.exists(self.keys.model(version)))
+
+    def versions(self) -> list[str]:
+        """Registered version ids in publish order (same-millisecond ties in id order)."""
+        return [v.decode() for v in self.client.zrange(self.keys.model_versions, 0, -1)]
+
+    def manifest(self, version: str) -> Manifest:
+        """The version's manifest, checked against its id (a manifest edited in Redis is refused)."""
+        raw = self._field(version, MANIFEST_FIELD, MAX_MANIFEST_BYTES)
+        if raw is None:
+            raise UnknownVersionError(version)
+        try:
+            manifest = Manifest(**json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise RegistryError(f"version {version}: the stored manifest is not valid: {exc}") from exc
+        if manifest.version != version or manifest.content_hash() != version:
+            raise RegistryError(f"version {version}: the stored manifest does not match the version (edited?)")
+        return manifest
+
+    def base_path(self, version: str) -> Path | None:
+        """Where a base version lives on the shared volume; None for an adapted version."""
+        raw = self._field(version, PATH_FIELD, MAX_PATH_BYTES)
+        return None if raw is None else Path(raw.decode())
+
+    def scopes(self, camera: str) -> list[str]:
+        """The scopes whose active version `camera` may serve, most specific first."""
+        chain = [camera, self.lines[camera]] if camera in self.lines else [camera]
+        return list(dict.fromkeys([*chain, DEFAULT_SCOPE]))
+
+    def active(self, camera: str) -> str | None:
+        """The version `camera` (or a line, or "default") serves: the first scope of `scopes()` with one."""
+        pointers = self.client.mget([self.keys.active(s) for s in self.scopes(camera)])
+        return next((p.decode() for p in pointers if p is not None), None)
+
+    def actives(self) -> dict[str, str]:
+        """Every scope with an active version (for operators: a SCAN, not for the hot path)."""
+        pattern = self.keys.active("*")
+        found = {}
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            version = self.client.get(key)
+            if version is not None:
+                found[key.decode().removeprefix(pattern[:-1])] = version.decode()
+        return dict(sorted(found.items()))
+
+    def history(self, scope: str) -> list[str]:
+        """Activations in `scope`, newest (the active one) first."""
+        return [v.decode() for v in self.client.lrange(self.keys.history(scope), 0, -1)]
+
+    # ---------------------------------------------------------------------------------------------- changes
+
+    def activate(self, scope: str, version: str) -> Announcement | None:
+        """Make `version` active in `scope`; None when it already was (nothing recorded or announced)."""
+        _check_scope(scope)
+        if not self.registered(version):
+            raise UnknownVersionError(version)
+        active_key, history_key = self.keys.active(scope), self.keys.history(scope)
+
+        def change(pipe: Pipeline) -> Announcement | None:
+            current = pipe.get(active_key)
+            previous = None if current is None else current.decode()
+            if previous == version:
+                return None
+            announcement = Announcement("activate", scope, version, previous, now_ms())
+            pipe.multi()
+            pipe.set(active_key, version)
+            pipe.lpush(history_key, version)
+            pipe.ltrim(history_key, 0, self.history_len - 1)
+            self._announce(pipe, announcement, EventKind.VERSION_ACTIVATED)
+            return announcement
+
+        return self.client.transaction(change, active_key, history_key, value_from_callable=True)
+
+    def rollback(self, scope: str) -> Announcement:
+        """Make the version active before the current one in `scope` active again."""
+        _check_scope(scope)
+        active_key, history_key = self.keys.active(scope), self.keys.history(scope)
+
+        def change(pipe: Pipeline) -> Announcement:
+            entries = [v.decode() for v in pipe.lrange(history_key, 0, 1)]
+            if len(entries) < 2:
+                had = f"only {entries[0]} was ever activated" if entries else "no version was ever activated"
+                raise RegistryError(f"scope {scope!r} has no earlier version to roll back to ({had})")
+            current, previous = entries
+            announcement = Announcement("rollback", scope, previous, current, now_ms())
+            pipe.multi()
+            pipe.lpop(history_key)
+            pipe.set(active_key, previous)
+            self._announce(pipe, announcement, EventKind.ROLLBACK)
+            return announcement
+
+        return self.client.transaction(change, active_key, history_key, value_from_callable=True)
+
+    def _announce(self, pipe: Pipeline, announcement: Announcement, kind: EventKind) -> None:
+        pipe.publish(self.keys.models_channel, announcement.to_json())
+        a = announcement
+        self.events.append(Event(kind, a.scope, a.version, {"previous": a.previous}, a.ts), pipe)
+
+    # ---------------------------------------------------------------------------------------------- materialise
+
+    def materialise(self, version: str, cache_dir: str | Path) -> Path:
+        """`cache_dir/{version}`, a directory that `csflow.artifacts.load_model` loads with its chain.
+
+        Each adapted version of the chain becomes `cache_dir/{id}` (parent_path `../{parent}`), written to a
+        temporary directory after its blobs matched their sha256 and renamed into place, so a directory
+        that exists is complete; one already there is kept (load_model verifies it on every load). The base
+        becomes a symlink `cache_dir/{id}` to its stored path, renewed each time, after checking that the
+        manifest there is the version's; its hundreds of MB are hashed by load_model, not here.
+        """
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        manifest = self.manifest(version)
+        for _ in range(MAX_CHAIN + 1):
+            target = cache_dir / manifest.version
+            if manifest.parent is None:
+                self._link_base(manifest, target)
+                return cache_dir / version
+            if not target.is_dir():
+                self._write_adapter(manifest, target)
+            manifest = self.manifest(manifest.parent)
+        raise RegistryError(f"version {version}: parent chain is longer than {MAX_CHAIN} versions")
+
+    def _write_adapter(self, manifest: Manifest, target: Path) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=target.parent))
+        try:
+            for name in manifest.files:
+                data = self._field(manifest.version, FILE_FIELD + _checked_name(manifest, name), self.max_blob_bytes)
+                if data is None:
+                    raise RegistryError(f"version {manifest.version}: {name} is missing from the registry")
+                _check_sha256(manifest, name, data)
+                (tmp / name).write_bytes(data)
+            stored = replace(manifest, parent_path=f"../{manifest.parent}")
+            (tmp / MANIFEST).write_text(json.dumps(asdict(stored), indent=2, sort_keys=True))
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise  # else another process put the same version there first
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _link_base(self, manifest: Manifest, link: Path) -> None:
+        path = self.base_path(manifest.version)
+        if path is None:
+            raise RegistryError(f"base version {manifest.version} has no stored path")
+        found = read_manifest(path).version
+        if found != manifest.version:
+            raise RegistryError(f"base version {manifest.version} is registered at {path}, which holds {found}")
+        tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex}")
+        tmp.symlink_to(path, target_is_directory=True)
+        tmp.replace(link)  # atomic: a reader sees the old link or the new one
+
+    def _field(self, version: str, field: str, limit: int) -> bytes | None:
+        value = self._bounded_hget(keys=[self.keys.model(version)], args=[field, limit])
+        if isinstance(value, int):
+            raise RegistryError(f"version {version}: {field} is {value} bytes, more than the limit of {limit}")
+        return value
+
+
+def _checked_name(manifest: Manifest, name: str) -> str:
+    """A manifest's file name, refused unless it is a plain name inside the version's directory."""
+    if Path(name).name != name or name.startswith(".") or name == MANIFEST:
+        raise RegistryError(f"version {manifest.version}: file name {name!r} is not allowed")
+    return name
+
+
+def _check_sha256(manifest: Manifest, name: str, data: bytes) -> None:
+    if hashlib.sha256(data).hexdigest() != manifest.files[name]:
+        raise RegistryError(
+            f"version {manifest.version}: {name} does not match its sha256 in the manifest (corrupted or tampered)"
+        )
+
+
+def _check_scope(scope: str) -> None:
+    if not scope or not scope.isprintable() or any(c.isspace() or c in "*?[]" for c in scope):
+        raise RegistryError(f"scope {scope!r} must be a camera id, a line or {DEFAULT_SCOPE!r} (no spaces or globs)")
