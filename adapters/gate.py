@@ -6,19 +6,25 @@ see, or (a) is trivially true: the adaptation minimised exactly those frames' sc
 
 - Held-out frames: with k > 1 confirmed normal shots, ceil(k * holdout_fraction) of them (seeded
   choice) are held out and the candidate is adapted on the rest. With k == 1 there is no independent
-  frame; augmented views of the shot (shifts and noise, drawn with a seed the adaptation does not use)
-  stand in. That only shows the candidate generalises beyond the shot's exact pixels, so with one shot
-  the defect check below carries most of the weight.
-- (a) No false rejects and an improvement: the candidate's held-out scores must be at or below the
-  parent's threshold (a share above it of at most `max_false_reject_rate`), and their mean must be
-  lower than under the parent. The threshold is the parent's calibrated one, which the candidate keeps:
-  adaptation brings target normals back to the source score level rather than moving the threshold.
+  frame; augmented views of the shot (small placement shifts, drawn with a seed the adaptation does not
+  use) stand in. That only shows the candidate generalises beyond the shot's exact pixels, so with one
+  shot the defect check below carries most of the weight.
+- (a) No false rejects and an improvement: held-out shots must score at or below the parent's threshold
+  (a share above it of at most `max_false_reject_rate`), and their mean must be lower than under the
+  parent. The threshold is the parent's calibrated one, which the candidate keeps: adaptation brings
+  target normals back to the source score level rather than moving the threshold.
+  Views are judged relative to the parent instead of against the threshold: any perturbation of a frame
+  raises its score (measured on ELPV with a source model in its own domain: a 2% shift or noise of
+  std 0.005 raised the median score 1.4-1.5x and pushed half of the normal frames over the threshold),
+  under parent and candidate alike. So the candidate must remove at least `min_view_recovery` of the
+  parent's excess over the calibration median on the views ("recovery"), and lower their mean.
 - (b) No over-adaptation, two ways, since DESIGN.md measured it (shots scoring well below the source
   calibration level; defect TPR 0.95 -> 0.73): synthetic defects (scratches and cut-paste patches,
-  `adapters.augment`) pasted onto the held-out frames must still score above the threshold in at
-  least `min_defect_detection` of cases, and the held-out frames' median score must not fall below
-  the `floor_quantile` of the source calibration scores. A collapsed extractor (constant features)
-  fails (b); a blown-up one fails (a); non-finite scores fail outright.
+  `adapters.augment`) pasted onto the held-out frames (with one shot: onto copies of the shot itself,
+  unperturbed, so the views' inflation does not help them over the threshold) must still score above the
+  threshold in at least `min_defect_detection` of cases, and the held-out frames' median score must not
+  fall below the `floor_quantile` of the source calibration scores. A collapsed extractor (constant
+  features) fails (b); a blown-up one fails (a); non-finite scores fail outright.
 
 Every number used is returned in `GateDecision.figures`, for the record of accepted and rejected
 candidates.
@@ -40,14 +46,17 @@ from csflow.artifacts import ModelVersion
 from csflow.calibration import Calibration
 from csflow.model import CSFlow, image_scores
 
+HeldoutKind = Literal["shots", "views"]
+
 
 @dataclass(frozen=True)
 class GateConfig:
     holdout_fraction: float = 0.25
     n_views: int = 4  # k == 1: augmented views of the shot used as held-out frames
-    views: Augmentation = field(default_factory=lambda: Augmentation(max_shift=0.05, noise_std=0.0))
+    views: Augmentation = field(default_factory=lambda: Augmentation(max_shift=0.02, noise_std=0.0))
     view_seed: int = 7919  # must differ from the adaptation seed
     max_false_reject_rate: float = 0.0
+    min_view_recovery: float = 0.5  # k == 1: share of the parent's excess score on the views to remove
     min_defect_detection: float = 0.8
     defects: DefectConfig = field(default_factory=DefectConfig)
     floor_quantile: float | None = 0.01
@@ -61,8 +70,9 @@ class GateConfig:
             raise ValueError(f"n_views must be >= 1, got {self.n_views}")
         if not self.views.enabled:
             raise ValueError("views must perturb the shot, or the held-out views would equal the training shot")
-        if not 0.0 <= self.max_false_reject_rate <= 1.0 or not 0.0 <= self.min_defect_detection <= 1.0:
-            raise ValueError("max_false_reject_rate and min_defect_detection must be in [0, 1]")
+        rates = (self.max_false_reject_rate, self.min_defect_detection, self.min_view_recovery)
+        if not all(0.0 <= rate <= 1.0 for rate in rates):
+            raise ValueError("max_false_reject_rate, min_defect_detection and min_view_recovery must be in [0, 1]")
         if self.floor_quantile is not None and not 0.0 <= self.floor_quantile <= 1.0:
             raise ValueError(f"floor_quantile must be in [0, 1] or None, got {self.floor_quantile}")
 
@@ -84,7 +94,7 @@ class ShotSplit:
 
     train: Tensor
     heldout: Tensor
-    heldout_kind: Literal["shots", "views"]
+    heldout_kind: HeldoutKind
     train_index: list[int]
     heldout_index: list[int]
 
@@ -120,6 +130,7 @@ def decide(
     defect_scores: np.ndarray,
     calibration: Calibration,
     config: GateConfig,
+    heldout_kind: HeldoutKind = "shots",
 ) -> GateDecision:
     """The gate's verdict from scores alone (see the module docstring for the checks)."""
     parent_s, cand_s, defect_s = (
@@ -137,8 +148,10 @@ def decide(
         "parent_mean": float(parent_s.mean()),
         "candidate_mean": float(cand_s.mean()),
         "candidate_median": float(np.median(cand_s)),
+        "parent_median": float(np.median(parent_s)),
         "parent_false_reject_rate": float((parent_s > threshold).mean()),
         "calibration_median": float(np.median(calibration.scores)),
+        "heldout_kind": heldout_kind,
     }
     checks: dict[str, bool] = {}
     reasons: list[str] = []
@@ -160,12 +173,24 @@ def decide(
         "defect_median": float(np.median(defect_s)),
         "defect_scores": defect_s.tolist(),
     }
-    check(
-        "false_rejects",
-        false_rejects <= config.max_false_reject_rate,
-        f"{false_rejects:.0%} of held-out normals above threshold {threshold:.4g} "
-        f"(parent: {figures['parent_false_reject_rate']:.0%}; allowed {config.max_false_reject_rate:.0%})",
-    )
+    if heldout_kind == "views":
+        excess = figures["parent_median"] - figures["calibration_median"]
+        recovery = (figures["parent_median"] - figures["candidate_median"]) / excess if excess > 0 else 1.0
+        figures["view_recovery"] = recovery
+        check(
+            "recovery",
+            recovery >= config.min_view_recovery,
+            f"views' median {figures['candidate_median']:.4g} vs parent {figures['parent_median']:.4g} and "
+            f"calibration median {figures['calibration_median']:.4g}: {recovery:.0%} of the excess removed "
+            f"(need {config.min_view_recovery:.0%})",
+        )
+    else:
+        check(
+            "false_rejects",
+            false_rejects <= config.max_false_reject_rate,
+            f"{false_rejects:.0%} of held-out normals above threshold {threshold:.4g} "
+            f"(parent: {figures['parent_false_reject_rate']:.0%}; allowed {config.max_false_reject_rate:.0%})",
+        )
     check(
         "improvement",
         figures["candidate_mean"] < figures["parent_mean"],
@@ -195,9 +220,12 @@ def gate(
     heldout: Tensor,
     config: GateConfig | None = None,
     calibration: Calibration | None = None,
+    heldout_kind: HeldoutKind = "shots",
+    defect_base: Tensor | None = None,
 ) -> GateDecision:
-    """Score the held-out normal frames under parent and candidate, and synthetic defects pasted onto them
-    under the candidate, then `decide`. `calibration` defaults to the parent manifest's."""
+    """Score the held-out normal frames under parent and candidate, and synthetic defects pasted onto
+    `defect_base` (default: the held-out frames) under the candidate, then `decide`. `calibration`
+    defaults to the parent manifest's."""
     config = config or GateConfig()
     parent_model = parent.model if isinstance(parent, ModelVersion) else parent
     if calibration is None:
@@ -205,13 +233,15 @@ def gate(
             raise ValueError("a bare CSFlow parent needs its calibration passed in")
         calibration = parent.manifest.threshold_calibration
     check_shots(heldout, parent_model.image_size)
-    defects = synthetic_defects(heldout.cpu(), config.defects, _generator(config.seed))
+    base = heldout if defect_base is None else defect_base
+    defects = synthetic_defects(base.cpu(), config.defects, _generator(config.seed))
     return decide(
         score_images(parent_model, heldout, config.batch_size),
         score_images(candidate, heldout, config.batch_size),
         score_images(candidate, defects, config.batch_size),
         calibration,
         config,
+        heldout_kind,
     )
 
 
@@ -246,7 +276,9 @@ def adapt_and_gate(
     check_shots(shots, parent.model.image_size)
     split = split_shots(shots.cpu(), gate_config)
     result = adapt(parent, split.train, adapt_config)
-    decision = gate(parent, result.model, split.heldout, gate_config)
+    # one shot: defects go onto unperturbed copies of it, as many as there are views
+    defect_base = split.train.expand(len(split.heldout), -1, -1, -1) if split.heldout_kind == "views" else None
+    decision = gate(parent, result.model, split.heldout, gate_config, None, split.heldout_kind, defect_base)
     return GatedAdaptation(result, decision, split)
 
 

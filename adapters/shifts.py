@@ -2,8 +2,9 @@
 
 Stand-ins for what happens on a line: a re-wired camera (`brg`), a colour camera replaced by a grey
 one (`gray`), lighting (`illumination`: gain and gamma), a colour cast, defocus (`blur`), sensor
-noise (`noise`, seeded from the image content so the same image always gets the same noise) and a
-colour-jitter in HSV (`coljit`).
+noise (`noise`, seeded from the image content so the same image always gets the same noise), a
+colour-jitter in HSV (`coljit`) and a new "style" (`style`: the colour statistics of a reference image
+transferred onto the frame, a cheap stand-in for the paper's WCT2 style transfer).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from csflow.data import ImageLimits, read_image
+
 Shift = Callable[[np.ndarray], np.ndarray]
+STYLE_MIN_STD = 1.0  # a flat channel (grey frames have flat Cb, Cr) is shifted, not amplified from nothing
 
 
 def brg(image: np.ndarray) -> np.ndarray:
@@ -65,6 +69,31 @@ def coljit(hsv_gain: tuple[float, float, float] = (1.0, 1.5, 0.8)) -> Shift:
     return shift
 
 
+def style(reference: np.ndarray) -> Shift:
+    """Reinhard-style transfer in YCbCr: each channel gets the reference's mean and standard deviation.
+
+    Unlike a fixed gain, the result depends on the frame's own statistics, like a re-lit or
+    re-coloured scene; a grey frame (flat Cb, Cr) takes the reference's tint.
+    """
+    ref = np.asarray(Image.fromarray(reference).convert("YCbCr"), np.float32).reshape(-1, 3)
+    ref_mean, ref_std = ref.mean(0), ref.std(0)
+
+    def shift(image: np.ndarray) -> np.ndarray:
+        ycc = np.asarray(Image.fromarray(image).convert("YCbCr"), np.float32)
+        mean, std = ycc.reshape(-1, 3).mean(0), ycc.reshape(-1, 3).std(0)
+        out = (ycc - mean) * (ref_std / np.maximum(std, STYLE_MIN_STD)) + ref_mean
+        return np.asarray(Image.fromarray(out.clip(0, 255).round().astype(np.uint8), mode="YCbCr").convert("RGB"))
+
+    return shift
+
+
+def style_reference(size: int = 64) -> np.ndarray:
+    """The built-in style reference: a warm, low-contrast diagonal gradient (deterministic)."""
+    ramp = np.add.outer(np.arange(size), np.arange(size)).astype(np.float32) / (2 * (size - 1))
+    warm = np.asarray([200.0, 140.0, 90.0], np.float32) * (0.75 + 0.25 * ramp[..., None])
+    return warm.round().astype(np.uint8)
+
+
 SHIFTS: dict[str, Shift] = {
     "brg": brg,
     "gray": gray,
@@ -74,11 +103,15 @@ SHIFTS: dict[str, Shift] = {
     "blur": blur(),
     "noise": noise(),
     "coljit": coljit(),
+    "style": style(style_reference()),
 }
 
 
-def get_shift(name: str) -> Shift:
+def get_shift(name: str, limits: ImageLimits | None = None) -> Shift:
+    """A shift by name; `style:PATH` takes the style of the image at PATH (read within `limits`)."""
+    if name.startswith("style:"):
+        return style(read_image(name.removeprefix("style:"), limits or ImageLimits()))
     try:
         return SHIFTS[name]
     except KeyError:
-        raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFTS)}") from None
+        raise ValueError(f"unknown shift {name!r}; known: {', '.join(SHIFTS)}, style:PATH") from None

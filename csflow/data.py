@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,5 +139,13 @@ def load_dataset(root: str | Path) -> AnomalyDataset:
     return AnomalyDataset(root, train, test)
 
 
-def load_batch(paths: Sequence[Path], size: int, limits: ImageLimits) -> Tensor:
-    return torch.stack([to_tensor(read_image(p, limits), size) for p in paths])
+Transform = Callable[[np.ndarray], np.ndarray]  # RGB uint8 (H, W, 3) -> RGB uint8, e.g. a domain shift
+
+
+def load_batch(paths: Sequence[Path], size: int, limits: ImageLimits, transform: Transform | None = None) -> Tensor:
+    """Images as a (N, 3, size, size) batch; `transform` is applied to the decoded pixels before resizing."""
+    return torch.stack([to_tensor((transform or _identity)(read_image(p, limits)), size) for p in paths])
+
+
+def _identity(rgb: np.ndarray) -> np.ndarray:
+    return rgb

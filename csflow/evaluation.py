@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from csflow.data import ImageLimits, Sample, read_mask
+from csflow.data import ImageLimits, Sample, Transform, read_mask
 from csflow.fit import Progress, image_batches, no_progress, score_batch
 from csflow.model import CSFlow
 
@@ -100,13 +100,15 @@ def evaluate_samples(
     batch_size: int,
     device: torch.device,
     progress: Progress = no_progress,
+    transform: Transform | None = None,
 ) -> ScoredTestSet:
-    """Score a labelled test set and compute its metrics (pixel AUROC where masks exist)."""
+    """Score a labelled test set (each image through `transform` first, e.g. a domain shift) and compute
+    its metrics (pixel AUROC where masks exist)."""
     size = model.image_size
     has_masks = any(s.mask_path for s in samples)
     pixel_size = min(size, PIXEL_EVAL_SIZE)
     scores, maps = [], []
-    batches = image_batches([s.path for s in samples], size, limits, batch_size)
+    batches = image_batches([s.path for s in samples], size, limits, batch_size, transform)
     for batch in progress(batches, "evaluate", -(-len(samples) // batch_size)):
         s, m = score_batch(model, batch, device)
         scores.append(s)

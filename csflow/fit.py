@@ -14,7 +14,7 @@ from torch import Tensor
 
 from csflow.backbones import create_backbone
 from csflow.calibration import Calibration, calibrate
-from csflow.data import ImageLimits, load_batch
+from csflow.data import ImageLimits, Transform, load_batch
 from csflow.extractor import FeatureExtractor
 from csflow.flow import FlowConfig
 from csflow.model import CSFlow, anomaly_maps, image_scores
@@ -44,9 +44,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def image_batches(paths: Sequence[Path], size: int, limits: ImageLimits, batch_size: int) -> Iterator[Tensor]:
+def image_batches(
+    paths: Sequence[Path], size: int, limits: ImageLimits, batch_size: int, transform: Transform | None = None
+) -> Iterator[Tensor]:
     for i in range(0, len(paths), batch_size):
-        yield load_batch(paths[i : i + batch_size], size, limits)
+        yield load_batch(paths[i : i + batch_size], size, limits, transform)
 
 
 @dataclass(frozen=True)

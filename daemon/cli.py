@@ -14,6 +14,7 @@ import numpy as np
 import structlog
 from tqdm import tqdm
 
+from adapters.shifts import get_shift
 from csflow.artifacts import ArtifactError, ModelVersion, load_model, save_model
 from csflow.backbones import WeightsError
 from csflow.data import DatasetError, ImageError, load_batch, load_dataset, read_image, to_tensor
@@ -23,6 +24,8 @@ from csflow.fit import FitSpec, fit, resolve_device, score_batch
 from csflow.training import EpochRecord
 from daemon.config import ConfigError, Settings, load_settings, override
 from daemon.logs import configure_logging
+from daemon.models_cli import add_models_parser
+from daemon.operator_cli import add_operator_parsers
 from daemon.report import plot_evaluation
 
 EXIT_ERROR = 1
@@ -36,12 +39,11 @@ def progress(items: Iterable[T], desc: str, total: int) -> Iterable[T]:
     return tqdm(items, desc=desc, total=total, file=sys.stderr, disable=None, leave=False)
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    log = structlog.get_logger()
-    dataset = load_dataset(args.data)
+def fit_spec(args: argparse.Namespace, settings: Settings) -> FitSpec:
+    """Training settings from the config, with the command line's --backbone/--image-size/--epochs/--seed."""
     model_cfg = override(settings.model, "model", backbone=args.backbone, image_size=args.image_size)
     train_cfg = override(settings.train, "train", epochs=args.epochs, seed=args.seed)
-    spec = FitSpec(
+    return FitSpec(
         backbone=model_cfg.backbone,
         weights=model_cfg.weights_source,
         image_size=model_cfg.image_size,
@@ -51,7 +53,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         target_fpr=settings.calibration.target_fpr,
         limits=settings.limits.to_limits(),
     )
-    device = resolve_device(model_cfg.device)
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    log = structlog.get_logger()
+    dataset = load_dataset(args.data)
+    spec = fit_spec(args, settings)
+    device = resolve_device(settings.model.device)
     paths = [s.path for s in dataset.train]
     log.info(
         "training",
@@ -140,8 +148,9 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if not dataset.test:
         raise DatasetError(f"{args.data} has no test/ folder to evaluate on")
     limits = settings.limits.to_limits()
+    shift = get_shift(args.shift, limits) if args.shift else None
     result = evaluate_samples(
-        model, dataset.test, version.threshold, limits, settings.train.batch_size, device, progress
+        model, dataset.test, version.threshold, limits, settings.train.batch_size, device, progress, shift
     )
     evaluation = result.evaluation
     op = evaluation.operating_point
@@ -155,11 +164,12 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     for defect, auroc in evaluation.per_type_auroc.items():
         print(f"  {defect}: AUROC {auroc:.4f}")
     if args.json:
-        report = {"model_version": version.version, "data": str(args.data), **evaluation.to_dict()}
+        report = {"model_version": version.version, "data": str(args.data), "shift": args.shift}
+        report |= evaluation.to_dict()
         Path(args.json).write_text(json.dumps(report, indent=2))
     if args.plot:
         picks = _overlay_picks(result.scores, result.anomalous)
-        images = load_batch([dataset.test[i].path for i in picks], size, limits)
+        images = load_batch([dataset.test[i].path for i in picks], size, limits, shift)
         _, maps = score_batch(model, images, device)
         overlays = [
             (
@@ -225,6 +235,46 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if decision.accepted else EXIT_REJECTED
 
 
+def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.protocol import Cell
+    from daemon.experiment import ExperimentSpec, run_experiment
+
+    spec = ExperimentSpec(
+        data=args.data,
+        out=args.out,
+        shifts=tuple(_csv(args.shift, str, "--shift")),
+        shots=tuple(_csv(args.shots, int, "--shots")),
+        folds=args.folds,
+        fit=fit_spec(args, settings),
+        adapt=settings.adapt.to_configs()[0],
+        seed=args.seed or 0,
+        source=args.source,
+    )
+    if spec.folds < 1 or min(spec.shots) < 1:
+        raise ValueError("--folds and every --shots value must be at least 1")
+    for name in spec.shifts:
+        get_shift(name, spec.fit.limits)  # an unknown shift fails now, not an hour in
+    log = structlog.get_logger()
+
+    def on_cell(cell: Cell) -> None:
+        log.info("cell", key=cell.key, auroc=round(cell.auroc, 4), fpr=cell.fpr, tpr=cell.tpr, seconds=cell.seconds)
+
+    run_experiment(spec, progress, on_cell, resolve_device(settings.model.device))
+    print((args.out / "results.md").read_text())
+    print(f"results: {args.out / 'results.json'}, table: {args.out / 'results.md'}, chart: {args.out / 'results.png'}")
+    return 0
+
+
+def _csv(text: str, kind: Callable[[str], T], option: str) -> list[T]:
+    try:
+        values = [kind(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: cannot read {text!r} as a comma-separated list") from None
+    if not values:
+        raise ValueError(f"{option}: empty list")
+    return values
+
+
 def cmd_export_elpv(args: argparse.Namespace, settings: Settings) -> int:
     counts = export_elpv(args.out, ElpvExport(args.cell_type, args.test_fraction, args.seed))
     print(f"ELPV ({args.cell_type}) exported to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -249,7 +299,6 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from adapters.shifts import get_shift
     from daemon.kafka_clients import make_producer
     from daemon.producer import CameraPlan, produce, source_images
 
@@ -310,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec layout)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the figures as JSON")
     p.add_argument("--plot", type=Path, metavar="OUT.png", help="write ROC, histograms and overlays")
+    p.add_argument("--shift", help="evaluate on the test set under this domain shift (e.g. dark, blur, style:REF.png)")
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser(
@@ -328,6 +378,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default from [adapt])")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(handler=cmd_adapt)
+
+    p = sub.add_parser(
+        "experiment",
+        help="the paper's protocol: five settings per shift, k and fold",
+        description="Trained on the shifted training set (best case), source model on shifted test (worst case), "
+        "trained on the k shots, trained on source + k shots, and the source model adapted with the k shots, "
+        "all on the same folds. Writes OUT/results.json (after every cell: a rerun resumes), results.md and "
+        "results.png.",
+    )
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (MVTec layout)")
+    p.add_argument("--shift", required=True, help="comma-separated shifts, e.g. dark,blur,style")
+    p.add_argument("--shots", default="1,5,10", help="comma-separated k values (default 1,5,10)")
+    p.add_argument("--folds", type=int, default=3, help="draws of the k shots per k (default 3)")
+    p.add_argument("--out", required=True, type=Path, help="folder for results (resumed if it holds some)")
+    p.add_argument("--source", type=Path, help="source model directory (default: trained into OUT/source)")
+    p.add_argument("--backbone", help="timm backbone name (default from config)")
+    p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
+    p.add_argument("--epochs", type=int, help="epochs of every flow trained from scratch")
+    p.add_argument("--seed", type=int, help="seed for the shots drawn and the trainings")
+    p.set_defaults(handler=cmd_experiment)
 
     p = sub.add_parser(
         "export-elpv",
@@ -363,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift-after", type=int, default=0)
     p.add_argument("--topic", help="topic (default: [kafka] topic)")
     p.set_defaults(handler=cmd_produce)
+
+    add_models_parser(sub)
+    add_operator_parsers(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
-"""The evaluation picture: ROC curve, score histograms and a few anomaly-map overlays."""
+"""Pictures: an evaluation (ROC, score histograms, anomaly-map overlays) and the adaptation protocol's bar chart."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from adapters.protocol import SETTINGS, Row
 from csflow.evaluation import Evaluation, roc
 
 N_OVERLAYS = 4
@@ -49,5 +51,30 @@ def plot_evaluation(
         ax.set_title(caption, fontsize=9)
         ax.axis("off")
     fig.suptitle(title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_protocol(
+    path: str | Path, rows: Sequence[Row], shifts: Sequence[str], shots: Sequence[int], title: str
+) -> None:
+    """Figure 4 of the paper: per k, image AUROC of each setting grouped by shift, with the spread over folds."""
+    fig, axes = plt.subplots(1, len(shots), figsize=(5 * len(shots), 4.5), squeeze=False, layout="constrained")
+    width = 0.8 / len(SETTINGS)
+    by_key = {(r.shift, r.k, r.setting): r for r in rows}
+    for ax, k in zip(axes[0], shots, strict=True):
+        for j, setting in enumerate(SETTINGS):
+            found = [
+                (i, by_key[(shift, k, setting)]) for i, shift in enumerate(shifts) if (shift, k, setting) in by_key
+            ]
+            if found:
+                x = np.array([i for i, _ in found]) + (j - (len(SETTINGS) - 1) / 2) * width
+                means, stds = [r.auroc_mean for _, r in found], [r.auroc_std for _, r in found]
+                ax.bar(x, means, width, yerr=stds, capsize=2, label=SETTINGS[setting])
+        ax.set_xticks(range(len(shifts)), shifts)
+        ax.set(title=f"k = {k}", ylabel="image AUROC", ylim=(0.4, 1.0))
+        ax.axhline(0.5, color="k", lw=0.6, ls=":")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"few-shot adaptation protocol: {title}")
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -77,6 +77,25 @@ def test_decide_rejects(candidate: list[float], defects: list[float], failed: st
     assert any(r.startswith(f"FAIL {failed}") for r in decision.reasons)
 
 
+@pytest.mark.parametrize(
+    ("candidate", "accepted"),
+    [
+        ([0.95, 1.15], True),  # one view still over the threshold, but 65% of the parent's excess is gone
+        ([1.4, 1.5], False),  # lower than the parent, yet only 18% of the excess removed
+    ],
+)
+def test_views_of_one_shot_are_judged_by_recovery_not_by_the_threshold(candidate: list[float], accepted: bool) -> None:
+    """Perturbed views score above clean frames under any model; the parent's views here sit at 1.6 against
+    a calibration median of 0.75 (excess 0.85)."""
+    decision = decide(
+        np.array([1.5, 1.7]), np.array(candidate), np.array([2.0] * 5), CALIBRATION, GateConfig(), "views"
+    )
+    assert decision.accepted is accepted, decision.reasons
+    assert "false_rejects" not in decision.checks and decision.checks["recovery"] is accepted
+    assert decision.figures["heldout_kind"] == "views"
+    assert decision.figures["view_recovery"] == pytest.approx((1.6 - np.median(candidate)) / 0.85)
+
+
 def test_floor_check_can_be_disabled() -> None:
     config = GateConfig(floor_quantile=None)
     decision = decide(np.array([1.4]), np.array([0.3]), np.array([2.0]), CALIBRATION, config)

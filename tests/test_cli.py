@@ -167,3 +167,58 @@ def test_adapt_rejects_a_broken_candidate_with_exit_3(
     assert code == 3, capsys.readouterr().out
     assert "REJECTED" in capsys.readouterr().out
     assert not (out / "manifest.json").exists()
+
+
+def test_evaluate_under_a_shift(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    plain, shifted = tmp_path / "plain.json", tmp_path / "dark.json"
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset), "--json", str(plain)]) == 0
+    args = ["evaluate", "--model", str(model_dir), "--data", str(dataset), "--json", str(shifted), "--shift", "dark"]
+    assert main(args) == 0
+    before, after = json.loads(plain.read_text()), json.loads(shifted.read_text())
+    assert before["shift"] is None and after["shift"] == "dark"
+    assert after["operating_point"]["fpr"] > before["operating_point"]["fpr"]  # darker normals look anomalous
+
+
+def test_evaluate_unknown_shift_is_a_clear_error(
+    model_dir: Path, dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset), "--shift", "sepia"]) == 1
+    assert "unknown shift 'sepia'" in capsys.readouterr().err
+
+
+def test_experiment_runs_every_setting_and_resumes(
+    model_dir: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INSPECTD_ADAPT__MAX_STEPS", "2")
+    out = tmp_path / "exp"
+    args = ["experiment", "--data", str(dataset), "--shift", "dark,style", "--shots", "1,2", "--folds", "2"]
+    args += ["--out", str(out), "--source", str(model_dir)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    cells = results["cells"]
+    # per shift: target + source; per shift, k and fold: shots, source+shots, adapted
+    assert len(cells) == 2 * 2 + 2 * 2 * 2 * 3
+    assert {c["setting"] for c in cells.values()} == {"target", "source", "shots", "source+shots", "adapted"}
+    assert all(0.0 <= c["auroc"] <= 1.0 and len(c["detail"]["scores"]) == 8 for c in cells.values())
+    adapted = cells["dark/adapted/k=2/fold=1"]
+    assert adapted["detail"]["steps"] <= 2 and len(adapted["detail"]["shots"]) == 2
+    assert cells["dark/shots/k=1/fold=0"]["fpr"] is None  # no held-out normals, no threshold
+    assert cells["dark/adapted/k=1/fold=0"]["detail"]["shots"] != cells["dark/adapted/k=1/fold=1"]["detail"]["shots"]
+    table = (out / "results.md").read_text()
+    assert "source model adapted with the k shots" in table and "| style |" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    before = (out / "results.json").read_text()
+    assert main(args) == 0  # everything done: nothing recomputed (per-cell timings would differ)
+    assert (out / "results.json").read_text() == before
+
+    assert main([*args, "--epochs", "1"]) == 1  # other settings never mix into these results
+
+
+def test_experiment_refuses_an_unknown_shift_before_working(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["experiment", "--data", str(dataset), "--shift", "dark,sepia", "--out", str(tmp_path / "e")]
+    assert main(args) == 1
+    assert "unknown shift 'sepia'" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

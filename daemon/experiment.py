@@ -1,0 +1,283 @@
+"""Runs the paper's protocol (`adapters.protocol`) on a dataset folder and keeps every result on disk.
+
+Each finished cell is written to `results.json` at once (atomically), so an interrupted run loses at
+most the cell in progress; a rerun with the same settings skips what is done, and a rerun with other
+settings into the same folder is refused rather than mixed in. Features of the frozen extractor are
+computed once per image set and shared by every flow that uses them (source, target, shots, source +
+shots); only the adapted models need full forward passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from adapters.adapt import AdaptConfig, adapt
+from adapters.gate import score_images
+from adapters.protocol import PER_SHIFT, SETTINGS, Cell, cell_key, draw_shots, markdown_table, shots_epochs, summarise
+from adapters.shifts import get_shift
+from csflow.artifacts import ModelVersion, load_model, save_model
+from csflow.calibration import calibrate
+from csflow.data import load_batch, load_dataset
+from csflow.evaluation import evaluate_scores
+from csflow.fit import FitSpec, Progress, fit, image_batches, no_progress
+from csflow.model import CSFlow
+from csflow.training import Features, extract_features, features_scores, split_indices, train_flow
+from daemon.report import plot_protocol
+
+RESULTS = "results.json"
+OperatingPoint = tuple[float | None, float | None]  # (FPR, TPR) at the setting's threshold, if it has one
+Outcome = tuple[float, OperatingPoint, dict[str, Any]]  # image AUROC, operating point, details
+
+
+class ExperimentError(ValueError):
+    """The output folder holds results of a different experiment."""
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    data: Path
+    out: Path
+    shifts: tuple[str, ...]
+    shots: tuple[int, ...]
+    folds: int
+    fit: FitSpec  # the source model and every flow trained from scratch
+    adapt: AdaptConfig
+    seed: int = 0
+    source: Path | None = None  # an existing source model; else one is trained into out/source
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the cells depend on; `out` and how many folds/shots are asked for do not change a cell."""
+        described = {
+            "data": str(self.data.resolve()),
+            "fit": asdict(self.fit),
+            "adapt": asdict(self.adapt),
+            "seed": self.seed,
+            "source": str(self.source.resolve()) if self.source else None,
+        }
+        digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"id": digest, **described}
+
+
+class ResultsFile:
+    """results.json: the fingerprint and the finished cells, rewritten atomically after each cell."""
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.cells: dict[str, Cell] = {}
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if stored.get("fingerprint", {}).get("id") != fingerprint["id"]:
+                raise ExperimentError(
+                    f"{path} holds results of an experiment with other settings; use another --out or remove it"
+                )
+            self.cells = {key: Cell.from_dict(c) for key, c in stored["cells"].items()}
+
+    def add(self, cell: Cell) -> None:
+        self.cells[cell.key] = cell
+        tmp = self.path.with_suffix(".tmp")
+        document = {"fingerprint": self.fingerprint, "cells": {k: c.to_dict() for k, c in self.cells.items()}}
+        tmp.write_text(json.dumps(document, indent=2))
+        os.replace(tmp, self.path)
+
+
+def planned_keys(spec: ExperimentSpec) -> list[str]:
+    keys = [cell_key(s, shift, None, None) for shift in spec.shifts for s in PER_SHIFT]
+    per_fold = [s for s in SETTINGS if s not in PER_SHIFT]
+    keys += [  # k-major: the one-shot cells, the paper's headline, are complete first
+        cell_key(s, shift, k, fold)
+        for k in spec.shots
+        for fold in range(spec.folds)
+        for shift in spec.shifts
+        for s in per_fold
+    ]
+    return keys
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    progress: Progress = no_progress,
+    on_cell: Callable[[Cell], None] | None = None,
+    device: torch.device | None = None,
+) -> list[Cell]:
+    """Compute every missing cell, then write the table and the chart; returns all cells."""
+    device = device or torch.device("cpu")
+    spec.out.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(spec.out / RESULTS, spec.fingerprint())
+    todo = [key for key in planned_keys(spec) if key not in results.cells]
+    if todo:
+        runner = _Runner(spec, device, progress)
+        for key in progress(todo, "experiment", len(todo)):
+            cell = runner.compute(key)
+            results.add(cell)
+            if on_cell is not None:
+                on_cell(cell)
+    cells = [results.cells[key] for key in planned_keys(spec)]
+    rows = summarise(cells, spec.shifts, spec.shots)
+    (spec.out / "results.md").write_text(_report_header(spec, results.fingerprint) + markdown_table(rows, spec.shots))
+    plot_protocol(spec.out / "results.png", rows, spec.shifts, spec.shots, str(spec.data))
+    return cells
+
+
+def _report_header(spec: ExperimentSpec, fingerprint: dict[str, Any]) -> str:
+    return (
+        f"# Few-shot adaptation protocol on {spec.data}\n\n"
+        f"Shifts {', '.join(spec.shifts)}; k = {', '.join(map(str, spec.shots))}; {spec.folds} folds "
+        f"(mean ± std over folds; target and source do not depend on the fold). Backbone {spec.fit.backbone} "
+        f"at {spec.fit.image_size} px, flow hidden {spec.fit.flow.hidden_channels}, {spec.fit.train.epochs} epochs. "
+        f"Operating point (FPR on normal / TPR on defective test images) at each model's own calibrated "
+        f"threshold; the shots-only flow has no held-out normals, hence no threshold. "
+        f"Experiment id {fingerprint['id']}.\n\n"
+    )
+
+
+class _Runner:
+    """Lazily computed, cached inputs (source model, images, features) and one method per setting."""
+
+    def __init__(self, spec: ExperimentSpec, device: torch.device, progress: Progress) -> None:
+        self.spec, self.device, self.progress = spec, device, progress
+        self.dataset = load_dataset(spec.data)
+        if not self.dataset.test:
+            raise ExperimentError(f"{spec.data} has no test/ folder")
+        self.train_paths = [s.path for s in self.dataset.train]
+        self.train_idx, self.val_idx = split_indices(len(self.train_paths), spec.fit.val_fraction, spec.fit.train.seed)
+        self.anomalous = np.array([s.anomalous for s in self.dataset.test])
+        self.defect_types = [s.defect_type for s in self.dataset.test]
+        self.source_version = cache(self._source_version)
+        self.test_images = cache(self._test_images)
+        self.train_features = cache(self._train_features)
+        self.test_features = cache(self._test_features)
+
+    def compute(self, key: str) -> Cell:
+        shift, setting, *rest = key.split("/")
+        k = int(rest[0].removeprefix("k=")) if rest else None
+        fold = int(rest[1].removeprefix("fold=")) if rest else None
+        started = time.perf_counter()
+        auroc, op, detail = getattr(self, "_" + setting.replace("+", "_plus_"))(shift, k, fold)
+        return Cell(setting, shift, k, fold, auroc, *op, round(time.perf_counter() - started, 1), detail)
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def _source_version(self) -> ModelVersion:
+        spec = self.spec
+        directory = spec.source or spec.out / "source"
+        if not (directory / "manifest.json").exists():
+            result = fit(self.train_paths, spec.fit, self.device, self.progress)
+            summary = result.summary(spec.fit, len(self.train_paths))
+            save_model(directory, result.model, spec.fit.weights, result.calibration, summary)
+        version = load_model(directory, str(self.device))
+        model = version.model
+        if (model.image_size, model.extractor_name) != (spec.fit.image_size, spec.fit.backbone):
+            raise ExperimentError(
+                f"source model {directory} is {model.extractor_name} at {model.image_size} px; the experiment asks "
+                f"for {spec.fit.backbone} at {spec.fit.image_size} px"
+            )
+        return version
+
+    def _test_images(self, shift: str) -> Tensor:
+        paths = [s.path for s in self.dataset.test]
+        return load_batch(paths, self.spec.fit.image_size, self.spec.fit.limits, self._transform(shift))
+
+    def _train_features(self, shift: str | None) -> Features:
+        """Frozen-extractor features of every training image (None: unshifted), in `train_paths` order."""
+        batches = image_batches(
+            self.train_paths,
+            self.spec.fit.image_size,
+            self.spec.fit.limits,
+            self.spec.fit.train.batch_size,
+            self._transform(shift),
+        )
+        total = -(-len(self.train_paths) // self.spec.fit.train.batch_size)
+        return extract_features(self._model(), self.progress(batches, f"features train {shift}", total), self.device)
+
+    def _test_features(self, shift: str) -> Features:
+        images = self.test_images(shift)
+        batches = images.split(self.spec.fit.train.batch_size)
+        return extract_features(
+            self._model(), self.progress(batches, f"features test {shift}", len(batches)), self.device
+        )
+
+    def _transform(self, shift: str | None) -> Callable[[np.ndarray], np.ndarray] | None:
+        return get_shift(shift, self.spec.fit.limits) if shift else None
+
+    def _model(self) -> CSFlow:
+        return self.source_version().model
+
+    # --- settings ---------------------------------------------------------------------------------
+    def _target(self, shift: str, k: None, fold: None) -> Outcome:
+        feats = self.train_features(shift)
+        model = self._train(_take(feats, self.train_idx), _take(feats, self.val_idx), self.spec.fit.train.epochs)
+        val_scores = features_scores(model, _take(feats, self.val_idx), self.spec.fit.train.batch_size, self.device)
+        return self._evaluate_flow(model, shift, calibrate(val_scores.numpy(), self.spec.fit.target_fpr).threshold)
+
+    def _source(self, shift: str, k: None, fold: None) -> Outcome:
+        version = self.source_version()
+        return self._evaluate_flow(version.model, shift, version.threshold)
+
+    def _shots(self, shift: str, k: int, fold: int) -> Outcome:
+        shots = self._shot_indices(k, fold)
+        epochs = shots_epochs(self.spec.fit.train.epochs, len(self.train_idx), k, self.spec.fit.train.batch_size)
+        model = self._train(_take(self.train_features(shift), shots), None, epochs)
+        auroc, _, detail = self._evaluate_flow(model, shift, None)
+        return auroc, (None, None), {**detail, "shots": shots, "epochs": epochs}
+
+    def _source_plus_shots(self, shift: str, k: int, fold: int) -> Outcome:
+        shots = self._shot_indices(k, fold)
+        source, target = self.train_features(None), self.train_features(shift)
+        train = [torch.cat([s[self.train_idx], t[shots]]) for s, t in zip(source, target, strict=True)]
+        val = _take(source, self.val_idx)
+        model = self._train(train, val, self.spec.fit.train.epochs)
+        val_scores = features_scores(model, val, self.spec.fit.train.batch_size, self.device)
+        threshold = calibrate(val_scores.numpy(), self.spec.fit.target_fpr).threshold
+        auroc, op, detail = self._evaluate_flow(model, shift, threshold)
+        return auroc, op, {**detail, "shots": shots}
+
+    def _adapted(self, shift: str, k: int, fold: int) -> Outcome:
+        version = self.source_version()
+        shots = self._shot_indices(k, fold)
+        images = load_batch(
+            [self.train_paths[i] for i in shots], self.spec.fit.image_size, self.spec.fit.limits, self._transform(shift)
+        )
+        result = adapt(version, images.to(self.device), self.spec.adapt)
+        scores = score_images(result.model, self.test_images(shift), self.spec.fit.train.batch_size)
+        auroc, op = self._metrics(scores, version.threshold)
+        summary = result.summary()
+        detail = {k_: summary[k_] for k_ in ("steps", "stop_reason", "initial_score", "final_score", "seconds")}
+        return auroc, op, {**detail, "shots": shots, "scores": scores.tolist()}
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _shot_indices(self, k: int, fold: int) -> list[int]:
+        return draw_shots(self.train_idx, k, fold, self.spec.seed)
+
+    def _train(self, train: Features, val: Features | None, epochs: int) -> CSFlow:
+        """A fresh flow on the (shared, frozen) pretrained extractor of the source model."""
+        config = replace(self.spec.fit.train, epochs=epochs)
+        torch.manual_seed(config.seed)
+        source = self._model()
+        model = CSFlow(source.extractor, source.image_size, source.flow_config, source.extractor_name).to(self.device)
+        train_flow(model, train, val, config, self.device)
+        return model
+
+    def _evaluate_flow(self, model: CSFlow, shift: str, threshold: float | None) -> Outcome:
+        scores = features_scores(model, self.test_features(shift), self.spec.fit.train.batch_size, self.device).numpy()
+        auroc, op = self._metrics(scores, threshold)
+        return auroc, op, {"threshold": threshold, "scores": scores.tolist()}
+
+    def _metrics(self, scores: np.ndarray, threshold: float | None) -> tuple[float, OperatingPoint]:
+        evaluation = evaluate_scores(scores, self.anomalous, self.defect_types, threshold or 0.0)
+        op = evaluation.operating_point
+        return evaluation.image_auroc, (op.fpr, op.tpr) if threshold is not None else (None, None)
+
+
+def _take(features: Features, idx: Sequence[int]) -> Features:
+    return [f[list(idx)] for f in features]

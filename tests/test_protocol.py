@@ -1,0 +1,52 @@
+"""Bookkeeping of the adaptation protocol: shots drawn per fold, training length, summary rows."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters.protocol import Cell, cell_key, draw_shots, markdown_table, shots_epochs, summarise
+
+
+def test_shots_are_reproducible_distinct_and_differ_between_folds() -> None:
+    pool = list(range(100, 140))
+    first = draw_shots(pool, 5, fold=0, seed=0)
+    assert first == draw_shots(pool, 5, fold=0, seed=0)
+    assert len(set(first)) == 5 and set(first) <= set(pool)
+    assert first != draw_shots(pool, 5, fold=1, seed=0)
+    with pytest.raises(ValueError, match="cannot draw 50 shots from 40"):
+        draw_shots(pool, 50, fold=0, seed=0)
+
+
+def test_shots_only_training_takes_as_many_steps_as_full_training() -> None:
+    assert shots_epochs(10, n_train=400, k=1, batch_size=16) == 250  # 10 epochs x 25 batches
+    assert shots_epochs(10, n_train=400, k=10, batch_size=16) == 250
+    assert shots_epochs(10, n_train=16, k=1, batch_size=16) == 10
+
+
+def test_summary_repeats_per_shift_settings_for_each_k_and_aggregates_folds() -> None:
+    cells = [
+        Cell("source", "dark", None, None, 0.6, 1.0, 1.0, 1.0),
+        Cell("adapted", "dark", 1, 0, 0.8, 0.1, 0.7, 1.0),
+        Cell("adapted", "dark", 1, 1, 0.9, 0.0, 0.8, 1.0),
+        Cell("shots", "dark", 1, 0, 0.7, None, None, 1.0),
+    ]
+    rows = summarise(cells, ["dark"], [1, 5])
+    by = {(r.setting, r.k): r for r in rows}
+    assert by[("source", 1)].auroc_mean == by[("source", 5)].auroc_mean == 0.6
+    adapted = by[("adapted", 1)]
+    assert (
+        adapted.n == 2
+        and adapted.auroc_mean == pytest.approx(0.85)
+        and adapted.auroc_std == pytest.approx(0.0707, 1e-3)
+    )
+    assert adapted.fpr_mean == pytest.approx(0.05) and by[("shots", 1)].fpr_mean is None
+    assert ("adapted", 5) not in by
+    table = markdown_table(rows, [1, 5])
+    assert (
+        "0.850 ± 0.071 (0.05 / 0.75)" in table and "| dark | trained on the k shots only | 0.700 ± 0.000 | – |" in table
+    )
+
+
+def test_unknown_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown setting"):
+        cell_key("finetuned", "dark", 1, 0)
