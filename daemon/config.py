@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from adapters.adapt import AdaptConfig
@@ -19,6 +19,7 @@ from csflow.backbones import LITE0, default_weights
 from csflow.data import ImageLimits
 from csflow.flow import FlowConfig
 from csflow.training import TrainConfig
+from drift.config import DriftConfig
 
 CONFIG_ENV = "INSPECTD_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
@@ -101,6 +102,18 @@ class AdaptSection(Section):
     seed: int = 0
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
     min_defect_detection: float = Field(0.8, ge=0, le=1)
+    min_view_recovery: float = Field(0.5, ge=0, le=1)
+    # The worker's adaptation controller (daemon/controller.py).
+    min_shots: int = Field(5, ge=1)
+    max_shots: int = Field(10, ge=1)
+    lock_ttl_s: float = Field(60.0, gt=0)
+    check_interval_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _shots_range(self) -> AdaptSection:
+        if self.min_shots > self.max_shots:
+            raise ValueError(f"min_shots ({self.min_shots}) must not exceed max_shots ({self.max_shots})")
+        return self
 
     def to_configs(self) -> tuple[AdaptConfig, GateConfig]:
         adapt = AdaptConfig(
@@ -112,7 +125,11 @@ class AdaptSection(Section):
             stop_quantile=self.stop_quantile,
             seed=self.seed,
         )
-        gate = GateConfig(holdout_fraction=self.holdout_fraction, min_defect_detection=self.min_defect_detection)
+        gate = GateConfig(
+            holdout_fraction=self.holdout_fraction,
+            min_defect_detection=self.min_defect_detection,
+            min_view_recovery=self.min_view_recovery,
+        )
         return adapt, gate
 
 
@@ -123,6 +140,24 @@ class ConfirmationsSection(Section):
     stream_max_len: int = Field(100_000, ge=1000)
     claim_min_idle_ms: int = Field(60_000, ge=1)
     batch_size: int = Field(32, ge=1, le=1000)
+
+
+class DriftSection(Section):
+    window: int = Field(100, ge=2)
+    quantile: float = Field(0.2, gt=0, le=1)
+    ert: int = Field(10_000, ge=3)
+    cap: float = Field(-0.75, allow_inf_nan=False)
+    slack: float = Field(0.7, gt=0, lt=1)
+    sim_alarms: int = Field(40, ge=1)
+    sim_streams: int = Field(50, ge=1)
+    min_reference: int = Field(30, ge=2)
+    seed: int = 0
+
+    def to_config(self) -> DriftConfig:
+        try:
+            return DriftConfig(**self.model_dump())
+        except ValueError as exc:
+            raise ConfigError(f"drift: {exc}") from exc
 
 
 class KafkaSection(Section):
@@ -184,6 +219,7 @@ class RegistrySection(Section):
     max_blob_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     history_len: int = Field(100, ge=2)
     lines: dict[str, str] = Field(default_factory=dict)
+    refresh_s: float = Field(5.0, gt=0)
 
 
 class LogSection(Section):
@@ -199,6 +235,7 @@ class Settings(BaseSettings):
     train: TrainSection = TrainSection()
     calibration: CalibrationSection = CalibrationSection()
     adapt: AdaptSection = AdaptSection()
+    drift: DriftSection = DriftSection()
     confirmations: ConfirmationsSection = ConfirmationsSection()
     limits: LimitsSection = LimitsSection()
     kafka: KafkaSection = KafkaSection()
@@ -272,4 +309,5 @@ def load_settings(path: str | Path | None = None) -> Settings:
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration ({path or 'defaults'} + environment): {_describe(exc)}") from exc
     settings.flow.to_config()  # cross-field checks
+    settings.drift.to_config()
     return settings

@@ -32,7 +32,10 @@ class WorkerMetrics:
         self.consumer_lag = Gauge(
             "inspectd_consumer_lag", "Records behind the partition end", ["partition"], registry=r
         )
-        self.model = Info("inspectd_model", "The active model version", registry=r)
+        self.model = Info("inspectd_model", "The model version each camera is served", ["camera_id"], registry=r)
+        self.drift_alarm = Gauge(
+            "inspectd_drift_alarm", "1 while the camera's drift monitor is in alarm", ["camera_id"], registry=r
+        )
         self.retries = Counter("inspectd_retries", "Retried operations after an outage", ["target"], registry=r)
         self.confirmations = Counter(
             "inspectd_confirmations", "Operator confirmations handled, by outcome", ["outcome"], registry=r

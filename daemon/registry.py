@@ -196,8 +196,9 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------------------------------------- changes
 
-    def activate(self, scope: str, version: str) -> Announcement | None:
-        """Make `version` active in `scope`; None when it already was (nothing recorded or announced)."""
+    def activate(self, scope: str, version: str, if_unset: bool = False) -> Announcement | None:
+        """Make `version` active in `scope`; None when it already was (nothing recorded or announced), or
+        with `if_unset` when the scope had any active version (checked in the same transaction)."""
         _check_scope(scope)
         if not self.registered(version):
             raise UnknownVersionError(version)
@@ -206,7 +207,7 @@ class ModelRegistry:
         def change(pipe: Pipeline) -> Announcement | None:
             current = pipe.get(active_key)
             previous = None if current is None else current.decode()
-            if previous == version:
+            if previous == version or (if_unset and previous is not None):
                 return None
             announcement = Announcement("activate", scope, version, previous, now_ms())
             pipe.multi()

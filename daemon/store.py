@@ -40,6 +40,7 @@ class Verdict:
     anomalous: bool
     model_version: str
     latency_ms: float
+    drift_state: str = ""  # the camera's drift monitor after this frame: warmup, ok, alarm, or off (none)
 
 
 VERDICT_FIELDS = list(Verdict.__dataclass_fields__)
@@ -99,6 +100,18 @@ class Keys:
     @property
     def models_channel(self) -> str:
         return f"{self.prefix}models"
+
+    # Serving and adaptation (daemon/drift_watch.py, daemon/controller.py).
+    def drift(self, camera_id: str) -> str:
+        """JSON: the camera's drift monitor state and the model version it belongs to."""
+        return f"{self.prefix}drift:{camera_id}"
+
+    def adapt_lock(self, scope: str) -> str:
+        return f"{self.prefix}lock:adapt:{scope}"
+
+    def adapt_attempt(self, scope: str) -> str:
+        """JSON: the last adaptation attempt in the scope and the newest buffered frame it used."""
+        return f"{self.prefix}adapt-attempt:{scope}"
 
 
 class VerdictStore:

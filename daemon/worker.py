@@ -1,9 +1,12 @@
 """The streaming worker: frames from Kafka, CS-Flow verdicts into Redis, offsets committed last.
 
-Each iteration: collect a batch (size or max wait), parse and decode (thread pool), score, write
-verdicts to Redis, send bad frames to the dead-letter topic, commit. Outages are retried with
-backoff while /readyz reports not-ready; nothing is committed before it is durable, so a crash at
-any point only causes redelivery, and idempotent verdict writes turn that into exactly one verdict.
+Each iteration: collect a batch (size or max wait), parse and decode (thread pool), score each camera's
+frames with the version it is served (daemon/serving.py), update the cameras' drift monitors
+(daemon/drift_watch.py), write verdicts and drift states to Redis, send bad frames to the dead-letter
+topic, commit. Between batches: operator confirmations, model swaps announced by the registry, and the
+adaptation controller (daemon/controller.py, whose runs are in the background). Outages are retried with
+backoff while /readyz reports not-ready; nothing is committed before it is durable, so a crash at any
+point only causes redelivery, and idempotent verdict writes turn that into exactly one verdict.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -29,11 +32,16 @@ from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.model import image_scores
 from daemon.config import Settings
-from daemon.confirmations import ConfirmationProcessor
+from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
+from daemon.controller import AdaptationController
+from daemon.drift_watch import DriftWatch
+from daemon.events import EventLog
 from daemon.frames import BadFrame, Frame, decode_frame, parse_record
 from daemon.health import HealthServer
 from daemon.kafka_clients import make_consumer, make_producer
 from daemon.metrics import WorkerMetrics
+from daemon.registry import ModelRegistry
+from daemon.serving import ServedModels, Swap
 from daemon.store import Keys, Verdict, VerdictStore
 
 T = TypeVar("T")
@@ -49,12 +57,13 @@ class DrainTimeout(RuntimeError):
 
 class Worker:
     def __init__(self, settings: Settings, model: ModelVersion, device: torch.device) -> None:
+        """`model` is the configured version ([worker] model_dir): the registry's default when it has none,
+        and what a camera is served when its version cannot be loaded."""
         self.settings = settings
         self.model = model
         self.device = device
         self.metrics = WorkerMetrics()
         self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
-        self.metrics.model.info({"version": model.version})
         self.status = {"model": True, "kafka": False, "redis": False}
         self.http_port: int | None = None
         self._stop = threading.Event()
@@ -99,12 +108,22 @@ class Worker:
             self.confirmations = ConfirmationProcessor(
                 self.store, cfg.confirmations, consumer=f"{socket.gethostname()}-{os.getpid()}"
             )
+            registry = ModelRegistry.from_settings(client, cfg)
+            events = EventLog(client, self.store.keys, cfg.redis.events_max_len)
+            self.drift = DriftWatch(client, self.store.keys, events, cfg.drift.to_config())
+            self.models = ServedModels(
+                registry, cfg.registry.cache_dir, self.device, cfg.registry.refresh_s, self.model, self._swapped
+            )
+            stack.callback(self.models.close)
+            self._retry("redis", lambda: self.models.bootstrap(cfg.worker.model_dir))
+            self.controller = AdaptationController(cfg, registry, AdaptationBuffer(client, self.store.keys), events)
+            stack.callback(self.controller.close)
             pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
             self._log.info(
                 "worker started",
                 topic=cfg.kafka.topic,
                 group=cfg.kafka.group_id,
-                model_version=self.model.version,
+                configured_version=self.model.version,
                 device=str(self.device),
                 http_port=self.http_port,
             )
@@ -114,6 +133,7 @@ class Worker:
                     if records:
                         self._handle(records, pool)
                     self._confirm()
+                    self._follow_models()
                     self._check_kafka()
             except DrainTimeout as exc:
                 self._log.error("drain timed out, exiting without commit", reason=str(exc))
@@ -159,14 +179,19 @@ class Worker:
                 parsed.append((record, parse_record(record, cfg.kafka.max_message_bytes)))
             except BadFrame as exc:
                 dead.append((record, exc.reason))
+        served = self._retry("redis", lambda: self.models.models({f.camera_id for _, f in parsed}))
+        sizes = [served[f.camera_id].model.image_size for _, f in parsed]
         good: list[tuple[Frame, torch.Tensor]] = []
-        for (record, frame), image in zip(parsed, pool.map(self._decode, [f for _, f in parsed]), strict=True):
+        decoded = pool.map(self._decode, [f for _, f in parsed], sizes)
+        for (record, frame), image in zip(parsed, decoded, strict=True):
             if isinstance(image, BadFrame):
                 dead.append((record, image.reason))
             else:
                 good.append((frame, image))
         t1 = time.perf_counter()
-        scores = self._score([img for _, img in good]) if good else np.zeros(0)
+        versions = [served[f.camera_id] for f, _ in good]
+        scores = self._score(versions, [img for _, img in good])
+        drift_states = self._observe_drift(good, versions, scores)
         t2 = time.perf_counter()
         now_ms = time.time() * 1000
         verdicts = [
@@ -175,14 +200,17 @@ class Worker:
                 f.camera_id,
                 f.ts_ms,
                 float(s),
-                self.model.threshold,
-                bool(s > self.model.threshold),
-                self.model.version,
+                v.threshold,
+                bool(s > v.threshold),
+                v.version,
                 round(now_ms - f.ts_ms, 1),
+                d,
             )
-            for (f, _), s in zip(good, scores, strict=True)
+            for (f, _), v, s, d in zip(good, versions, scores, drift_states, strict=True)
         ]
         new = self._retry("redis", lambda: self.store.write(verdicts, [f for f, _ in good])) if good else 0
+        for camera, summary in self._retry("redis", self.drift.save).items():
+            self._log.warning("drift alarm", camera_id=camera, model_version=served[camera].version, **summary)
         t3 = time.perf_counter()
         if dead:
             self._retry("kafka", lambda: self._dead_letter(dead))
@@ -196,25 +224,41 @@ class Worker:
             new_verdicts=new,
             dead_lettered=len(dead),
             anomalous=sum(v.anomalous for v in verdicts),
-            model_version=self.model.version,
+            versions={version: len(idx) for version, idx in _groups(v.model_version for v in verdicts).items()},
             ms={
                 k: round(v * 1000, 1)
                 for k, v in (("decode", t1 - t0), ("score", t2 - t1), ("redis", t3 - t2), ("commit", t4 - t3))
             },
         )
 
-    def _decode(self, frame: Frame) -> torch.Tensor | BadFrame:
+    def _decode(self, frame: Frame, size: int) -> torch.Tensor | BadFrame:
         try:
-            return to_tensor(decode_frame(frame, self._limits), self.model.model.image_size)
+            return to_tensor(decode_frame(frame, self._limits), size)
         except BadFrame as exc:
             return exc
 
     @torch.inference_mode()
-    def _score(self, images: list[torch.Tensor]) -> np.ndarray:
-        batch = torch.stack(images)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return image_scores(self.model.model(batch).z).cpu().numpy()
+    def _score(self, versions: list[ModelVersion], images: list[torch.Tensor]) -> np.ndarray:
+        """Scores in frame order; one forward pass per model version in the batch."""
+        scores = np.zeros(len(images))
+        for idx in _groups(v.version for v in versions).values():
+            batch = torch.stack([images[i] for i in idx])
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            scores[idx] = image_scores(versions[idx[0]].model(batch).z).cpu().numpy()
+        return scores
+
+    def _observe_drift(
+        self, good: list[tuple[Frame, torch.Tensor]], versions: list[ModelVersion], scores: np.ndarray
+    ) -> list[str]:
+        """Each camera's monitor takes its frames' scores in order; the drift state after each frame."""
+        states = [""] * len(good)
+        for camera, idx in _groups(f.camera_id for f, _ in good).items():
+            observed = self.drift.observe(camera, versions[idx[0]], [float(scores[i]) for i in idx])
+            for i, state in zip(idx, observed, strict=True):
+                states[i] = state
+            self.metrics.drift_alarm.labels(camera).set(observed[-1] == "alarm")
+        return states
 
     def _dead_letter(self, dead: list[tuple[Any, str]]) -> None:
         cfg = self.settings.kafka
@@ -270,6 +314,19 @@ class Worker:
                 self.metrics.confirmations.labels(outcome).inc(n)
             self._log.info("confirmations", **asdict(counts))
 
+    def _follow_models(self) -> None:
+        """Between batches: swaps the registry announced (or a periodic re-read found), then adaptation."""
+        if self._stop.is_set():
+            return
+        self._retry("redis", self.models.follow)
+        self._retry("redis", lambda: self.controller.step(self.drift.alarms()))
+
+    def _swapped(self, swap: Swap) -> None:
+        """A camera is served another version from its next frame on: a new drift reference too."""
+        self.drift.forget(swap.camera)
+        self.metrics.model.labels(swap.camera).info({"version": swap.current.version})
+        self._log.info("camera model", camera_id=swap.camera, version=swap.current.version, previous=swap.previous)
+
     def _check_kafka(self) -> None:
         """Readiness from the client's open connections (each second); consumer lag every lag_interval_s."""
         now = time.monotonic()
@@ -313,3 +370,11 @@ class Worker:
                 self._log.warning("retrying", target=target, attempt=attempt, backoff_s=backoff, error=str(exc))
                 time.sleep(backoff)
                 backoff = min(backoff * 2, cfg.retry_backoff_max_s)
+
+
+def _groups(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:
+    """Positions of each key, in order of first appearance."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups

@@ -1,0 +1,137 @@
+"""Per-camera drift monitors in the worker, tied to the model version each camera is served.
+
+A monitor is built from its version's calibration scores (the reference): when a camera's version
+changes, the old monitor is dropped and the next frame starts a fresh one, since the new version's
+scores are compared with its own calibration. Monitor states are written to `drift:{camera}` with their
+version id after each batch; a worker meeting a camera for the first time resumes that state when the
+version and the [drift] settings match, so a restarted worker does not re-learn (or forget an alarm).
+
+The first time a monitor alarms, a `drift_alarm` event is appended with its summary (once: an alarm is
+latched until the version changes, and one restored from Redis was announced by whoever raised it).
+A version whose calibration cannot seed a monitor (fewer than [drift] min_reference scores, no spread)
+is served without drift monitoring; its verdicts say "off".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+import structlog
+
+from csflow.artifacts import ModelVersion
+from daemon.events import Event, EventKind, EventLog
+from daemon.store import Keys
+from drift.config import DriftConfig
+from drift.monitor import DriftMonitor
+from drift.thresholds import Thresholds
+
+OFF = "off"
+
+
+@dataclass
+class _Watch:
+    version: ModelVersion
+    monitor: DriftMonitor | None
+    announced: bool  # the alarm event was appended (or the alarm was restored)
+
+
+class DriftWatch:
+    """The monitors of the cameras one worker scores. Not thread-safe: the worker loop owns it."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, events: EventLog, config: DriftConfig) -> None:
+        self.client = client
+        self.keys = keys
+        self.events = events
+        self.config = config
+        self._watches: dict[str, _Watch] = {}
+        self._touched: set[str] = set()
+        self._thresholds: dict[str, Thresholds | None] = {}  # by version id: simulated once per version
+        self._log = structlog.get_logger()
+
+    def observe(self, camera: str, version: ModelVersion, scores: Sequence[float]) -> list[str]:
+        """Update the camera's monitor with its scores, in frame order; the state after each frame.
+        Non-finite scores (a broken model) are not fed to the monitor."""
+        watch = self._watches.get(camera)
+        if watch is None or watch.version.version != version.version:
+            watch = self._watches[camera] = self._start(camera, version)
+        monitor = watch.monitor
+        if monitor is None:
+            return [OFF] * len(scores)
+        self._touched.add(camera)
+        states = []
+        for score in scores:
+            if math.isfinite(score):
+                monitor.update(score)
+            states.append(monitor.state)
+        return states
+
+    def save(self) -> dict[str, dict]:
+        """Persist the monitors updated since the last call and announce new alarms, in one round trip;
+        returns the summaries of the monitors that went into alarm, by camera."""
+        if not self._touched:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        alarmed = {}
+        for camera in self._touched:
+            watch = self._watches[camera]
+            monitor, version = watch.monitor, watch.version.version
+            state = {"version": version, "state": monitor.state_dict()}
+            pipe.set(self.keys.drift(camera), json.dumps(state, allow_nan=False))
+            if monitor.drift_detected and not watch.announced:
+                alarmed[camera] = monitor.summary()
+                self.events.append(Event(EventKind.DRIFT_ALARM, camera, version, alarmed[camera]), pipe)
+        pipe.execute()
+        for camera in alarmed:
+            self._watches[camera].announced = True
+        self._touched.clear()
+        return alarmed
+
+    def alarms(self) -> dict[str, ModelVersion]:
+        """Cameras whose monitor is in alarm, with the version it watches."""
+        return {camera: w.version for camera, w in self._watches.items() if w.monitor and w.monitor.drift_detected}
+
+    def forget(self, camera: str) -> None:
+        """The camera's version changed: its next frame starts a monitor for the new version."""
+        self._watches.pop(camera, None)
+        self._touched.discard(camera)
+
+    def _start(self, camera: str, version: ModelVersion) -> _Watch:
+        restored = self._restore(camera, version)
+        if restored is not None:
+            return _Watch(version, restored, announced=restored.drift_detected)
+        return _Watch(version, self._fresh(version), announced=False)
+
+    def _restore(self, camera: str, version: ModelVersion) -> DriftMonitor | None:
+        raw = self.client.get(self.keys.drift(camera))
+        if raw is None:
+            return None
+        try:
+            saved = json.loads(raw)
+            if saved["version"] != version.version:
+                return None
+            monitor = DriftMonitor.from_state_dict(saved["state"])
+        except (ValueError, KeyError, TypeError) as exc:
+            self._log.warning("drift state not resumed", camera_id=camera, error=str(exc))
+            return None
+        if monitor.config != self.config:
+            return None  # the [drift] settings changed: their thresholds no longer apply
+        self._log.info("drift state resumed", camera_id=camera, version=version.version, **monitor.summary())
+        return monitor
+
+    def _fresh(self, version: ModelVersion) -> DriftMonitor | None:
+        calibration = version.manifest.threshold_calibration
+        if version.version in self._thresholds:
+            thresholds = self._thresholds[version.version]
+            return None if thresholds is None else DriftMonitor(calibration.scores, self.config, thresholds)
+        try:
+            monitor = DriftMonitor.from_calibration(calibration, self.config)
+        except ValueError as exc:
+            self._thresholds[version.version] = None
+            self._log.warning("drift monitoring off for this version", version=version.version, reason=str(exc))
+            return None
+        self._thresholds[version.version] = monitor.thresholds
+        return monitor
