@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import redis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -196,9 +197,16 @@ class RedisSection(Section):
     frame_ttl_s: int = Field(3600, ge=1)
     stream_max_len: int = Field(1_000_000, ge=1000)
     events_max_len: int = Field(100_000, ge=1000)
+    timeout_s: float = Field(5.0, gt=0)
 
     def connection_url(self) -> str:
         return read_secret(self.url, self.url_file, "redis.url_file")
+
+    def client(self) -> redis.Redis:
+        """A client whose calls fail after timeout_s instead of hanging on a dead server (bytes replies)."""
+        return redis.Redis.from_url(
+            self.connection_url(), socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+        )
 
 
 class WorkerSection(Section):

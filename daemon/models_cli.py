@@ -20,15 +20,12 @@ from daemon.config import Settings
 from daemon.registry import DEFAULT_SCOPE, Announcement, ModelRegistry, RegistryError, UnknownVersionError
 
 EXIT_USAGE = 2  # as argparse's: the command names an unregistered version or combines flags wrongly
-REDIS_TIMEOUT_S = 5.0
 
 Action = Callable[[argparse.Namespace, ModelRegistry], int]
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    client = redis.Redis.from_url(
-        settings.redis.connection_url(), socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-    )
+    client = settings.redis.client()
     action: Action = args.action
     try:
         return action(args, ModelRegistry.from_settings(client, settings))

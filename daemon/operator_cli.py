@@ -19,7 +19,6 @@ from daemon.confirmations import AdaptationBuffer, InvalidConfirmation, normal_e
 from daemon.store import Keys
 
 EXIT_USAGE = 2  # as argparse's
-REDIS_TIMEOUT_S = 5.0
 ARGUMENT = {"frame_id": "FRAME_ID", "operator": "--operator", "note": "--note"}
 
 Command = Callable[[argparse.Namespace, Settings, redis.Redis, Keys], int]
@@ -29,9 +28,7 @@ def _with_redis(command: Command) -> Callable[[argparse.Namespace, Settings], in
     """Run `command` with a Redis client; an unreachable Redis becomes the CLI's ordinary error (exit 1)."""
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
-        client = redis.Redis.from_url(
-            settings.redis.connection_url(), socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
+        client = settings.redis.client()
         try:
             return command(args, settings, client, Keys(settings.redis.key_prefix))
         except redis.RedisError as exc:

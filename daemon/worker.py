@@ -95,7 +95,7 @@ class Worker:
             stack.callback(self.consumer.close)
             self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))
             stack.callback(self.producer.close)
-            client = redis.Redis.from_url(cfg.redis.connection_url(), socket_timeout=5, socket_connect_timeout=5)
+            client = cfg.redis.client()
             stack.callback(client.close)
             self.store = VerdictStore(
                 client,
