@@ -23,6 +23,7 @@ from csflow.evaluation import evaluate_samples
 from csflow.fit import FitSpec, fit, resolve_device, score_batch
 from csflow.training import EpochRecord
 from daemon.config import ConfigError, Settings, load_settings, override
+from daemon.demo import add_demo_parser
 from daemon.logs import configure_logging
 from daemon.models_cli import add_models_parser
 from daemon.operator_cli import add_operator_parsers
@@ -259,7 +260,7 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     def on_cell(cell: Cell) -> None:
         log.info("cell", key=cell.key, auroc=round(cell.auroc, 4), fpr=cell.fpr, tpr=cell.tpr, seconds=cell.seconds)
 
-    run_experiment(spec, progress, on_cell, resolve_device(settings.model.device))
+    run_experiment(spec, progress, on_cell, resolve_device(settings.model.device), compute=not args.report_only)
     print((args.out / "results.md").read_text())
     print(f"results: {args.out / 'results.json'}, table: {args.out / 'results.md'}, chart: {args.out / 'results.png'}")
     return 0
@@ -397,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
     p.add_argument("--epochs", type=int, help="epochs of every flow trained from scratch")
     p.add_argument("--seed", type=int, help="seed for the shots drawn and the trainings")
+    p.add_argument("--report-only", action="store_true", help="write the table and chart from the cells done")
     p.set_defaults(handler=cmd_experiment)
 
     p = sub.add_parser(
@@ -436,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_parser(sub)
     add_operator_parsers(sub)
+    add_demo_parser(sub)
     return parser
 
 

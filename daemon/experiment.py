@@ -110,28 +110,35 @@ def run_experiment(
     progress: Progress = no_progress,
     on_cell: Callable[[Cell], None] | None = None,
     device: torch.device | None = None,
+    compute: bool = True,
 ) -> list[Cell]:
-    """Compute every missing cell, then write the table and the chart; returns all cells."""
+    """Compute every missing cell (none with `compute=False`), then write the table and the chart from
+    the cells done, also when interrupted; returns the cells done."""
     device = device or torch.device("cpu")
     spec.out.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(spec.out / RESULTS, spec.fingerprint())
-    todo = [key for key in planned_keys(spec) if key not in results.cells]
-    if todo:
-        runner = _Runner(spec, device, progress)
-        for key in progress(todo, "experiment", len(todo)):
-            cell = runner.compute(key)
-            results.add(cell)
-            if on_cell is not None:
-                on_cell(cell)
-    cells = [results.cells[key] for key in planned_keys(spec)]
-    rows = summarise(cells, spec.shifts, spec.shots)
-    (spec.out / "results.md").write_text(_report_header(spec, results.fingerprint) + markdown_table(rows, spec.shots))
-    plot_protocol(spec.out / "results.png", rows, spec.shifts, spec.shots, str(spec.data))
+    todo = [key for key in planned_keys(spec) if key not in results.cells] if compute else []
+    try:
+        if todo:
+            runner = _Runner(spec, device, progress)
+            for key in progress(todo, "experiment", len(todo)):
+                cell = runner.compute(key)
+                results.add(cell)
+                if on_cell is not None:
+                    on_cell(cell)
+    finally:
+        cells = [results.cells[key] for key in planned_keys(spec) if key in results.cells]
+        missing = len(planned_keys(spec)) - len(cells)
+        rows = summarise(cells, spec.shifts, spec.shots)
+        header = _report_header(spec, results.fingerprint, missing)
+        (spec.out / "results.md").write_text(header + markdown_table(rows, spec.shots))
+        plot_protocol(spec.out / "results.png", rows, spec.shifts, spec.shots, str(spec.data))
     return cells
 
 
-def _report_header(spec: ExperimentSpec, fingerprint: dict[str, Any]) -> str:
-    return (
+def _report_header(spec: ExperimentSpec, fingerprint: dict[str, Any], missing: int) -> str:
+    incomplete = f"**Incomplete: {missing} planned cells not computed yet** (rerun to resume).\n\n" if missing else ""
+    return incomplete + (
         f"# Few-shot adaptation protocol on {spec.data}\n\n"
         f"Shifts {', '.join(spec.shifts)}; k = {', '.join(map(str, spec.shots))}; {spec.folds} folds "
         f"(mean ± std over folds; target and source do not depend on the fold). Backbone {spec.fit.backbone} "

@@ -214,6 +214,12 @@ def test_experiment_runs_every_setting_and_resumes(
 
     assert main([*args, "--epochs", "1"]) == 1  # other settings never mix into these results
 
+    more = [a if a != "1,2" else "1,2,3" for a in args]  # k = 3 not computed: reported as missing
+    assert main([*more, "--report-only"]) == 0
+    assert (out / "results.json").read_text() == before
+    table = (out / "results.md").read_text()
+    assert "Incomplete: 12 planned cells not computed" in table and "| k = 3: AUROC (FPR / TPR) |" in table
+
 
 def test_experiment_refuses_an_unknown_shift_before_working(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
