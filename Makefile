@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-slow lint bench
+# Extra options for `inspectd demo`, e.g. make demo DEMO_ARGS="--shift style".
+DEMO_ARGS ?=
+
+.PHONY: install demo evaluate test test-slow lint bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +16,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The whole loop on this machine: local broker and Redis, ELPV model, worker, camera, shift, operator, recovery.
 demo: install
+	$(VENV)/bin/inspectd demo $(DEMO_ARGS)
+
+# Offline: train on ELPV and evaluate normal vs defective cells (runs/elpv-demo; the deploy files serve its model).
+evaluate: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/elpv_demo.sh
 
 test: install

@@ -1,8 +1,10 @@
-"""Pictures: an evaluation (ROC, score histograms, anomaly-map overlays) and the adaptation protocol's bar chart."""
+"""Pictures: an evaluation (ROC, score histograms, anomaly-map overlays), the adaptation protocol's bar chart and
+the demo's timeline (score per frame, thresholds, alarm and version markers)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -76,5 +78,70 @@ def plot_protocol(
         ax.axhline(0.5, color="k", lw=0.6, ls=":")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"few-shot adaptation protocol: {title}")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class TimelineMarker:
+    """A vertical line on the timeline at frame `frame` (shift on, drift alarm, new version, ...)."""
+
+    frame: int
+    label: str
+
+
+def plot_timeline(
+    path: str | Path,
+    title: str,
+    frames: np.ndarray,
+    scores: np.ndarray,
+    defective: np.ndarray,
+    versions: Sequence[str],
+    thresholds: Sequence[float],
+    markers: Sequence[TimelineMarker],
+    version_labels: Mapping[str, str] | None = None,
+) -> None:
+    """Score per frame coloured by ground truth, each version's threshold over the frames it scored, and
+    `markers`. Log scale when the scores span more than a factor of 30 (a shift can lift them far)."""
+    fig, ax = plt.subplots(figsize=(14, 5), layout="constrained")
+    ax.scatter(frames[~defective], scores[~defective], s=6, color="C0", label=f"normal (n={int((~defective).sum())})")
+    ax.scatter(
+        frames[defective],
+        scores[defective],
+        s=14,
+        color="C3",
+        marker="x",
+        label=f"defective (n={int(defective.sum())})",
+    )
+    labels = version_labels or {}
+    order = list(dict.fromkeys(versions))
+    for i, version in enumerate(order):
+        idx = [j for j, v in enumerate(versions) if v == version]
+        ax.hlines(
+            thresholds[idx[0]],
+            frames[idx[0]],
+            frames[idx[-1]],
+            colors=f"C{2 + i}",
+            linestyles="--",
+            label=f"threshold, version {labels.get(version, version[:10])}",
+        )
+    positive = scores[scores > 0]
+    if positive.size and positive.max() / positive.min() > 30:
+        ax.set_yscale("log")
+    for marker in markers:
+        ax.axvline(marker.frame, color="k", ls=":", lw=1)
+        ax.annotate(
+            marker.label,
+            (marker.frame, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=8,
+            xytext=(-2, -2),
+            textcoords="offset points",
+        )
+    ax.set(xlabel="frame", ylabel="anomaly score", title=title)
+    ax.legend(loc="best", fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
