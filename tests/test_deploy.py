@@ -736,7 +736,7 @@ def test_compose_stack(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from_env(monkeypatch, env)
     assert settings.kafka.bootstrap_servers in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert settings.redis.connection_url().startswith("redis://redis:")
-    # The model directory: `make demo`'s model by default, mounted read-only.
+    # The model directory: `make evaluate`'s model by default, mounted read-only.
     source, target, mode = compose_interpolate(worker["volumes"][0]).split(":")
     assert target == settings.worker.model_dir and mode == "ro"
     assert (DOCKER / source).resolve() == ROOT / "runs" / "elpv-demo" / "model"

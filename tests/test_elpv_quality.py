@@ -1,6 +1,6 @@
 """Real-data regression guard: CS-Flow trained on ELPV normal cells must separate defective ones.
 
-Slow (about 15 minutes on 2 CPU cores): run with `pytest -m slow`. Same settings as `make demo`
+Slow (about 15 minutes on 2 CPU cores): run with `pytest -m slow`. Same settings as `make evaluate`
 (lite0, 256 px, 64 hidden channels, 30 epochs); the figures are in docs/RESULTS.md.
 """
 
