@@ -123,8 +123,8 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 
 def markdown_table(rows: Sequence[Row], shots: Sequence[int]) -> str:
-    """Rows = (shift, setting), columns = k: image AUROC mean ± std over folds, and FPR / TPR at the
-    setting's own threshold where it has one."""
+    """Rows = (shift, setting), columns = k: image AUROC mean ± std over folds (just the value where there
+    is one, as for the per-shift settings), and FPR / TPR at the setting's own threshold where it has one."""
     cells: dict[tuple[str, str], dict[int, Row]] = {}
     for row in rows:
         cells.setdefault((row.shift, row.setting), {})[row.k] = row
@@ -138,6 +138,7 @@ def markdown_table(rows: Sequence[Row], shots: Sequence[int]) -> str:
                 values.append("–")
                 continue
             op = f" ({row.fpr_mean:.2f} / {row.tpr_mean:.2f})" if row.fpr_mean is not None else ""
-            values.append(f"{row.auroc_mean:.3f} ± {row.auroc_std:.3f}{op}")
+            spread = f" ± {row.auroc_std:.3f}" if row.n > 1 else ""  # one value: no spread to show
+            values.append(f"{row.auroc_mean:.3f}{spread}{op}")
         lines.append(f"| {shift} | {SETTINGS[setting]} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"

@@ -61,7 +61,8 @@ def plot_protocol(
     path: str | Path, rows: Sequence[Row], shifts: Sequence[str], shots: Sequence[int], title: str
 ) -> None:
     """Figure 4 of the paper: per k, image AUROC of each setting grouped by shift, with the spread over folds."""
-    fig, axes = plt.subplots(1, len(shots), figsize=(5 * len(shots), 4.5), squeeze=False, layout="constrained")
+    width = max(7.0, 5.0 * len(shots))  # wide enough for the legend under a single panel
+    fig, axes = plt.subplots(1, len(shots), figsize=(width, 5.5), squeeze=False, layout="constrained")
     width = 0.8 / len(SETTINGS)
     by_key = {(r.shift, r.k, r.setting): r for r in rows}
     for ax, k in zip(axes[0], shots, strict=True):
@@ -76,7 +77,8 @@ def plot_protocol(
         ax.set_xticks(range(len(shifts)), shifts)
         ax.set(title=f"k = {k}", ylabel="image AUROC", ylim=(0.4, 1.0))
         ax.axhline(0.5, color="k", lw=0.6, ls=":")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2 if len(shots) == 1 else 3, fontsize=7)
     fig.suptitle(f"few-shot adaptation protocol: {title}")
     fig.savefig(path, dpi=90)
     plt.close(fig)
