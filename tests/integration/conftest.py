@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from daemon.services import LocalKafka, LocalRedis, ServiceError, find_redis_server, find_tansu
 
@@ -40,6 +41,13 @@ def redis_server() -> Iterator[LocalRedis]:
     _require(find_redis_server)
     with LocalRedis() as server:
         yield server
+
+
+@pytest.fixture
+def client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
+    """A client of the test's Redis (bytes replies)."""
+    with redis_server.client() as c:
+        yield c
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -38,13 +37,6 @@ CFG = ConfirmationsSection(buffer_max_frames=3, claim_min_idle_ms=100)
 broker = test_worker.broker
 model_dir = test_worker.model_dir
 line = test_worker.line
-
-
-@pytest.fixture
-def client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

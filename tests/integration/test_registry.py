@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,12 +56,6 @@ def versions(
     for i, directory in enumerate(others):
         save_model(directory, model, LITE0_PACKAGE, calibration, {"copy": i})
     return Versions(root / "base", base, root / "adapted", adapter, others)
-
-
-@pytest.fixture
-def client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
-    with redis_server.client() as c:
-        yield c
 
 
 def make_registry(client: redis.Redis, max_blob_bytes: int = 1 << 24, history_len: int = 10) -> ModelRegistry:

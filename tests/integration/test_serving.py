@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,6 @@ from daemon.config import Settings
 from daemon.drift_watch import OFF, DriftWatch
 from daemon.events import EventKind, EventLog
 from daemon.registry import DEFAULT_SCOPE, ModelRegistry
-from daemon.services import LocalRedis
 from daemon.serving import ServedModels, Swap
 from daemon.store import Keys
 from drift.config import DriftConfig
@@ -30,13 +29,6 @@ from drift.config import DriftConfig
 KEYS = Keys("t:")
 DRIFT = DriftConfig(window=10, ert=200)
 REFRESH_S = 0.2
-
-
-@pytest.fixture
-def client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -64,8 +64,12 @@ def png(seed: int, size: int = 64) -> bytes:
 
 
 def frame_headers(frame_id: str, camera: str = "cam-1") -> list[tuple[str, bytes]]:
-    return [("frame_id", frame_id.encode()), ("camera_id", camera.encode()),
-            ("ts", str(int(time.time() * 1000)).encode()), ("content_type", b"image/png")]
+    return [
+        ("frame_id", frame_id.encode()),
+        ("camera_id", camera.encode()),
+        ("ts", str(int(time.time() * 1000)).encode()),
+        ("content_type", b"image/png"),
+    ]
 
 
 class Line:
@@ -104,7 +108,10 @@ class Line:
         log = (self.tmp_path / f"worker{len(self.workers)}.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "--config", str(ROOT / "config.toml"), "run"],
-            cwd=ROOT, env={**self.env, "INSPECTD_WORKER__HTTP_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**self.env, "INSPECTD_WORKER__HTTP_PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         self.workers.append(proc)
         return proc, port
@@ -134,16 +141,19 @@ class Line:
 
     def committed_total(self) -> int:
         """Sum of the group's committed offsets over the topic's partitions (read without joining)."""
-        consumer = KafkaConsumer(bootstrap_servers=self.broker.bootstrap, group_id=self.group,
-                                 enable_auto_commit=False)
+        consumer = KafkaConsumer(bootstrap_servers=self.broker.bootstrap, group_id=self.group, enable_auto_commit=False)
         try:
             return sum(consumer.committed(TopicPartition(self.topic, p)) or 0 for p in range(PARTITIONS))
         finally:
             consumer.close()
 
     def dead_letters(self, n: int, timeout: float = 30.0) -> list[dict[str, str]]:
-        consumer = KafkaConsumer(f"{self.topic}.dlq", bootstrap_servers=self.broker.bootstrap,
-                                 auto_offset_reset="earliest", consumer_timeout_ms=int(timeout * 1000))
+        consumer = KafkaConsumer(
+            f"{self.topic}.dlq",
+            bootstrap_servers=self.broker.bootstrap,
+            auto_offset_reset="earliest",
+            consumer_timeout_ms=int(timeout * 1000),
+        )
         out = []
         for record in consumer:
             out.append({k: v.decode() for k, v in record.headers})
