@@ -3,7 +3,7 @@
 For each shift, k (shots) and fold the same k shifted normal frames are given to every setting, and
 all settings are scored on the same shifted test set. `target` and `source` do not use the shots, so
 they are computed once per shift and shown for every k. Pure bookkeeping: drawing the shots, sizing
-the from-scratch trainings, and summarising cells into rows; the runner in `daemon.experiment` does
+the from-scratch trainings, and summarising cells into rows; the runner in `lab.experiment` does
 the training and the files.
 """
 

@@ -36,8 +36,8 @@ from csflow.flow import FlowConfig
 from csflow.model import image_scores
 from daemon.config import load_settings
 from daemon.logs import configure_logging
-from daemon.services import LocalKafka, LocalRedis
 from daemon.worker import Worker
+from lab.services import LocalKafka, LocalRedis
 
 
 def frames(n: int) -> list[bytes]:

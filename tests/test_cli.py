@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.cli import main
+from cli.main import main
 
 TINY = {
     "INSPECTD_FLOW__HIDDEN_CHANNELS": "8",

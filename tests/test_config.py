@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from daemon.cli import main
+from cli.main import main
 from daemon.config import ConfigError, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

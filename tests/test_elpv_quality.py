@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
+from cli.main import main
 
 pytestmark = pytest.mark.slow
 

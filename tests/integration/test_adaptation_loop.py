@@ -30,6 +30,7 @@ from test_worker import PARTITIONS, Line, frame_headers, get, wait_ready
 from torch import Tensor
 
 from adapters.shifts import SHIFTS
+from cli.main import main
 from csflow.artifacts import read_manifest, save_model
 from csflow.backbones import LITE0, LITE0_PACKAGE
 from csflow.calibration import calibrate
@@ -37,9 +38,8 @@ from csflow.data import to_tensor
 from csflow.fit import build_model
 from csflow.flow import FlowConfig
 from csflow.training import TrainConfig, extract_features, features_scores, train_flow
-from daemon.cli import main
 from daemon.events import Event, EventKind
-from daemon.services import LocalKafka, LocalRedis
+from lab.services import LocalKafka, LocalRedis
 
 broker = test_worker.broker
 CAMERA = "cam-1"

@@ -14,7 +14,7 @@ import pytest
 import redis
 import test_worker
 
-from daemon.cli import main
+from cli.main import main
 from daemon.config import ConfirmationsSection
 from daemon.confirmations import (
     GROUP,
@@ -26,8 +26,8 @@ from daemon.confirmations import (
     submit,
 )
 from daemon.frames import Frame
-from daemon.services import LocalRedis, free_port
 from daemon.store import Keys, Verdict, VerdictStore
+from lab.services import LocalRedis, free_port
 
 PREFIX = "t:"
 KEYS = Keys(PREFIX)

@@ -20,9 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo import cmd_demo
 from daemon.config import Settings, load_settings
-from daemon.demo import PHASES, DemoSpec, cmd_demo, prepare_model, run_demo
-from daemon.services import ServiceError, find_redis_server, find_tansu
+from lab.demo.model import prepare_model
+from lab.demo.run import run_demo
+from lab.demo.spec import PHASES, DemoSpec
+from lab.services import ServiceError, find_redis_server, find_tansu
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -183,7 +186,7 @@ def test_ctrl_c_stops_everything_it_started(elpv: Path, out: Path, settings: Set
 
 
 def test_the_command_line_runs_the_demo(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
-    from daemon.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["demo", "--shift", "style", "--frames-before", "50", "--fresh"])
     assert args.handler is cmd_demo
@@ -193,7 +196,7 @@ def test_the_command_line_runs_the_demo(monkeypatch: pytest.MonkeyPatch, setting
         seen.append(spec)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("daemon.demo.run_demo", fake)
+    monkeypatch.setattr("cli.demo.run_demo", fake)
     assert cmd_demo(args, settings) == 130
     assert seen[0].shift == "style" and seen[0].frames_before == 50 and seen[0].fresh
     assert seen[0].out == Path("runs/demo") and seen[0].image_size == 256 and seen[0].epochs == 15

@@ -12,8 +12,8 @@ import pytest
 from kafka import KafkaConsumer
 from PIL import Image
 
-from daemon.cli import main
-from daemon.services import LocalKafka
+from cli.main import main
+from lab.services import LocalKafka
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,15 @@ import torch
 from torch import Tensor
 
 from adapters.adapt import AdaptConfig, adapt
+from cli.main import main
 from csflow.artifacts import DELTA_FILE, FLOW_FILE, ArtifactError, Manifest, load_model, save_adapter, save_model
 from csflow.backbones import LITE0_PACKAGE
 from csflow.calibration import calibrate
 from csflow.model import CSFlow, image_scores
-from daemon.cli import main
 from daemon.events import EventKind, EventLog
 from daemon.registry import Announcement, ModelRegistry, RegistryError, UnknownVersionError
-from daemon.services import LocalRedis
 from daemon.store import Keys
+from lab.services import LocalRedis
 
 KEYS = Keys("t:")
 N_CONCURRENT = 8

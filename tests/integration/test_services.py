@@ -22,7 +22,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import CommitFailedError, MessageSizeTooLargeError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
-from daemon.services import LocalKafka, LocalRedis, ServiceError, find_redis_server, find_tansu, free_port
+from lab.services import LocalKafka, LocalRedis, ServiceError, find_redis_server, find_tansu, free_port
 
 PARTITIONS = 4
 MB = 1024 * 1024

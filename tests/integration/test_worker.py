@@ -32,7 +32,7 @@ from csflow.calibration import calibrate
 from csflow.fit import build_model
 from csflow.flow import FlowConfig
 from csflow.model import image_scores
-from daemon.services import LocalKafka, LocalRedis, free_port
+from lab.services import LocalKafka, LocalRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
@@ -107,7 +107,7 @@ class Line:
         port = free_port()
         log = (self.tmp_path / f"worker{len(self.workers)}.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "--config", str(ROOT / "config.toml"), "run"],
+            [sys.executable, "-m", "cli", "--config", str(ROOT / "config.toml"), "run"],
             cwd=ROOT,
             env={**self.env, "INSPECTD_WORKER__HTTP_PORT": str(port)},
             stdout=log,

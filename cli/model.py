@@ -1,12 +1,11 @@
-"""The `inspectd` command line."""
+"""`inspectd train`, `score`, `evaluate`, `adapt`, `experiment` and `export-elpv`: the model offline."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -15,29 +14,17 @@ import structlog
 from tqdm import tqdm
 
 from adapters.shifts import get_shift
-from csflow.artifacts import ArtifactError, ModelVersion, load_model, save_model
-from csflow.backbones import WeightsError
+from cli.common import EXIT_ERROR, EXIT_REJECTED, progress
+from csflow.artifacts import ModelVersion, load_model, save_model
 from csflow.data import DatasetError, ImageError, load_batch, load_dataset, read_image, to_tensor
 from csflow.elpv import ElpvExport, export_elpv
 from csflow.evaluation import evaluate_samples
 from csflow.fit import FitSpec, fit, resolve_device, score_batch
 from csflow.training import EpochRecord
-from daemon.config import ConfigError, Settings, load_settings, override
-from daemon.demo import add_demo_parser
-from daemon.logs import configure_logging
-from daemon.models_cli import add_models_parser
-from daemon.operator_cli import add_operator_parsers
-from daemon.report import plot_evaluation
+from daemon.config import Settings, override
+from lab.plots import plot_evaluation
 
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_REJECTED = 3
-USER_ERRORS = (ImageError, DatasetError, ArtifactError, WeightsError, ValueError, RuntimeError)
 T = TypeVar("T")
-
-
-def progress(items: Iterable[T], desc: str, total: int) -> Iterable[T]:
-    return tqdm(items, desc=desc, total=total, file=sys.stderr, disable=None, leave=False)
 
 
 def fit_spec(args: argparse.Namespace, settings: Settings) -> FitSpec:
@@ -238,7 +225,7 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.protocol import Cell
-    from daemon.experiment import ExperimentSpec, run_experiment
+    from lab.experiment import ExperimentSpec, run_experiment
 
     spec = ExperimentSpec(
         data=args.data,
@@ -282,50 +269,8 @@ def cmd_export_elpv(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.worker import Worker
 
-    device = resolve_device(settings.model.device)
-    version = load_model(settings.worker.model_dir, str(device))
-    worker = Worker(settings, version, device)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and worker.stopping:
-            signal.default_int_handler(signum, _frame)  # a second Ctrl+C stops at once
-        worker.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return worker.run()
-
-
-def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from daemon.kafka_clients import make_producer
-    from daemon.producer import CameraPlan, produce, source_images
-
-    plan = CameraPlan(
-        images=source_images(args.images),
-        cameras=[c for c in args.cameras.split(",") if c],
-        count=args.count,
-        rate=args.rate,
-        fmt=args.format,
-        shift=get_shift(args.shift) if args.shift else None,
-        shift_after=args.shift_after,
-    )
-    producer = make_producer(settings.kafka)
-    try:
-        ids = produce(producer, args.topic or settings.kafka.topic, plan, settings.limits.to_limits())
-    finally:
-        producer.close()
-    print(f"published {len(ids)} frames from {len(plan.images)} images for cameras {', '.join(plan.cameras)}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inspectd", description="Streaming, drift-aware visual inspection.")
-    parser.add_argument("--config", help="settings file (default: $INSPECTD_CONFIG or ./config.toml)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train CS-Flow on the normal images of a dataset",
@@ -411,55 +356,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of normal images for the test set")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_export_elpv)
-
-    p = sub.add_parser(
-        "run",
-        help="the streaming worker: frames from Kafka, verdicts into Redis",
-        description="Consume [kafka] topic in group [kafka] group_id, score with the model in "
-        "[worker] model_dir, write verdicts to Redis; SIGTERM drains and exits 0. Health on "
-        "[worker] http_port: /healthz, /readyz, /metrics.",
-    )
-    p.set_defaults(handler=cmd_run)
-
-    p = sub.add_parser(
-        "produce",
-        help="camera simulator: publish images as frames",
-        description="Publish images (a dataset's test set, or a folder) to the frames topic.",
-    )
-    p.add_argument("--images", required=True, type=Path, help="dataset (MVTec layout) or folder of images")
-    p.add_argument("--count", type=int, default=100, help="frames to publish")
-    p.add_argument("--rate", type=float, default=10.0, help="frames per second over all cameras (0 = max)")
-    p.add_argument("--cameras", default="cam-1", help="comma-separated camera ids, used in turn")
-    p.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
-    p.add_argument("--shift", help="domain shift applied after --shift-after frames (e.g. illumination, gray)")
-    p.add_argument("--shift-after", type=int, default=0)
-    p.add_argument("--topic", help="topic (default: [kafka] topic)")
-    p.set_defaults(handler=cmd_produce)
-
-    add_models_parser(sub)
-    add_operator_parsers(sub)
-    add_demo_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"inspectd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    configure_logging(settings.log.level, settings.log.format)
-    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
-    try:
-        return handler(args, settings)
-    except ConfigError as exc:
-        print(f"inspectd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except USER_ERRORS as exc:
-        print(f"inspectd: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

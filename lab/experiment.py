@@ -34,7 +34,7 @@ from csflow.evaluation import evaluate_scores
 from csflow.fit import FitSpec, Progress, fit, image_batches, no_progress
 from csflow.model import CSFlow
 from csflow.training import Features, extract_features, features_scores, split_indices, train_flow
-from daemon.report import plot_protocol
+from lab.plots import plot_protocol
 
 RESULTS = "results.json"
 OperatingPoint = tuple[float | None, float | None]  # (FPR, TPR) at the setting's threshold, if it has one

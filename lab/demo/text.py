@@ -1,0 +1,35 @@
+"""Formatting of figures and gate results for the demo's live lines and summary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from daemon.events import Event
+
+
+def num(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, int | float) else "?"
+
+
+def failed_reasons(event: Event) -> list[str]:
+    return [r for r in event.detail.get("reasons", []) if not str(r).startswith("ok")]
+
+
+def gate_line(detail: Mapping[str, Any]) -> str:
+    f = detail.get("figures", {})
+    a = detail.get("adaptation", {})
+    parts = [
+        f"held-out normals rejected {pct(f.get('parent_false_reject_rate'))} -> "
+        f"{pct(f.get('candidate_false_reject_rate'))}",
+        f"median score {num(f.get('parent_median'))} -> {num(f.get('candidate_median'))} "
+        f"(threshold {num(f.get('threshold'))})",
+        f"synthetic defects caught {pct(f.get('defect_detection_rate'))}",
+        f"{a.get('steps', '?')} steps in {num(a.get('seconds'))} s",
+    ]
+    return ", ".join(parts)
+
+
+def pct(x: Any) -> str:
+    return f"{x:.0%}" if isinstance(x, int | float) else "?"
+
