@@ -6,18 +6,16 @@ import sys
 from collections.abc import Iterable
 from typing import TypeVar
 
-from tqdm import tqdm
-
-from csflow.artifacts import ArtifactError
-from csflow.backbones import WeightsError
-from csflow.data import DatasetError, ImageError
-
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_REJECTED = 3
-USER_ERRORS = (ImageError, DatasetError, ArtifactError, WeightsError, ValueError, RuntimeError)
+# Shown as one line, not a traceback: the project's own errors (bad images, datasets, artifacts, weights,
+# registry refusals) all derive from these two.
+USER_ERRORS = (ValueError, RuntimeError)
 T = TypeVar("T")
 
 
 def progress(items: Iterable[T], desc: str, total: int) -> Iterable[T]:
+    from tqdm import tqdm
+
     return tqdm(items, desc=desc, total=total, file=sys.stderr, disable=None, leave=False)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from daemon.config import Settings
-from lab.demo.run import run_demo
+from cli.common import EXIT_ERROR, progress
 from lab.demo.spec import DemoSpec
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 EXIT_INTERRUPTED = 130
 
 
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from cli.main import EXIT_ERROR, progress
+    from lab.demo.run import run_demo
 
     defaults = DemoSpec()
     spec = DemoSpec(

@@ -7,28 +7,26 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
-import structlog
-from tqdm import tqdm
-
-from adapters.shifts import get_shift
 from cli.common import EXIT_ERROR, EXIT_REJECTED, progress
-from csflow.artifacts import ModelVersion, load_model, save_model
-from csflow.data import DatasetError, ImageError, load_batch, load_dataset, read_image, to_tensor
-from csflow.elpv import ElpvExport, export_elpv
-from csflow.evaluation import evaluate_samples
-from csflow.fit import FitSpec, fit, resolve_device, score_batch
-from csflow.training import EpochRecord
-from daemon.config import Settings, override
-from lab.plots import plot_evaluation
+
+if TYPE_CHECKING:  # the model stack is imported by the commands that use it, so the CLI answers at once
+    import numpy as np
+
+    from csflow.artifacts import ModelVersion
+    from csflow.fit import FitSpec
+    from csflow.training import EpochRecord
+    from daemon.config import Settings
 
 T = TypeVar("T")
 
 
 def fit_spec(args: argparse.Namespace, settings: Settings) -> FitSpec:
     """Training settings from the config, with the command line's --backbone/--image-size/--epochs/--seed."""
+    from csflow.fit import FitSpec
+    from daemon.config import override
+
     model_cfg = override(settings.model, "model", backbone=args.backbone, image_size=args.image_size)
     train_cfg = override(settings.train, "train", epochs=args.epochs, seed=args.seed)
     return FitSpec(
@@ -38,12 +36,20 @@ def fit_spec(args: argparse.Namespace, settings: Settings) -> FitSpec:
         flow=settings.flow.to_config(),
         train=train_cfg.to_config(),
         val_fraction=train_cfg.val_fraction,
+        calibration_fraction=settings.calibration.heldout_fraction,
         target_fpr=settings.calibration.target_fpr,
         limits=settings.limits.to_limits(),
     )
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    import structlog
+    from tqdm import tqdm
+
+    from csflow.artifacts import save_model
+    from csflow.data import load_dataset
+    from csflow.fit import fit, resolve_device
+
     log = structlog.get_logger()
     dataset = load_dataset(args.data)
     spec = fit_spec(args, settings)
@@ -91,10 +97,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _load(args: argparse.Namespace, settings: Settings) -> ModelVersion:
+    from csflow.artifacts import load_model
+    from csflow.fit import resolve_device
+
     return load_model(args.model, str(resolve_device(settings.model.device)))
 
 
 def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
+    from csflow.data import ImageError, read_image, to_tensor
+    from csflow.fit import score_batch
+
     version = _load(args, settings)
     device = next(version.model.parameters()).device
     limits = settings.limits.to_limits()
@@ -129,6 +141,12 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.shifts import get_shift
+    from csflow.data import DatasetError, load_batch, load_dataset
+    from csflow.evaluation import evaluate_samples
+    from csflow.fit import score_batch
+    from lab.plots import plot_evaluation
+
     version = _load(args, settings)
     model, size = version.model, version.model.image_size
     device = next(model.parameters()).device
@@ -175,6 +193,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
     """The two highest-scoring defective images and the highest and lowest normal ones."""
+    import numpy as np
+
     defective = np.flatnonzero(anomalous)[np.argsort(-scores[anomalous])][:2]
     normal = np.flatnonzero(~anomalous)[np.argsort(-scores[~anomalous])]
     return [*defective.tolist(), int(normal[0]), int(normal[-1])]
@@ -183,6 +203,8 @@ def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
 def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.gate import adapt_and_gate
     from csflow.artifacts import save_adapter
+    from csflow.data import load_batch
+    from daemon.config import override
 
     parent = _load(args, settings)
     adapt_config, gate_config = override(
@@ -224,7 +246,11 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
+    import structlog
+
     from adapters.protocol import Cell
+    from adapters.shifts import get_shift
+    from csflow.fit import resolve_device
     from lab.experiment import ExperimentSpec, run_experiment
 
     spec = ExperimentSpec(
@@ -264,10 +290,11 @@ def _csv(text: str, kind: Callable[[str], T], option: str) -> list[T]:
 
 
 def cmd_export_elpv(args: argparse.Namespace, settings: Settings) -> int:
+    from csflow.elpv import ElpvExport, export_elpv
+
     counts = export_elpv(args.out, ElpvExport(args.cell_type, args.test_fraction, args.seed))
     print(f"ELPV ({args.cell_type}) exported to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
-
 
 
 def add_model_parsers(sub: argparse._SubParsersAction) -> None:

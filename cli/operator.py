@@ -11,23 +11,26 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import redis
 
-from daemon.config import Settings
-from daemon.confirmations import AdaptationBuffer, InvalidConfirmation, normal_entry, submit, validate
-from daemon.store import Keys
+if TYPE_CHECKING:
+    from daemon.config import Settings
+    from daemon.store import Keys
 
 EXIT_USAGE = 2  # as argparse's
 ARGUMENT = {"frame_id": "FRAME_ID", "operator": "--operator", "note": "--note"}
 
-Command = Callable[[argparse.Namespace, Settings, redis.Redis, Keys], int]
+Command = Callable[[argparse.Namespace, "Settings", redis.Redis, "Keys"], int]
 
 
 def _with_redis(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
     """Run `command` with a Redis client; an unreachable Redis becomes the CLI's ordinary error (exit 1)."""
 
     def run(args: argparse.Namespace, settings: Settings) -> int:
+        from daemon.store import Keys
+
         client = settings.redis.client()
         try:
             return command(args, settings, client, Keys(settings.redis.key_prefix))
@@ -40,6 +43,8 @@ def _with_redis(command: Command) -> Callable[[argparse.Namespace, Settings], in
 
 
 def cmd_confirm(args: argparse.Namespace, settings: Settings, client: redis.Redis, keys: Keys) -> int:
+    from daemon.confirmations import InvalidConfirmation, normal_entry, submit, validate
+
     cfg = settings.confirmations
     frame_ids = list(dict.fromkeys(args.frame_ids))
     entries = [normal_entry(frame_id, args.operator, args.note) for frame_id in frame_ids]
@@ -64,6 +69,8 @@ def cmd_confirm(args: argparse.Namespace, settings: Settings, client: redis.Redi
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings, client: redis.Redis, keys: Keys) -> int:
+    from daemon.confirmations import AdaptationBuffer
+
     recent = [
         {k.decode(): v.decode() for k, v in fields.items()}
         for _, fields in client.xrevrange(keys.verdicts, count=args.window)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from adapters.shifts import get_shift
-from csflow.artifacts import load_model
-from csflow.fit import resolve_device
-from daemon.config import Settings
+if TYPE_CHECKING:
+    from daemon.config import Settings
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from csflow.artifacts import load_model
+    from csflow.fit import resolve_device
     from daemon.worker import Worker
 
     device = resolve_device(settings.model.device)
@@ -30,6 +31,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.shifts import get_shift
     from daemon.kafka_clients import make_producer
     from lab.producer import CameraPlan, produce, source_images
 

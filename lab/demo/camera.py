@@ -120,4 +120,3 @@ class Camera:
             self._producer.flush(timeout=10)
         except Exception as exc:  # the main loop reports it and stops the demo
             self.error = f"{type(exc).__name__}: {exc}"
-

@@ -228,4 +228,3 @@ class Demo:
             f"normal cells rejected {frr} | version {last.version[:10]} | drift {last.drift or '-'} | "
             f"{phase_of(last, self.story)}"
         )
-

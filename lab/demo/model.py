@@ -51,6 +51,7 @@ def demo_fit_spec(spec: DemoSpec, settings: Settings) -> FitSpec:
         flow=override(settings.flow, "flow", hidden_channels=spec.hidden_channels).to_config(),
         train=train_cfg.to_config(),
         val_fraction=train_cfg.val_fraction,
+        calibration_fraction=settings.calibration.heldout_fraction,
         target_fpr=settings.calibration.target_fpr,
         limits=settings.limits.to_limits(),
     )
@@ -96,4 +97,3 @@ def prepare_model(spec: DemoSpec, settings: Settings, say: Say, progress: Progre
     what = "trained" if not cached else "reused (--fresh retrains)"
     say(f"model: {manifest.version} {what}, in {model_dir}, threshold {threshold:.4g}")
     return PreparedModel(model_dir, manifest.version, threshold, not cached, time.monotonic() - t0)
-

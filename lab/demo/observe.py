@@ -73,9 +73,7 @@ class Observer:
         return verdicts, events
 
 
-
 def phase_of(s: Scored, story: Story) -> str:
     if story.adapted is not None and s.version == story.adapted:
         return "after_adaptation"
     return "shifted_before_adaptation" if s.frame.shifted else "before_shift"
-

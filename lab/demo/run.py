@@ -36,7 +36,6 @@ class DemoResult:
     timeline_path: Path
 
 
-
 def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Progress = no_progress) -> DemoResult:
     """The whole demo; returns the summary (also written to OUT/summary.json, with OUT/timeline.png).
 
@@ -120,4 +119,3 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
     )
     say_summary(summary, say)
     return DemoResult(ok, summary, summary_path, timeline_path)
-

@@ -44,4 +44,3 @@ class DemoSpec:
     adapt_timeout_s: float = 600.0
     drain_timeout_s: float = 120.0
     stop_timeout_s: float = 60.0
-

@@ -145,7 +145,6 @@ def timeline_markers(demo: Demo) -> list[TimelineMarker]:
     return markers
 
 
-
 def say_summary(summary: Mapping[str, Any], say: Say) -> None:
     say("")
     say(f"summary: {summary['outcome']}")
@@ -169,4 +168,3 @@ def say_summary(summary: Mapping[str, Any], say: Say) -> None:
         )
     say(f"  took {summary['seconds']['total']:.0f} s (model {summary['seconds']['model']:.0f} s)")
     say(f"  files: {summary['files']['summary']}, {summary['files']['timeline']}, {summary['files']['worker_log']}")
-

@@ -32,4 +32,3 @@ def gate_line(detail: Mapping[str, Any]) -> str:
 
 def pct(x: Any) -> str:
     return f"{x:.0%}" if isinstance(x, int | float) else "?"
-

@@ -51,7 +51,6 @@ def tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-
 def worker_env(
     spec: DemoSpec, kafka: LocalKafka, redis_url: str, topic: str, prefix: str, model_dir: Path, port: int, shots: int
 ) -> dict[str, str]:

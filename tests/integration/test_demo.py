@@ -196,7 +196,7 @@ def test_the_command_line_runs_the_demo(monkeypatch: pytest.MonkeyPatch, setting
         seen.append(spec)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("cli.demo.run_demo", fake)
+    monkeypatch.setattr("lab.demo.run.run_demo", fake)
     assert cmd_demo(args, settings) == 130
     assert seen[0].shift == "style" and seen[0].frames_before == 50 and seen[0].fresh
     assert seen[0].out == Path("runs/demo") and seen[0].image_size == 256 and seen[0].epochs == 15
