@@ -247,6 +247,43 @@ class Settings(BaseSettings):
     confirmations: ConfirmationsSection = ConfirmationsSection()
     limits: LimitsSection = LimitsSection()
     kafka: KafkaSection = KafkaSection()
+class ConsoleSection(Section):
+    """The operator console (`inspectd console`): a separate web process on the same Redis."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=0, le=65535)
+    users_file: str = "console-users.json"
+    # The console's own Redis user (least privilege); "" = [redis] url / url_file.
+    redis_url: SecretStr = SecretStr("")
+    redis_url_file: str = ""
+    redis_timeout_s: float = Field(1.0, gt=0)
+    session_ttl_s: int = Field(8 * 3600, ge=60)
+    cookie_secure: bool = False
+    login_max_failures: int = Field(5, ge=1)
+    login_window_s: float = Field(300.0, gt=0)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    poll_interval_s: float = Field(5.0, gt=0)
+    recent_verdicts: int = Field(5000, ge=10)
+    flagged_window: int = Field(100, ge=1)
+    timeline_frames: int = Field(300, ge=10)
+    review_limit: int = Field(24, ge=1, le=500)
+    max_confirm_frames: int = Field(50, ge=1, le=1000)
+    events_shown: int = Field(200, ge=1, le=10_000)
+    thumb_px: int = Field(160, ge=16, le=1024)
+    thumb_cache_items: int = Field(2000, ge=1)
+    drift_warning_fraction: float = Field(0.5, gt=0, lt=1)
+
+    def connection_url(self, fallback: RedisSection) -> str:
+        if self.redis_url_file or self.redis_url.get_secret_value():
+            return read_secret(self.redis_url, self.redis_url_file, "console.redis_url_file")
+        return fallback.connection_url()
+
+    def redis_client(self, fallback: RedisSection) -> redis.Redis:
+        """A client that fails after redis_timeout_s, so a page shows an error instead of hanging."""
+        t = self.redis_timeout_s
+        return redis.Redis.from_url(self.connection_url(fallback), socket_timeout=t, socket_connect_timeout=t)
+
+
     redis: RedisSection = RedisSection()
     worker: WorkerSection = WorkerSection()
     registry: RegistrySection = RegistrySection()
@@ -267,6 +304,7 @@ class Settings(BaseSettings):
 
 def read_secret(value: SecretStr, file: str, key: str) -> str:
     """A secret from its file when one is named, else from the setting (itself from the environment)."""
+    console: ConsoleSection = ConsoleSection()
     if not file:
         return value.get_secret_value()
     try:

@@ -18,13 +18,14 @@ Redis persistence is configured):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import redis
 import structlog
 
 from daemon.config import ConfirmationsSection
+from daemon.events import Event, EventKind, EventLog
 from daemon.store import Keys, VerdictStore
 
 GROUP = "workers"
@@ -130,6 +131,91 @@ def normal_entry(frame_id: str, operator: str, note: str = "") -> dict[str, str]
 def submit(client: redis.Redis, keys: Keys, cfg: ConfirmationsSection, entry: Mapping[str, str]) -> str:
     """Append one confirmation to the stream as an HMI would (the worker validates it); returns the entry id."""
     return client.xadd(keys.confirmations, dict(entry), maxlen=cfg.stream_max_len, approximate=True).decode()
+
+
+def submit_all(
+    client: redis.Redis,
+    keys: Keys,
+    cfg: ConfirmationsSection,
+    entries: Sequence[Mapping[str, str]],
+    events: EventLog,
+    camera_id: str,
+) -> list[str]:
+    """Append several confirmations and one `frames_confirmed` event naming the operator, in one MULTI: an
+    operator's selection is recorded whole or not at all. Returns the entry ids."""
+    pipe = client.pipeline(transaction=True)
+    for entry in entries:
+        pipe.xadd(keys.confirmations, dict(entry), maxlen=cfg.stream_max_len, approximate=True)
+    operators = sorted({e["operator"] for e in entries})
+    detail = {"operator": ", ".join(operators), "frame_ids": [e["frame_id"] for e in entries]}
+    events.append(Event(EventKind.FRAMES_CONFIRMED, camera_id, "", detail), pipe)
+    return [entry_id.decode() for entry_id in pipe.execute()[: len(entries)]]
+
+
+@dataclass(frozen=True)
+class ReviewFrame:
+    """A recent frame offered for confirmation, with whether it can still be confirmed."""
+
+    frame_id: str
+    camera_id: str
+    ts: int
+    score: float
+    threshold: float
+    anomalous: bool
+    model_version: str
+    cached: bool  # its bytes are still in the frame cache
+    buffered: bool  # already confirmed into its camera's adaptation buffer
+
+
+def recent_verdicts(client: redis.Redis, keys: Keys, window: int) -> list[dict[str, str]]:
+    """The newest `window` entries of the verdicts stream as text fields, newest first."""
+    entries = client.xrevrange(keys.verdicts, count=window)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+def review_queue(
+    client: redis.Redis,
+    keys: Keys,
+    recent: Sequence[Mapping[str, str]],
+    camera: str | None,
+    limit: int,
+    include_normal: bool = False,
+    confirmable_only: bool = False,
+) -> list[ReviewFrame]:
+    """The frames most worth an operator's look among `recent` verdicts (see `recent_verdicts`): during a
+    drift alarm those are normal parts flagged anomalous, so frames above their threshold (or all with
+    `include_normal`), highest score first. `confirmable_only` drops frames no longer cached or already
+    buffered before the `limit` applies (a page offers only what can be confirmed)."""
+    picked = [
+        v
+        for v in recent
+        if (camera is None or v["camera_id"] == camera) and (include_normal or v["anomalous"] == "true")
+    ]
+    picked = sorted(picked, key=lambda v: float(v["score"]), reverse=True)
+    if not confirmable_only:
+        picked = picked[:limit]
+    pipe = client.pipeline(transaction=False)
+    for v in picked:
+        pipe.exists(keys.frame(v["frame_id"]))
+        pipe.zscore(keys.buffer(v["camera_id"]), v["frame_id"])
+    flags = pipe.execute()
+    rows = [
+        ReviewFrame(
+            frame_id=v["frame_id"],
+            camera_id=v["camera_id"],
+            ts=int(v["ts"]),
+            score=float(v["score"]),
+            threshold=float(v["threshold"]),
+            anomalous=v["anomalous"] == "true",
+            model_version=v["model_version"],
+            cached=bool(flags[2 * i]),
+            buffered=flags[2 * i + 1] is not None,
+        )
+        for i, v in enumerate(picked)
+    ]
+    if confirmable_only:
+        rows = [r for r in rows if r.cached and not r.buffered][:limit]
+    return rows
 
 
 @dataclass

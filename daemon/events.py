@@ -28,6 +28,7 @@ class EventKind(StrEnum):
     ADAPTATION_REJECTED = "adaptation_rejected"
     VERSION_ACTIVATED = "version_activated"
     ROLLBACK = "rollback"
+    FRAMES_CONFIRMED = "frames_confirmed"  # an operator confirmed frames as normal (console)
 
 
 def now_ms() -> int:

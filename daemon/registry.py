@@ -196,9 +196,12 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------------------------------------- changes
 
-    def activate(self, scope: str, version: str, if_unset: bool = False) -> Announcement | None:
+    def activate(
+        self, scope: str, version: str, if_unset: bool = False, author: str | None = None
+    ) -> Announcement | None:
         """Make `version` active in `scope`; None when it already was (nothing recorded or announced), or
-        with `if_unset` when the scope had any active version (checked in the same transaction)."""
+        with `if_unset` when the scope had any active version (checked in the same transaction). `author`
+        (a logged-in person) is recorded in the event; None: the daemon itself."""
         _check_scope(scope)
         if not self.registered(version):
             raise UnknownVersionError(version)
@@ -214,13 +217,13 @@ class ModelRegistry:
             pipe.set(active_key, version)
             pipe.lpush(history_key, version)
             pipe.ltrim(history_key, 0, self.history_len - 1)
-            self._announce(pipe, announcement, EventKind.VERSION_ACTIVATED)
+            self._announce(pipe, announcement, EventKind.VERSION_ACTIVATED, author)
             return announcement
 
         return self.client.transaction(change, active_key, history_key, value_from_callable=True)
 
-    def rollback(self, scope: str) -> Announcement:
-        """Make the version active before the current one in `scope` active again."""
+    def rollback(self, scope: str, author: str | None = None) -> Announcement:
+        """Make the version active before the current one in `scope` active again (`author` as in activate)."""
         _check_scope(scope)
         active_key, history_key = self.keys.active(scope), self.keys.history(scope)
 
@@ -234,15 +237,18 @@ class ModelRegistry:
             pipe.multi()
             pipe.lpop(history_key)
             pipe.set(active_key, previous)
-            self._announce(pipe, announcement, EventKind.ROLLBACK)
+            self._announce(pipe, announcement, EventKind.ROLLBACK, author)
             return announcement
 
         return self.client.transaction(change, active_key, history_key, value_from_callable=True)
 
-    def _announce(self, pipe: Pipeline, announcement: Announcement, kind: EventKind) -> None:
+    def _announce(self, pipe: Pipeline, announcement: Announcement, kind: EventKind, author: str | None) -> None:
         pipe.publish(self.keys.models_channel, announcement.to_json())
         a = announcement
-        self.events.append(Event(kind, a.scope, a.version, {"previous": a.previous}, a.ts), pipe)
+        detail: dict[str, str | None] = {"previous": a.previous}
+        if author is not None:
+            detail["author"] = author
+        self.events.append(Event(kind, a.scope, a.version, detail, a.ts), pipe)
 
     # ---------------------------------------------------------------------------------------------- materialise
 

@@ -1,0 +1,117 @@
+"""Shared by the console tests: Redis seeded through the daemon's own classes, and a console served by uvicorn.
+
+Seeding writes what a worker writes, with its classes: verdicts and cached frames (VerdictStore), drift
+monitor states (a real DriftMonitor, saved as DriftWatch saves it), events (EventLog) and model versions
+(ModelRegistry). Frames are real PNG images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import redis
+import uvicorn
+from PIL import Image
+
+from console.app import create_app
+from console.users import add_user
+from daemon.config import ConsoleSection, RedisSection, Settings
+from daemon.events import Event, EventKind, EventLog
+from daemon.frames import Frame
+from daemon.store import Keys, Verdict, VerdictStore
+from drift.config import DriftConfig
+from drift.monitor import DriftMonitor
+from lab.services import free_port
+
+PREFIX = "t:"
+KEYS = Keys(PREFIX)
+PASSWORD = "correct horse battery"
+USERS = {"vera": "viewer", "otto": "operator", "ada": "admin"}
+THRESHOLD = 1.0
+START_MS = 1_700_000_000_000
+SHIFT_AT = 20  # cam-1's frame where the shift starts (its monitor alarms some 50 frames later)
+
+
+def png(seed: int, size: int = 96) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = (np.linspace(40, 200, size)[None, :] + rng.normal(0, 12, (size, size))).clip(0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "L").save(out, "PNG")
+    return out.getvalue()
+
+
+def settings_for(redis_url: str, tmp: Path, **console: object) -> Settings:
+    return Settings(
+        redis=RedisSection(url=redis_url, key_prefix=PREFIX),
+        console=ConsoleSection(users_file=str(tmp / "users.json"), redis_timeout_s=0.5, **console),
+    )
+
+
+def make_users(settings: Settings) -> None:
+    for name, role in USERS.items():
+        add_user(settings.console.users_file, name, role, PASSWORD)  # type: ignore[arg-type]
+
+
+@dataclass
+class Seeded:
+    alarm_frames: list[str] = field(default_factory=list)  # cam-1's frames above threshold, newest last
+    other_frames: list[str] = field(default_factory=list)  # cam-2's
+
+
+def seed(client: redis.Redis, version: str = "v-source", frames: int = 110) -> Seeded:
+    """cam-1 drifts into alarm (its later scores sit above the threshold); cam-2 stays normal."""
+    store = VerdictStore(client, KEYS, verdict_ttl_s=3600, frame_ttl_s=3600, stream_max_len=100_000)
+    events = EventLog(client, KEYS, max_len=10_000)
+    rng = np.random.default_rng(3)
+    reference = rng.gamma(9.0, 0.07, 200)
+    seeded = Seeded()
+    for camera, shifted in (("cam-1", True), ("cam-2", False)):
+        monitor = DriftMonitor(reference, DriftConfig(sim_alarms=10, sim_streams=10))
+        verdicts, cached, alarm_ts = [], [], 0
+        for i in range(frames):
+            shift = 1.8 if shifted and i >= SHIFT_AT else 1.0
+            score = float(rng.gamma(9.0, 0.07) * shift)
+            monitor.update(score)
+            if monitor.drift_detected and not alarm_ts:
+                alarm_ts = START_MS + i * 1000
+            frame_id = f"{camera}-f{i:03d}"
+            ts = START_MS + i * 1000
+            verdicts.append(
+                Verdict(frame_id, camera, ts, score, THRESHOLD, score > THRESHOLD, version, 3.0, monitor.state)
+            )
+            cached.append(Frame(frame_id, camera, ts, "image/png", png(i), "frames", 0, i))
+            if score > THRESHOLD:
+                (seeded.alarm_frames if shifted else seeded.other_frames).append(frame_id)
+        store.write(verdicts, cached)
+        client.set(KEYS.drift(camera), json.dumps({"version": version, "state": monitor.state_dict()}))
+        if monitor.drift_detected:
+            events.append(Event(EventKind.DRIFT_ALARM, camera, version, monitor.summary(), alarm_ts))
+    return seeded
+
+
+@contextmanager
+def serving(settings: Settings, client: redis.Redis | None = None) -> Iterator[str]:
+    """The console on a free loopback port, in a thread; yields its base URL."""
+    port = free_port()
+    config = uvicorn.Config(create_app(settings, client), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the console did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
