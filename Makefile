@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` (main job) and `make test`.
-PYTHON ?= python3
+# inspectd installs on Python 3.11 only (torch 2.14 wheels); `make PYTHON=/path/to/python3.11` picks another.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null || echo python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,6 +10,9 @@ DEMO_ARGS ?=
 .PHONY: install demo evaluate test test-slow lint bench
 
 $(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { \
+		echo "inspectd needs Python 3.11; '$(PYTHON)' is $$($(PYTHON) --version 2>&1 | grep -m1 . || echo 'not found')." >&2; \
+		echo "Install Python 3.11 and run: make $(MAKECMDGOALS) PYTHON=/path/to/python3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

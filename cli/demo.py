@@ -52,8 +52,10 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         description="Start a local Kafka-protocol broker and Redis, train a model on ELPV (once; reused from "
         "OUT/model), run a worker and a simulated camera, switch a domain shift on, confirm a few normal frames "
         "as the operator when the drift alarm comes, and show the worker adapting and the line recovering. "
-        "Writes OUT/summary.json and OUT/timeline.png; stops everything it started. Exit 0 when the adapted "
-        "version served the line, 1 otherwise.",
+        "Writes OUT/summary.json and OUT/timeline.png; stops everything it started. Exit 0 when the line "
+        "recovered (the adapted version served --frames-after frames with no drift alarm and rejects at most "
+        f"{d.recovery_margin:.0%} more of the normal cells than before the shift), 1 otherwise, with what did "
+        "not happen.",
     )
     p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--data", type=Path, default=d.data, help=f"ELPV export, made if missing (default {d.data})")

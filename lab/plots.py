@@ -3,7 +3,7 @@ the demo's timeline (score per frame, thresholds, alarm and version markers)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,11 +84,39 @@ def plot_protocol(
     plt.close(fig)
 
 
+# One colour per meaning on the timeline; nothing else on it uses these.
+TIMELINE_COLOURS = {
+    "normal": "tab:blue",
+    "defective": "tab:red",
+    "confirmed": "tab:green",
+    "threshold_source": "black",
+    "threshold_adapted": "tab:purple",
+    "shift": "tab:gray",
+    "alarm": "tab:orange",
+    "confirms": "tab:green",
+    "rejected": "tab:brown",
+    "serves": "tab:purple",
+}
+PHASE_SHADES = {"before_shift": "none", "shifted_before_adaptation": "#fde9d9", "after_adaptation": "#ebe3f5"}
+
+
 @dataclass(frozen=True)
 class TimelineMarker:
-    """A vertical line on the timeline at frame `frame` (shift on, drift alarm, new version, ...)."""
+    """A vertical line on the timeline at frame `frame`; `kind` (shift, alarm, confirms, rejected, serves)
+    picks its colour, `label` goes into the legend with the frame number."""
 
     frame: int
+    kind: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TimelinePhase:
+    """A shaded span of frames [start, end) (a key of PHASE_SHADES) with its legend label."""
+
+    name: str
+    start: int
+    end: int
     label: str
 
 
@@ -98,52 +126,51 @@ def plot_timeline(
     frames: np.ndarray,
     scores: np.ndarray,
     defective: np.ndarray,
-    versions: Sequence[str],
-    thresholds: Sequence[float],
+    thresholds: Sequence[tuple[str, int, int, float]],
     markers: Sequence[TimelineMarker],
-    version_labels: Mapping[str, str] | None = None,
+    phases: Sequence[TimelinePhase] = (),
+    confirmed: Sequence[int] = (),
 ) -> None:
-    """Score per frame coloured by ground truth, each version's threshold over the frames it scored, and
-    `markers`. Log scale when the scores span more than a factor of 30 (a shift can lift them far)."""
-    fig, ax = plt.subplots(figsize=(14, 5), layout="constrained")
-    ax.scatter(frames[~defective], scores[~defective], s=6, color="C0", label=f"normal (n={int((~defective).sum())})")
+    """Score per frame by ground truth, the frames operators confirmed, each version's threshold over the
+    frames it scored (`thresholds`: label, first frame, last frame, value; the first is the source
+    version's), the phases shaded, and `markers`. Every label is in the legend, none on the plot, so they
+    cannot overlap. Log scale when the scores span more than a factor of 30 (a shift can lift them far)."""
+    c = TIMELINE_COLOURS
+    fig, ax = plt.subplots(figsize=(14, 5.5), layout="constrained")
+    for phase in phases:
+        if PHASE_SHADES[phase.name] != "none" and phase.end > phase.start:
+            ax.axvspan(phase.start, phase.end, color=PHASE_SHADES[phase.name], zorder=0, label=phase.label)
+    ax.scatter(
+        frames[~defective], scores[~defective], s=6, color=c["normal"], label=f"normal (n={int((~defective).sum())})"
+    )
     ax.scatter(
         frames[defective],
         scores[defective],
         s=14,
-        color="C3",
+        color=c["defective"],
         marker="x",
         label=f"defective (n={int(defective.sum())})",
     )
-    labels = version_labels or {}
-    order = list(dict.fromkeys(versions))
-    for i, version in enumerate(order):
-        idx = [j for j, v in enumerate(versions) if v == version]
-        ax.hlines(
-            thresholds[idx[0]],
-            frames[idx[0]],
-            frames[idx[-1]],
-            colors=f"C{2 + i}",
-            linestyles="--",
-            label=f"threshold, version {labels.get(version, version[:10])}",
+    is_confirmed = np.isin(frames, np.asarray(confirmed, dtype=frames.dtype))
+    if is_confirmed.any():
+        ax.scatter(
+            frames[is_confirmed],
+            scores[is_confirmed],
+            s=70,
+            facecolors="none",
+            edgecolors=c["confirmed"],
+            linewidths=1.5,
+            label=f"confirmed normal by the operator (n={int(is_confirmed.sum())})",
         )
+    for i, (label, first, last, value) in enumerate(thresholds):
+        colour = c["threshold_source"] if i == 0 else c["threshold_adapted"]
+        ax.hlines(value, first, last, colors=colour, linestyles="--", label=f"threshold, {label}")
     positive = scores[scores > 0]
     if positive.size and positive.max() / positive.min() > 30:
         ax.set_yscale("log")
     for marker in markers:
-        ax.axvline(marker.frame, color="k", ls=":", lw=1)
-        ax.annotate(
-            marker.label,
-            (marker.frame, 1.0),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            ha="right",
-            va="top",
-            fontsize=8,
-            xytext=(-2, -2),
-            textcoords="offset points",
-        )
+        ax.axvline(marker.frame, color=c[marker.kind], ls=":", lw=1.5, label=f"{marker.label} (frame {marker.frame})")
     ax.set(xlabel="frame", ylabel="anomaly score", title=title)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.savefig(path, dpi=90)
     plt.close(fig)

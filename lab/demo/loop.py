@@ -134,6 +134,13 @@ class Demo:
         story.scored.append(scored)
         if scored.drift == "alarm" and scored.version not in story.alarm_frames:
             story.alarm_frames[scored.version] = frame.index
+            role = (
+                "adapted" if scored.version == story.adapted else "source" if scored.version == story.base else "other"
+            )
+            self._line(
+                f"worker: drift alarm under the {role} version {scored.version[:10]} from frame {frame.index} on "
+                f"({frame.index - self.spec.frames_before + 1} frames into the shift)"
+            )
         if story.adapted is not None and scored.version == story.adapted and story.adapted_frame is None:
             story.adapted_frame, story.adapted_s = frame.index, self.now()
             self._line(f"worker: version {story.adapted} scores from frame {frame.index} on")
@@ -147,8 +154,7 @@ class Demo:
             early = " (before the shift: a false alarm)" if self.camera.sent <= self.spec.frames_before else ""
             self._line(
                 f"DRIFT ALARM on {event.scope} (version {event.version}): {alarm.get('detector', '?')} statistic "
-                f"{num(alarm.get('statistic'))} > {num(alarm.get('threshold'))} after {d.get('frames_seen')} "
-                f"frames{early}"
+                f"{num(alarm.get('statistic'))} > {num(alarm.get('threshold'))}{early}"
             )
             if event.scope == self.spec.camera and story.alarm is None and event.version == story.base:
                 story.alarm = event
@@ -163,9 +169,18 @@ class Demo:
             story.rejected_at_frame.append(self.camera.sent)
             self._line(f"adaptation REJECTED: {'; '.join(failed_reasons(event)) or 'no reason given'}")
         elif event.kind == EventKind.VERSION_ACTIVATED:
-            self._line(f"version {event.version} activated for scope '{event.scope}'")
+            if event.scope == self.spec.camera and event.version == self._served():
+                self._line(
+                    f"registry: {event.scope} pinned to the version it is served, {event.version} (rollback target)"
+                )
+            else:
+                self._line(f"version {event.version} activated for scope '{event.scope}'")
         elif event.kind == EventKind.ROLLBACK:
             self._line(f"rollback in scope '{event.scope}' to version {event.version}")
+
+    def _served(self) -> str:
+        """The version that scored the camera's latest frame (the source version before any verdict)."""
+        return self.story.scored[-1].version if self.story.scored else self.story.base
 
     def _check_alive(self) -> None:
         if self.worker.poll() is not None:

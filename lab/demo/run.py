@@ -22,7 +22,15 @@ from lab.demo.camera import Camera
 from lab.demo.loop import Demo, DemoFailed
 from lab.demo.model import prepare_data, prepare_model
 from lab.demo.spec import DemoSpec, Say
-from lab.demo.summary import say_summary, summarise, timeline_markers
+from lab.demo.summary import (
+    confirmed_frames,
+    judge_recovery,
+    say_summary,
+    summarise,
+    timeline_markers,
+    timeline_phases,
+    timeline_thresholds,
+)
 from lab.demo.worker import start_worker, wait_ready, worker_env
 from lab.plots import plot_timeline
 from lab.services import LocalKafka, LocalRedis, free_port, stop_process
@@ -47,14 +55,11 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
     shift = get_shift(spec.shift, settings.limits.to_limits())  # an unknown shift fails before any work
     spec.out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    prepare_data(spec, say)
-    model = prepare_model(spec, settings, say, progress)
-    test = load_dataset(spec.data).test
     shots = spec.shots or settings.adapt.min_shots
     worker_log = spec.out / "worker.log"
     processes: dict[str, dict[str, Any]] = {}
-    outcome, ok = "recovered: the adapted version served the shifted line", True
     with ExitStack() as stack:
+        # The services first: a missing broker or Redis shows before minutes of export and training.
         kafka = stack.enter_context(LocalKafka(workdir=spec.out / "services" / "kafka"))
         redis_server = stack.enter_context(LocalRedis(workdir=spec.out / "services" / "redis"))
         processes["kafka"] = {"pid": kafka.pid, "port": kafka.port}
@@ -65,6 +70,10 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
         say(f"services: Kafka-protocol broker (Tansu) on {kafka.bootstrap}, Redis on port {redis_server.port}")
         client = redis_server.client(socket_timeout=10)
         stack.callback(client.close)
+
+        prepare_data(spec, say)
+        model = prepare_model(spec, settings, say, progress)
+        test = load_dataset(spec.data).test
 
         port = free_port()
         env = worker_env(spec, kafka, redis_server.url, topic, prefix, model.directory, port, shots)
@@ -87,9 +96,10 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
         camera.start()
         try:
             demo.follow()
+            ok, outcome = judge_recovery(demo.story, spec)
         except DemoFailed as exc:
             outcome, ok = f"incomplete: {exc}", False
-            say(f"demo: {outcome}")
+        say(f"demo: {outcome}")
         camera.stop()
         missing = demo.drain()
         if missing:
@@ -109,13 +119,13 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
     plot_timeline(
         timeline_path,
         f"inspectd demo: ELPV, shift '{spec.shift}', camera {spec.camera}",
-        np.array([s.frame.index for s in scored]),
+        np.array([s.frame.index for s in scored], dtype=int),
         np.array([s.score for s in scored]),
         np.array([s.frame.defective for s in scored], dtype=bool),
-        [s.version for s in scored],
-        [s.threshold for s in scored],
+        timeline_thresholds(demo),
         timeline_markers(demo),
-        {v: f"{v[:10]} ({'adapted' if v == demo.story.adapted else 'source'})" for v in {s.version for s in scored}},
+        timeline_phases(demo),
+        confirmed_frames(demo),
     )
     say_summary(summary, say)
     return DemoResult(ok, summary, summary_path, timeline_path)

@@ -20,7 +20,10 @@ class DemoSpec:
     shift: str = "dark"
     camera: str = "cam-1"
     frames_before: int = 200  # unshifted frames first
-    frames_after: int = 120  # frames scored by the adapted version before the demo stops
+    frames_after: int = 400  # frames scored by the adapted version before the demo stops and judges it
+    # The line counts as recovered when the adapted version served `frames_after` frames with no drift alarm
+    # and rejects at most this much more of the normal cells (absolute share) than before the shift.
+    recovery_margin: float = 0.02
     max_shifted: int = 400  # shifted frames scored without a drift alarm before giving up
     rate: float = 8.0  # frames per second (the CPU worker scores about 11/s at 256 px on 2 free cores)
     max_in_flight: int = 48  # the camera pauses while this many frames wait for a verdict (a slow machine)

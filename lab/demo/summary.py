@@ -9,10 +9,10 @@ import numpy as np
 
 from lab.demo.loop import Demo
 from lab.demo.model import PreparedModel
-from lab.demo.observe import Scored, phase_of
-from lab.demo.spec import PHASES, Say
+from lab.demo.observe import Scored, Story, phase_of
+from lab.demo.spec import PHASES, DemoSpec, Say
 from lab.demo.text import failed_reasons, num, pct
-from lab.plots import TimelineMarker
+from lab.plots import TimelineMarker, TimelinePhase
 
 
 def phase_figures(scored: list[Scored]) -> dict[str, Any]:
@@ -35,6 +35,33 @@ def phase_figures(scored: list[Scored]) -> dict[str, Any]:
         "median_score_defective": median(defective),
         "median_score": median(scored),
     }
+
+
+def false_reject_rate(scored: list[Scored]) -> float | None:
+    normal = [s.anomalous for s in scored if not s.frame.defective]
+    return float(np.mean(normal)) if normal else None
+
+
+def judge_recovery(story: Story, spec: DemoSpec) -> tuple[bool, str]:
+    """Whether the line recovered, in words: the adapted version served `frames_after` frames with no drift
+    alarm, and rejects no more normal cells than before the shift plus `recovery_margin`."""
+    if story.adapted is None or story.adapted_frame is None:
+        return False, "not recovered: no adapted version served the line"
+    name, after = story.adapted[:10], story.after()
+    before = [s for s in story.scored if phase_of(s, story) == "before_shift"]
+    frr_after, frr_before = false_reject_rate(after), false_reject_rate(before)
+    rates = f"it rejects {pct(frr_after)} of normal cells against {pct(frr_before)} before the shift"
+    realarm = story.alarm_frames.get(story.adapted)
+    if realarm is not None:
+        return False, (
+            f"re-alarmed: the adapted version {name} raised a drift alarm at frame {realarm}, "
+            f"{realarm - story.adapted_frame} frames after it started serving; {rates}"
+        )
+    if len(after) < spec.frames_after:
+        return False, f"not recovered yet: the adapted version {name} served {len(after)} of {spec.frames_after} frames"
+    if frr_after is None or frr_before is None or frr_after > frr_before + spec.recovery_margin:
+        return False, f"not recovered: {rates} (allowed: {spec.recovery_margin:.0%} more)"
+    return True, f"recovered: the adapted version {name} served {len(after)} frames with no drift alarm; {rates}"
 
 
 def summarise(demo: Demo, model: PreparedModel, outcome: str, ok: bool) -> dict[str, Any]:
@@ -134,15 +161,44 @@ def _gate_summary(detail: Mapping[str, Any]) -> dict[str, Any]:
 
 def timeline_markers(demo: Demo) -> list[TimelineMarker]:
     story, spec = demo.story, demo.spec
-    markers = [TimelineMarker(spec.frames_before, f"shift '{spec.shift}' on")]
+    markers = [TimelineMarker(spec.frames_before, "shift", f"shift '{spec.shift}' on")]
     for version, at in story.alarm_frames.items():
-        markers.append(TimelineMarker(at, "drift alarm" if version == story.base else "drift alarm (new version)"))
+        role = "adapted" if version == story.adapted else "source"
+        markers.append(TimelineMarker(at, "alarm", f"drift alarm, {role} version"))
     for i, at in enumerate(story.confirmed_at_frame):
-        markers.append(TimelineMarker(at, "operator confirms" if i == 0 else f"confirms again ({i + 1})"))
-    markers += [TimelineMarker(at, "adaptation rejected") for at in story.rejected_at_frame]
+        markers.append(TimelineMarker(at, "confirms", "operator confirms" if i == 0 else f"confirms again ({i + 1})"))
+    markers += [TimelineMarker(at, "rejected", "adaptation rejected") for at in story.rejected_at_frame]
     if story.adapted_frame is not None:
-        markers.append(TimelineMarker(story.adapted_frame, "new version serves"))
+        markers.append(TimelineMarker(story.adapted_frame, "serves", "adapted version serves"))
     return markers
+
+
+def timeline_phases(demo: Demo) -> list[TimelinePhase]:
+    story, spec = demo.story, demo.spec
+    last = max((s.frame.index for s in story.scored), default=0) + 1
+    adapted = story.adapted_frame if story.adapted_frame is not None else last
+    return [
+        TimelinePhase("before_shift", 0, spec.frames_before, "before the shift"),
+        TimelinePhase("shifted_before_adaptation", spec.frames_before, adapted, "shifted, source version"),
+        TimelinePhase("after_adaptation", adapted, last, "shifted, adapted version"),
+    ]
+
+
+def timeline_thresholds(demo: Demo) -> list[tuple[str, int, int, float]]:
+    """Per version, in the order they served: its label, first and last frame, threshold."""
+    spans: dict[str, list[float]] = {}
+    for s in sorted(demo.story.scored, key=lambda s: s.frame.index):
+        span = spans.setdefault(s.version, [s.frame.index, s.frame.index, s.threshold])
+        span[1] = s.frame.index
+    return [
+        (f"{'adapted' if v == demo.story.adapted else 'source'} version {v[:10]}", int(a), int(b), t)
+        for v, (a, b, t) in spans.items()
+    ]
+
+
+def confirmed_frames(demo: Demo) -> list[int]:
+    by_id = demo.camera.by_id
+    return [by_id[f].index for batch in demo.story.confirmed for f in batch if f in by_id]
 
 
 def say_summary(summary: Mapping[str, Any], say: Say) -> None:
@@ -156,7 +212,10 @@ def say_summary(summary: Mapping[str, Any], say: Say) -> None:
         )
     alarm = summary["drift_alarm"]
     if alarm:
-        say(f"  drift alarm: {alarm['delay_frames']} shifted frames after the shift ({alarm['detector']})")
+        say(
+            f"  drift alarm at frame {alarm['first_alarm_frame']}, {alarm['delay_frames']} frames into the shift "
+            f"({alarm['detector']})"
+        )
         for later in alarm["later_alarms"]:
             say(f"  drift alarm again, under version {later['version']}, at frame {later['first_alarm_frame']}")
     a = summary["adaptation"]

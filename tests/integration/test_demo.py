@@ -152,9 +152,12 @@ def test_demo_runs_the_loop_and_stops_everything(elpv: Path, out: Path, settings
     kinds = [e["kind"] for e in summary["events"]]
     assert kinds.count("drift_alarm") >= 1 and kinds.count("adaptation_started") == 1
     if adaptation["accepted"]:
-        assert summary["ok"] and phases["after_adaptation"]["frames"] >= spec.frames_after
+        assert phases["after_adaptation"]["frames"] >= spec.frames_after
         assert {v["role"] for v in summary["versions"]} == {"source", "adapted"}
         assert "adaptation ACCEPTED" in log
+        # "recovered" only when the adapted version held the line; otherwise the outcome says what is left.
+        assert summary["ok"] == summary["outcome"].startswith("recovered"), summary["outcome"]
+        assert summary["ok"] or summary["outcome"].startswith(("re-alarmed", "not recovered")), summary["outcome"]
     else:
         assert not summary["ok"] and summary["outcome"].startswith("incomplete: adaptation rejected")
         assert len(adaptation["rejected"]) == 1 and adaptation["rejected"][0]["reasons"]
