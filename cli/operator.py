@@ -69,35 +69,17 @@ def cmd_confirm(args: argparse.Namespace, settings: Settings, client: redis.Redi
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings, client: redis.Redis, keys: Keys) -> int:
-    from daemon.confirmations import AdaptationBuffer
+    from dataclasses import asdict
 
-    recent = [
-        {k.decode(): v.decode() for k, v in fields.items()}
-        for _, fields in client.xrevrange(keys.verdicts, count=args.window)
-    ]
+    from daemon.confirmations import AdaptationBuffer, recent_verdicts, review_queue
+
+    recent = recent_verdicts(client, keys, args.window)
     if args.camera:
         recent = [v for v in recent if v["camera_id"] == args.camera]
     cameras = sorted({v["camera_id"] for v in recent})
-    picked = [v for v in recent if args.all or v["anomalous"] == "true"]
-    picked = sorted(picked, key=lambda v: float(v["score"]), reverse=True)[: args.limit]
-    pipe = client.pipeline(transaction=False)
-    for v in picked:
-        pipe.exists(keys.frame(v["frame_id"]))
-    cached = pipe.execute()
+    queue = review_queue(client, keys, recent, args.camera, args.limit, include_normal=args.all)
+    rows = [{k: v for k, v in asdict(r).items() if k != "ts"} for r in queue]
     buffer = AdaptationBuffer(client, keys)
-    rows = [
-        {
-            "frame_id": v["frame_id"],
-            "camera_id": v["camera_id"],
-            "score": float(v["score"]),
-            "threshold": float(v["threshold"]),
-            "anomalous": v["anomalous"] == "true",
-            "model_version": v["model_version"],
-            "cached": bool(is_cached),
-            "buffered": buffer.contains(v["camera_id"], v["frame_id"]),
-        }
-        for v, is_cached in zip(picked, cached, strict=True)
-    ]
     buffers = {camera: buffer.size(camera) for camera in cameras}
     if args.json:
         print(

@@ -18,14 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import torch
 import uvicorn
 from PIL import Image
+from torch import Tensor
 
+from adapters.adapt import AdaptConfig, adapt
 from console.app import create_app
 from console.users import add_user
+from csflow.artifacts import load_model, save_adapter, save_model
+from csflow.backbones import LITE0_PACKAGE
+from csflow.calibration import calibrate
+from csflow.model import CSFlow, image_scores
 from daemon.config import ConsoleSection, RedisSection, Settings
 from daemon.events import Event, EventKind, EventLog
 from daemon.frames import Frame
+from daemon.registry import ModelRegistry
 from daemon.store import Keys, Verdict, VerdictStore
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
@@ -115,3 +123,25 @@ def serving(settings: Settings, client: redis.Redis | None = None) -> Iterator[s
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@dataclass(frozen=True)
+class Published:
+    base: str
+    adapted: str  # an adapted version of base for cam-1, with the gate's figures in its summary
+
+
+def publish_versions(registry: ModelRegistry, model: CSFlow, images: Tensor, root: Path) -> Published:
+    """A base version and an adapter of it, published and activated as a worker's controller would."""
+    with torch.no_grad():
+        calibration = calibrate(image_scores(model(images[:4]).z).numpy(), 0.2)
+    base = save_model(root / "base", model, LITE0_PACKAGE, calibration, {"purpose": "console tests"})
+    parent = load_model(root / "base")
+    result = adapt(parent, images[4:6], AdaptConfig(lr=1e-3, max_steps=2, stop_quantile=None))
+    summary = {**result.summary(), "gate": {"defect_detection": 0.95, "holdout_fpr": 0.0}, "camera_id": "cam-1"}
+    adapted = save_adapter(root / "adapted", result.model, parent, result.block_names, summary, "cam-1", root / "base")
+    registry.publish(root / "base")
+    registry.publish(root / "adapted")
+    registry.activate("default", base.version)
+    registry.activate("cam-1", base.version)  # pinned, as the controller pins a camera before adapting it
+    return Published(base.version, adapted.version)
