@@ -12,21 +12,31 @@ if TYPE_CHECKING:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from csflow.artifacts import load_model
+    import threading
+
     from csflow.fit import resolve_device
+    from daemon.first_model import configured_or_published, wait_for_model
     from daemon.worker import Worker
 
     device = resolve_device(settings.model.device)
-    version = load_model(settings.worker.model_dir, str(device))
-    worker = Worker(settings, version, device)
+    stop = threading.Event()
+    worker: Worker | None = None
 
     def on_signal(signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and worker.stopping:
+        if signum == signal.SIGINT and stop.is_set():
             signal.default_int_handler(signum, _frame)  # a second Ctrl+C stops at once
-        worker.request_stop()
+        stop.set()
+        if worker is not None:
+            worker.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    version = wait_for_model(settings, configured_or_published(settings, str(device)), stop)
+    if version is None:
+        return 0  # stopped while waiting: nothing was in flight
+    worker = Worker(settings, version, device)
+    if stop.is_set():
+        worker.request_stop()
     return worker.run()
 
 
