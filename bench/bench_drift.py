@@ -55,7 +55,7 @@ def score_test_set(args: argparse.Namespace) -> tuple[dict, np.ndarray, dict[str
         started = time.perf_counter()
         transform = None if name == NO_SHIFT else get_shift(name)
         result = evaluate_samples(
-            version.model, samples, version.threshold, ImageLimits(), args.batch_size, device, transform=transform
+            version.model, samples, version.threshold, ImageLimits(), args.batch_size, transform=transform
         )
         op = result.evaluation.operating_point
         scored[name] = {"scores": result.scores, "fpr": op.fpr, "tpr": op.tpr, "auroc": result.evaluation.image_auroc}

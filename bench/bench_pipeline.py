@@ -33,7 +33,7 @@ from csflow.data import ImageLimits, decode_image, to_tensor
 from csflow.elpv import elpv_labels
 from csflow.fit import build_model, resolve_device
 from csflow.flow import FlowConfig
-from csflow.model import image_scores
+from csflow.scoring import score_images
 from daemon.config import load_settings
 from daemon.logs import configure_logging
 from daemon.worker import Worker
@@ -50,21 +50,19 @@ def make_model(args: argparse.Namespace, out: Path) -> Path:
         return Path(args.model)
     torch.manual_seed(0)
     model = build_model(LITE0, LITE0_PACKAGE, args.image_size, FlowConfig(hidden_channels=args.hidden))
-    with torch.no_grad():
-        scores = image_scores(model(torch.rand(4, 3, args.image_size, args.image_size)).z).numpy()
+    scores = score_images(model, torch.rand(4, 3, args.image_size, args.image_size)).image
     save_model(out, model, LITE0_PACKAGE, calibrate(scores, 0.25), {"purpose": "benchmark"})
     return out
 
 
-@torch.inference_mode()
 def bare_rate(model_dir: Path, blobs: list[bytes], batch: int, device: torch.device) -> float:
     version = load_model(model_dir, str(device))
     size, limits = version.model.image_size, ImageLimits()
-    version.model(torch.rand(2, 3, size, size, device=device))
+    score_images(version.model, torch.rand(2, 3, size, size))  # warm-up
     t0 = time.perf_counter()
     for i in range(0, len(blobs), batch):
         images = torch.stack([to_tensor(decode_image(b, limits), size) for b in blobs[i : i + batch]])
-        image_scores(version.model(images.to(device)).z).cpu()
+        score_images(version.model, images)
     return len(blobs) / (time.perf_counter() - t0)
 
 

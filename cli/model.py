@@ -105,10 +105,9 @@ def _load(args: argparse.Namespace, settings: Settings) -> ModelVersion:
 
 def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     from csflow.data import ImageError, read_image, to_tensor
-    from csflow.fit import score_batch
+    from csflow.scoring import score_images
 
     version = _load(args, settings)
-    device = next(version.model.parameters()).device
     limits = settings.limits.to_limits()
     rows, failed = [], 0
     for path in args.images:
@@ -118,7 +117,7 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
             failed += 1
             rows.append({"image": str(path), "error": str(exc)})
             continue
-        score = float(score_batch(version.model, image, device)[0][0])
+        score = float(score_images(version.model, image).image[0])
         rows.append(
             {
                 "image": str(path),
@@ -144,19 +143,18 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from adapters.shifts import get_shift
     from csflow.data import DatasetError, load_batch, load_dataset
     from csflow.evaluation import evaluate_samples
-    from csflow.fit import score_batch
+    from csflow.scoring import score_images
     from lab.plots import plot_evaluation
 
     version = _load(args, settings)
     model, size = version.model, version.model.image_size
-    device = next(model.parameters()).device
     dataset = load_dataset(args.data)
     if not dataset.test:
         raise DatasetError(f"{args.data} has no test/ folder to evaluate on")
     limits = settings.limits.to_limits()
     shift = get_shift(args.shift, limits) if args.shift else None
     result = evaluate_samples(
-        model, dataset.test, version.threshold, limits, settings.train.batch_size, device, progress, shift
+        model, dataset.test, version.threshold, limits, settings.train.batch_size, progress, shift
     )
     evaluation = result.evaluation
     op = evaluation.operating_point
@@ -176,7 +174,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if args.plot:
         picks = _overlay_picks(result.scores, result.anomalous)
         images = load_batch([dataset.test[i].path for i in picks], size, limits, shift)
-        _, maps = score_batch(model, images, device)
+        maps = score_images(model, images, maps=True).maps
         overlays = [
             (
                 f"{'defective' if result.anomalous[i] else 'normal'}: {result.scores[i]:.3f}",

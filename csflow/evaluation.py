@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from csflow.data import ImageLimits, Sample, Transform, read_mask
-from csflow.fit import Progress, image_batches, no_progress, score_batch
+from csflow.fit import Progress, image_batches, no_progress
 from csflow.model import CSFlow
+from csflow.scoring import score_images
 
 PIXEL_EVAL_SIZE = 256  # maps and masks are compared at most at this side length, to bound memory
 
@@ -98,7 +99,6 @@ def evaluate_samples(
     threshold: float,
     limits: ImageLimits,
     batch_size: int,
-    device: torch.device,
     progress: Progress = no_progress,
     transform: Transform | None = None,
 ) -> ScoredTestSet:
@@ -110,10 +110,10 @@ def evaluate_samples(
     scores, maps = [], []
     batches = image_batches([s.path for s in samples], size, limits, batch_size, transform)
     for batch in progress(batches, "evaluate", -(-len(samples) // batch_size)):
-        s, m = score_batch(model, batch, device)
-        scores.append(s)
-        if has_masks:
-            maps.append(F.adaptive_avg_pool2d(torch.from_numpy(m)[:, None], pixel_size)[:, 0].numpy())
+        scored = score_images(model, batch, maps=has_masks)
+        scores.append(scored.image)
+        if scored.maps is not None:
+            maps.append(F.adaptive_avg_pool2d(torch.from_numpy(scored.maps)[:, None], pixel_size)[:, 0].numpy())
     score_arr = np.concatenate(scores)
     anomalous = np.array([s.anomalous for s in samples])
     masks = (

@@ -24,7 +24,7 @@ from csflow.backbones import LITE0, LITE0_PACKAGE
 from csflow.calibration import calibrate
 from csflow.fit import build_model
 from csflow.flow import FlowConfig
-from csflow.model import image_scores
+from csflow.scoring import score_images
 from lab.services import LocalKafka, LocalRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def tiny_model(out: Path) -> Path:
     torch.manual_seed(0)
     model = build_model(LITE0, LITE0_PACKAGE, 128, FlowConfig(hidden_channels=8))
-    with torch.no_grad():
-        scores = image_scores(model(torch.rand(8, 3, 128, 128)).z)
-    save_model(out, model, LITE0_PACKAGE, calibrate(scores.numpy(), 0.1), {"purpose": "first-model test"})
+    scores = score_images(model, torch.rand(8, 3, 128, 128)).image
+    save_model(out, model, LITE0_PACKAGE, calibrate(scores, 0.1), {"purpose": "first-model test"})
     return out
 
 
