@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from csflow.backbones import WeightsError, create_backbone, state_digest
 from csflow.calibration import Calibration
 from csflow.extractor import FeatureExtractor
-from csflow.flow import FlowConfig
+from csflow.flow import FLOW_REVISION, FlowConfig
 from csflow.model import CSFlow
 
 FORMAT_VERSION = 1
@@ -66,6 +66,7 @@ class Manifest:
     created_at: str = ""
     version: str = ""
     format: int = FORMAT_VERSION
+    flow_revision: int = FLOW_REVISION
     parent_path: str | None = None  # adapted versions: parent directory, relative to this one or absolute
 
     def content_hash(self) -> str:
@@ -211,6 +212,20 @@ def save_adapter(
     return manifest
 
 
+def check_flow_revision(data: dict[str, Any], where: str) -> None:
+    """Refuse a manifest written for another flow revision (missing: revision 1, before it was recorded).
+
+    Checked on the stored fields before the content hash, so that an old version gets this message
+    rather than "corrupted" (the hash of an old manifest read with today's fields does not match)."""
+    revision = data.get("flow_revision", 1)
+    if revision != FLOW_REVISION:
+        raise ArtifactError(
+            f"{where}: version {data.get('version')!r} was trained with CS-Flow revision {revision}, but this "
+            f"inspectd computes revision {FLOW_REVISION} (gammas on each destination scale, as the original), "
+            "so its weights cannot be used: retrain it with `inspectd train` (and adapt again)"
+        )
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """Read and check a manifest: known format, all fields present, version matching the content."""
     path = Path(directory) / MANIFEST
@@ -223,6 +238,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         manifest = Manifest(**data)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
         raise ArtifactError(f"{path} is not a valid manifest: {exc}") from exc
+    check_flow_revision(data, str(path))
     if manifest.format != FORMAT_VERSION:
         raise ArtifactError(f"{path}: manifest format {manifest.format} is not supported (expected {FORMAT_VERSION})")
     if manifest.content_hash() != manifest.version:
@@ -252,6 +268,7 @@ def load_model(directory: str | Path, device: str = "cpu", resolver: Resolver | 
     model = _load_base(base_dir, base)
     for adapter_dir, manifest in reversed(chain[:-1]):
         _apply_adapter(model, adapter_dir, manifest)
+    model.requires_grad_(False)  # served models carry no gradients; adaptation unfreezes what it tunes
     return ModelVersion(model.to(device).eval(), chain[0][1], tuple(m.version for _, m in chain))
 
 

@@ -23,8 +23,8 @@ from csflow.training import (
     TrainConfig,
     TrainResult,
     extract_features,
-    features_scores,
-    split_indices,
+    features_scores_and_nll,
+    split_normals,
     train_flow,
 )
 
@@ -59,6 +59,7 @@ class FitSpec:
     flow: FlowConfig
     train: TrainConfig
     val_fraction: float
+    calibration_fraction: float
     target_fpr: float
     limits: ImageLimits
 
@@ -69,18 +70,26 @@ class FitResult:
     calibration: Calibration
     training: TrainResult
     extract_seconds: float
+    n_fit: int
+    n_val: int
 
     def summary(self, spec: FitSpec, n_train: int) -> dict:
+        """Of the `n_train` normal training images, `n_fit` trained the flow, `n_weight_selection`
+        picked the kept epoch and `n_heldout` calibrated the threshold."""
         return {
             "n_train": n_train,
+            "n_fit": self.n_fit,
+            "n_weight_selection": self.n_val,
             "n_heldout": len(self.calibration.scores),
             "epochs": len(self.training.history),
+            "first_epoch_train_nll": self.training.history[0].train_nll if self.training.history else None,
             "best_epoch": self.training.best_epoch,
             "best_heldout_nll": self.training.best_val_nll,
             "train_seconds": round(self.training.seconds, 1),
             "extract_seconds": round(self.extract_seconds, 1),
             "train_config": asdict(spec.train),
             "val_fraction": spec.val_fraction,
+            "calibration_fraction": spec.calibration_fraction,
         }
 
 
@@ -95,10 +104,13 @@ def fit(
     progress: Progress = no_progress,
     on_epoch: Callable[[EpochRecord], None] | None = None,
 ) -> FitResult:
-    """Train on normal images; a seeded share is held out to pick weights and set the threshold."""
+    """Train on normal images; two disjoint seeded shares are held out, one to pick the kept weights,
+    one to set the threshold (and record the calibration NLLs)."""
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.backbone, spec.weights, spec.image_size, spec.flow).to(device)
-    train_idx, val_idx = split_indices(len(normal_images), spec.val_fraction, spec.train.seed)
+    train_idx, val_idx, cal_idx = split_normals(
+        len(normal_images), spec.val_fraction, spec.calibration_fraction, spec.train.seed
+    )
     t0 = time.perf_counter()
     bs = spec.train.batch_size
 
@@ -108,11 +120,13 @@ def fit(
         return extract_features(model, progress(batches, desc, -(-len(paths) // bs)), device)
 
     train_feats = features(train_idx, "extract train")
-    val_feats = features(val_idx, "extract held-out")
+    val_feats = features(val_idx, "extract weight selection")
+    cal_feats = features(cal_idx, "extract calibration")
     extract_seconds = time.perf_counter() - t0
     result = train_flow(model, train_feats, val_feats, spec.train, device, on_epoch)
-    val_scores = features_scores(model, val_feats, bs, device).numpy()
-    return FitResult(model, calibrate(val_scores, spec.target_fpr), result, extract_seconds)
+    cal_scores, cal_nll = features_scores_and_nll(model, cal_feats, bs, device)
+    calibration = calibrate(cal_scores.numpy(), spec.target_fpr, cal_nll.numpy())
+    return FitResult(model, calibration, result, extract_seconds, len(train_idx), len(val_idx))
 
 
 @torch.no_grad()

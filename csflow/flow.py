@@ -16,6 +16,10 @@ from FrEIA.modules import InvertibleModule
 from torch import Tensor, nn
 
 N_SCALES = 3
+# Revision of the flow's arithmetic, recorded in every model manifest; weights trained under another
+# revision compute something else and must not be loaded. 1: gammas on the cross paths per source
+# scale; 2: gammas on each destination scale's whole subnet output, as the original.
+FLOW_REVISION = 2
 ATAN_SCALE = 0.636  # ~2/pi: keeps the soft clamp's slope at 1 near zero, as in the original
 
 
@@ -42,8 +46,10 @@ class CrossConvolutions(nn.Module):
     """Subnet of one coupling: per-scale conv-LeakyReLU-conv plus paths from the neighbouring scales.
 
     The coarser scale reaches a finer one through bilinear upsampling + conv, the finer one reaches a
-    coarser one through a stride-2 conv. Each cross path is scaled by a learnable gamma that starts at
-    zero, so training begins with independent scales.
+    coarser one through a stride-2 conv. As in the original, the terms reaching a scale are summed and
+    the sum is multiplied by that destination scale's learnable gamma, which starts at zero: a fresh
+    coupling outputs s = t = 0, so a fresh flow is a pure permutation (log-det 0) and training starts
+    from the identity instead of from random affine transforms.
     """
 
     def __init__(self, in_chs: int, out_chs: int, hidden_chs: int, kernel_size: int, leaky_slope: float) -> None:
@@ -59,7 +65,7 @@ class CrossConvolutions(nn.Module):
         self.up_conv21 = conv(hidden_chs, out_chs)
         self.down_conv01 = conv(hidden_chs, out_chs, stride=2)
         self.down_conv12 = conv(hidden_chs, out_chs, stride=2)
-        # One gamma per source scale, as in the original (gamma1 serves both paths leaving scale 1).
+        # One gamma per destination scale, multiplying that scale's whole output (the original's).
         self.gamma0 = nn.Parameter(torch.zeros(1))
         self.gamma1 = nn.Parameter(torch.zeros(1))
         self.gamma2 = nn.Parameter(torch.zeros(1))
@@ -67,12 +73,16 @@ class CrossConvolutions(nn.Module):
 
     def forward(self, x0: Tensor, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h0, h1, h2 = (self.act(conv(x)) for conv, x in zip(self.conv_in, (x0, x1, x2), strict=True))
-        out0, out1, out2 = (conv(h) for conv, h in zip(self.conv_out, (h0, h1, h2), strict=True))
-        up10 = self.up_conv10(_upsample2x(h1)) * self.gamma1
-        up21 = self.up_conv21(_upsample2x(h2)) * self.gamma2
-        down01 = self.down_conv01(h0) * self.gamma0
-        down12 = self.down_conv12(h1) * self.gamma1
-        return out0 + up10, out1 + down01 + up21, out2 + down12
+        y0, y1, y2 = (conv(h) for conv, h in zip(self.conv_out, (h0, h1, h2), strict=True))
+        up10 = self.up_conv10(_upsample2x(h1))
+        up21 = self.up_conv21(_upsample2x(h2))
+        down01 = self.down_conv01(h0)
+        down12 = self.down_conv12(h1)
+        return (
+            (y0 + up10) * self.gamma0,
+            (y1 + down01 + up21) * self.gamma1,
+            (y2 + down12) * self.gamma2,
+        )
 
 
 def _upsample2x(x: Tensor) -> Tensor:

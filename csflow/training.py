@@ -90,6 +90,16 @@ def features_scores(model: CSFlow, features: Features, batch_size: int, device: 
     return flow_outputs(model, features, batch_size, device, lambda out: image_scores(out.z))
 
 
+def features_scores_and_nll(
+    model: CSFlow, features: Features, batch_size: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Image scores and per-sample NLLs from one flow pass (calibration stores both)."""
+    both = flow_outputs(
+        model, features, batch_size, device, lambda out: torch.stack((image_scores(out.z), per_sample_nll(out)), 1)
+    )
+    return both[:, 0], both[:, 1]
+
+
 def train_flow(
     model: CSFlow,
     train: Features,
@@ -102,11 +112,12 @@ def train_flow(
 
     Training loss can jump between epochs, so the last epoch is not simply taken: every
     `eval_every` epochs (and at the end) the held-out normal NLL decides which weights are kept.
-    Without held-out features the last epoch is kept.
+    Without held-out features the last epoch is kept. The trained flow is returned frozen
+    (`requires_grad=False`): from here on it is served or adapted through, never written.
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model.flow.to(device)
+    model.flow.to(device).requires_grad_(True)
     optimizer = torch.optim.Adam(
         model.flow.parameters(), lr=config.lr, eps=config.adam_eps, weight_decay=config.weight_decay
     )
@@ -143,8 +154,29 @@ def train_flow(
     else:
         result.best_epoch = config.epochs
     result.seconds = time.perf_counter() - started
-    model.flow.eval()
+    optimizer.zero_grad(set_to_none=True)
+    model.flow.eval().requires_grad_(False)
     return result
+
+
+def split_normals(
+    n: int, val_fraction: float, calibration_fraction: float, seed: int
+) -> tuple[Sequence[int], Sequence[int], Sequence[int]]:
+    """A seeded split of n normal items into disjoint (train, weight selection, calibration) index lists.
+
+    The threshold is a high quantile of the calibration scores; taking it on the images that also chose
+    the kept epoch would bias it low (the kept weights are the ones that happen to fit those images
+    best), so the two held-out sets are separate. Each gets at least one item.
+    """
+    n_val = max(1, round(n * val_fraction))
+    n_cal = max(1, round(n * calibration_fraction))
+    if n < n_val + n_cal + 1:
+        raise ValueError(
+            f"need at least {n_val + n_cal + 1} normal images to hold out {n_val} for weight selection and "
+            f"{n_cal} for calibration, got {n}"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val + n_cal :]), sorted(perm[:n_val]), sorted(perm[n_val : n_val + n_cal])
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Sequence[int], Sequence[int]]:

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from adapters.adapt import AdaptConfig
 from adapters.gate import GateConfig
-from csflow.backbones import LITE0, default_weights
+from csflow.backbones import LITE0, default_weights, resolve_weights
 from csflow.data import ImageLimits
 from csflow.flow import FlowConfig
 from csflow.training import TrainConfig
@@ -49,7 +49,8 @@ class ModelSection(Section):
 
     @property
     def weights_source(self) -> str:
-        return self.weights or default_weights(self.backbone)
+        """Where the weights come from, as recorded in manifests (a bare hub source gets its pinned tag)."""
+        return resolve_weights(self.backbone, self.weights) if self.weights else default_weights(self.backbone)
 
 
 class FlowSection(Section):
@@ -82,6 +83,7 @@ class TrainSection(Section):
 
 class CalibrationSection(Section):
     target_fpr: float = Field(0.01, gt=0, lt=1)
+    heldout_fraction: float = Field(0.15, gt=0, lt=1)
 
 
 class LimitsSection(Section):

@@ -36,7 +36,16 @@ from typing import Literal
 import redis
 from redis.client import Pipeline
 
-from csflow.artifacts import MANIFEST, MAX_CHAIN, MAX_MANIFEST_BYTES, Manifest, read_manifest, verify_files
+from csflow.artifacts import (
+    MANIFEST,
+    MAX_CHAIN,
+    MAX_MANIFEST_BYTES,
+    ArtifactError,
+    Manifest,
+    check_flow_revision,
+    read_manifest,
+    verify_files,
+)
 from daemon.config import Settings
 from daemon.events import Event, EventKind, EventLog, now_ms
 from daemon.store import Keys
@@ -158,9 +167,14 @@ class ModelRegistry:
         if raw is None:
             raise UnknownVersionError(version)
         try:
-            manifest = Manifest(**json.loads(raw))
+            data = json.loads(raw)
+            manifest = Manifest(**data)
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
             raise RegistryError(f"version {version}: the stored manifest is not valid: {exc}") from exc
+        try:
+            check_flow_revision(data, f"registered version {version}")
+        except ArtifactError as exc:
+            raise RegistryError(str(exc)) from exc
         if manifest.version != version or manifest.content_hash() != version:
             raise RegistryError(f"version {version}: the stored manifest does not match the version (edited?)")
         return manifest

@@ -3,6 +3,7 @@ BN handling, and seeded augmentation / synthetic defects."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -96,7 +97,7 @@ def test_shot_nll_decreases(run: tuple[AdaptResult, dict[str, Tensor], dict[str,
     assert result.steps == FAST.max_steps and result.stop_reason == "max_steps"
     assert len(result.history) == FAST.max_steps + 1
     nll = [r.nll for r in result.history]
-    assert nll[-1] < 0.5 * nll[0], nll
+    assert all(b < a for a, b in itertools.pairwise(nll)) and nll[-1] < 0.75 * nll[0], nll
     train = [r.train_nll for r in result.history[:-1]]
     assert all(t is not None for t in train) and result.history[-1].train_nll is None
     summary = result.summary()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict
@@ -16,7 +17,9 @@ from torch import Tensor
 
 from csflow.artifacts import (
     FLOW_FILE,
+    LOCATION_FIELDS,
     MANIFEST,
+    VERSION_CHARS,
     ArtifactError,
     Manifest,
     load_model,
@@ -25,6 +28,7 @@ from csflow.artifacts import (
 )
 from csflow.backbones import LITE0, LITE0_PACKAGE
 from csflow.calibration import calibrate
+from csflow.flow import FLOW_REVISION
 from csflow.model import CSFlow, image_scores
 
 CALIBRATION = calibrate(np.linspace(0.5, 1.5, 21), 0.1)
@@ -158,6 +162,46 @@ def test_unknown_manifest_field(saved: tuple[CSFlow, Manifest, Path]) -> None:
     (directory / MANIFEST).write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="not a valid manifest"):
         load_model(directory)
+
+
+def write_old_revision_manifest(directory: Path, revision: int | None) -> None:
+    """Rewrite the manifest as an earlier inspectd wrote it: `revision` (None: no such field, as before
+    revisions were recorded), with a version id consistent with that content."""
+    path = directory / MANIFEST
+    data = json.loads(path.read_text())
+    del data["flow_revision"]
+    if revision is not None:
+        data["flow_revision"] = revision
+    content = {k: v for k, v in data.items() if k not in ("version", "created_at", *LOCATION_FIELDS)}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    data["version"] = hashlib.sha256(canonical.encode()).hexdigest()[:VERSION_CHARS]
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("revision", [None, 1, FLOW_REVISION + 1])
+def test_version_of_another_flow_revision_is_refused_with_retrain_advice(
+    saved: tuple[CSFlow, Manifest, Path], revision: int | None
+) -> None:
+    """Weights trained with the earlier flow (gammas on the cross paths only) compute something else
+    under today's flow: loading them must fail loudly, never score silently."""
+    _, manifest, directory = saved
+    assert manifest.flow_revision == FLOW_REVISION == 2
+    assert json.loads((directory / MANIFEST).read_text())["flow_revision"] == FLOW_REVISION
+    write_old_revision_manifest(directory, revision)
+    expected = 1 if revision is None else revision
+    with pytest.raises(ArtifactError, match=rf"revision {expected}, .*retrain"):
+        load_model(directory)
+    with pytest.raises(ArtifactError, match="retrain"):
+        read_manifest(directory)
+
+
+def test_loaded_model_is_frozen(saved: tuple[CSFlow, Manifest, Path], make_images: Callable[..., Tensor]) -> None:
+    """A served model carries no gradients: nothing it scores can write to its flow or extractor."""
+    _, _, directory = saved
+    model = load_model(directory).model
+    assert not any(p.requires_grad for p in model.parameters())
+    out = model(make_images(1))
+    assert not out.log_jac_det.requires_grad and not any(z.requires_grad for z in out.z)
 
 
 def test_unsupported_format(saved: tuple[CSFlow, Manifest, Path]) -> None:

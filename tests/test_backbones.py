@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from matplotlib import cbook
 from PIL import Image
@@ -22,6 +23,7 @@ from csflow.backbones import (
     default_weights,
     lite0_package_weights_path,
     lukemelas_to_timm,
+    resolve_weights,
     state_digest,
 )
 from csflow.extractor import FeatureExtractor
@@ -131,7 +133,31 @@ def test_safetensors_weights_that_do_not_fit(tmp_path: Path) -> None:
 
 def test_default_weights() -> None:
     assert default_weights(LITE0) == LITE0_PACKAGE
-    assert default_weights("tf_efficientnet_b5") == TIMM_HUB
+    assert default_weights("tf_efficientnet_b5") == "timm-hub:aa_in1k"  # the original's checkpoint, pinned
+    assert default_weights("tf_efficientnet_b0") == TIMM_HUB  # nothing pinned: timm's default tag
+
+
+def test_hub_weights_are_pinned_to_the_originals_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B5 from the hub is the AutoAugment checkpoint the original uses, not timm's default (Noisy
+    Student), whether the source says `timm-hub` or names the tag; the manifest records the tag."""
+    requested: list[tuple[str, bool]] = []
+    real = timm.create_model
+
+    def record(name: str, pretrained: bool = False) -> torch.nn.Module:
+        requested.append((name, pretrained))
+        return real(name, pretrained=False)  # no hub offline; the name is what matters
+
+    monkeypatch.setattr(timm, "create_model", record)
+    create_backbone("tf_efficientnet_b5", TIMM_HUB)
+    create_backbone("tf_efficientnet_b5", "timm-hub:ns_jft_in1k")
+    assert requested == [("tf_efficientnet_b5.aa_in1k", True), ("tf_efficientnet_b5.ns_jft_in1k", True)]
+    assert resolve_weights("tf_efficientnet_b5", TIMM_HUB) == "timm-hub:aa_in1k"
+    assert resolve_weights(LITE0, LITE0_PACKAGE) == LITE0_PACKAGE
+
+
+def test_unknown_hub_tag_is_a_weights_error() -> None:
+    with pytest.raises(WeightsError, match="bogus"):
+        create_backbone("tf_efficientnet_b5", "timm-hub:bogus")
 
 
 def test_state_digest_identifies_weights() -> None:

@@ -69,3 +69,28 @@ def test_dict_round_trip_through_json() -> None:
 def test_stats_of_a_single_score() -> None:
     stats = calibrate(np.array([2.5]), 0.1).stats
     assert stats["n"] == 1 and stats["std"] == 0.0 and stats["q50"] == 2.5
+
+
+def test_calibration_nll_is_stored_with_its_quantiles() -> None:
+    """Adaptation stops on the NLL (its objective), so the manifest carries the held-out normals' NLLs."""
+    rng = np.random.default_rng(1)
+    scores, nll = rng.normal(1.0, 0.1, size=40), rng.normal(-2.0, 0.3, size=40)
+    cal = calibrate(scores, 0.05, nll)
+    assert cal.nll == sorted(nll.tolist())
+    assert cal.nll_quantile(0.5) == pytest.approx(float(np.median(nll)))
+    data = json.loads(json.dumps(cal.to_dict()))
+    assert data["nll_stats"]["q50"] == pytest.approx(float(np.median(nll)))
+    assert Calibration.from_dict(data) == cal
+
+
+def test_calibration_without_nll() -> None:
+    cal = calibrate(np.array([1.0, 2.0, 3.0]), 0.1)
+    assert cal.nll == [] and cal.nll_stats is None and "nll" not in cal.to_dict()
+    with pytest.raises(ValueError, match="no NLLs"):
+        cal.nll_quantile(0.5)
+
+
+@pytest.mark.parametrize("nll", [np.array([1.0, 2.0]), np.array([1.0, np.nan, 2.0])])
+def test_bad_calibration_nll_rejected(nll: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="NLL"):
+        calibrate(np.array([1.0, 2.0, 3.0]), 0.1, nll)

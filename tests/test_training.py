@@ -16,6 +16,7 @@ from csflow.training import (
     features_nll,
     features_scores,
     split_indices,
+    split_normals,
     train_flow,
 )
 
@@ -63,7 +64,7 @@ def test_training_lowers_nll_and_keeps_best_held_out_epoch(
 ) -> None:
     model, train, val = features
     seen: list[EpochRecord] = []
-    config = TrainConfig(epochs=10, batch_size=16, lr=2e-3, eval_every=2, seed=0)
+    config = TrainConfig(epochs=10, batch_size=16, lr=5e-3, eval_every=2, seed=0)
     result = train_flow(model, train, val, config, CPU, on_epoch=seen.append)
 
     assert [r.epoch for r in result.history] == list(range(1, 11))
@@ -138,3 +139,34 @@ def test_split_indices_depends_on_seed() -> None:
 def test_split_indices_needs_two_items() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         split_indices(1, 0.2, seed=0)
+
+
+@pytest.mark.parametrize(("n", "val", "cal"), [(3, 0.1, 0.1), (15, 0.25, 0.15), (470, 0.15, 0.15)])
+def test_split_normals_three_disjoint_parts(n: int, val: float, cal: float) -> None:
+    """Weight selection and threshold calibration use different images."""
+    train, selection, calibration = split_normals(n, val, cal, seed=3)
+    assert sorted([*train, *selection, *calibration]) == list(range(n))
+    assert set(train).isdisjoint(selection) and set(train).isdisjoint(calibration)
+    assert set(selection).isdisjoint(calibration)
+    assert len(selection) == max(1, round(n * val)) and len(calibration) == max(1, round(n * cal))
+    assert split_normals(n, val, cal, seed=3) == (train, selection, calibration)
+
+
+def test_split_normals_needs_one_image_per_part() -> None:
+    with pytest.raises(ValueError, match="at least 3"):
+        split_normals(2, 0.1, 0.1, seed=0)
+
+
+def test_trained_flow_comes_back_frozen_and_can_be_trained_again(
+    features: tuple[CSFlow, list[Tensor], list[Tensor]],
+) -> None:
+    """Once trained, the flow has no trainable parameters (it is served or adapted through, never
+    written); training it again explicitly still works."""
+    model, train, val = features
+    config = TrainConfig(epochs=1, lr=1e-3, seed=0)
+    train_flow(model, train, val, config, CPU)
+    assert not any(p.requires_grad for p in model.flow.parameters())
+    before = {k: v.clone() for k, v in model.flow.state_dict().items()}
+    train_flow(model, train, val, config, CPU)
+    assert any(not torch.equal(v, before[k]) for k, v in model.flow.state_dict().items())
+    assert not any(p.requires_grad for p in model.flow.parameters())

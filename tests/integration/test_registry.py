@@ -208,6 +208,19 @@ def test_tampered_registry_is_refused(
         published.materialise(other, tmp_path)
 
 
+def test_version_registered_under_an_older_flow_revision_is_refused(
+    published: ModelRegistry, versions: Versions, client: redis.Redis
+) -> None:
+    """A version registered before the flow fix (its stored manifest has no flow revision, with a
+    consistent id) must not reach a worker: the registry says to retrain instead of "edited"."""
+    key = KEYS.model(versions.base.version)
+    manifest = json.loads(client.hget(key, "manifest"))
+    del manifest["flow_revision"]
+    client.hset(key, "manifest", json.dumps(manifest))
+    with pytest.raises(RegistryError, match=r"revision 1.*retrain"):
+        published.manifest(versions.base.version)
+
+
 def test_blob_size_is_bounded(client: redis.Redis, versions: Versions, tmp_path: Path) -> None:
     size = (versions.adapter_dir / DELTA_FILE).stat().st_size
     small = make_registry(client, max_blob_bytes=size - 1)
