@@ -10,7 +10,10 @@ confirmation and the author of an activation are the logged-in user.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -454,6 +457,32 @@ def create_app(settings: Settings, client: redis.Redis | None = None) -> ASGIApp
     )
     app.state.console = console
     return SecurityHeaders(BodyLimit(app, settings.console.max_body_bytes))
+
+
+@contextmanager
+def serving(settings: Settings, client: redis.Redis | None = None, start_timeout_s: float = 10.0) -> Iterator[str]:
+    """The console in a background thread on [console] host and port (0: a free port), for the demo,
+    tests and benchmarks; yields its base URL and stops it on exit."""
+    import uvicorn
+
+    cfg = settings.console
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, client), host=cfg.host, port=cfg.port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="console", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"the console did not start on {cfg.host}:{cfg.port}")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{cfg.host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
 
 
 def serve(settings: Settings) -> None:

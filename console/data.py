@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import redis
 
 from daemon.config import Settings
-from daemon.confirmations import AdaptationBuffer, ReviewFrame, recent_verdicts, review_queue
+from daemon.confirmations import AdaptationBuffer, ReviewFrame, review_queue
 from daemon.events import Event, EventKind, EventLog
 from daemon.registry import DEFAULT_SCOPE, ModelRegistry, RegistryError
 from daemon.store import Keys
@@ -190,6 +191,33 @@ class VersionsView:
     scope_choices: list[str]
 
 
+class VerdictTail:
+    """The newest `size` verdicts, kept in memory and topped up with only the entries added since the last
+    read: a page polled every few seconds reads a few new entries, not thousands (thread-safe)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, size: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.size = size
+        self._entries: deque[dict[str, str]] = deque(maxlen=size)  # oldest first
+        self._last: bytes | None = None
+        self._lock = threading.Lock()
+
+    def read(self) -> list[dict[str, str]]:
+        """Newest first."""
+        with self._lock:
+            new = None
+            if self._last is not None:
+                new = self.client.xrange(self.keys.verdicts, min=b"(" + self._last, count=self.size)
+            if new is None or len(new) >= self.size:  # first read, or more new entries than kept: start over
+                self._entries.clear()
+                new = list(reversed(self.client.xrevrange(self.keys.verdicts, count=self.size)))
+            for entry_id, fields in new:
+                self._entries.append({k.decode(): v.decode() for k, v in fields.items()})
+                self._last = entry_id
+            return list(reversed(self._entries))
+
+
 class ConsoleData:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.client = client
@@ -199,11 +227,12 @@ class ConsoleData:
         self.registry = ModelRegistry.from_settings(client, settings)
         self.events = EventLog(client, self.keys, settings.redis.events_max_len)
         self.buffer = AdaptationBuffer(client, self.keys)
+        self.tail = VerdictTail(client, self.keys, self.cfg.recent_verdicts)
 
     # ------------------------------------------------------------------------------------------- line
 
     def recent(self) -> list[dict[str, str]]:
-        return recent_verdicts(self.client, self.keys, self.cfg.recent_verdicts)
+        return self.tail.read()
 
     def line(self) -> list[Tile]:
         recent = self.recent()
@@ -341,7 +370,7 @@ class ConsoleData:
             change = next((e for e in changes if e.scope == scope), None)
             author = "" if change is None else str(change.detail.get("author") or "inspectd")
             scopes.append(ScopeRow(scope, active, self.registry.history(scope), author, change and change.ts))
-        cameras = {v["camera_id"] for v in recent_verdicts(self.client, self.keys, self.cfg.flagged_window)}
+        cameras = {v["camera_id"] for v in self.recent()}
         lines = self.settings.registry.lines
         choices = sorted({DEFAULT_SCOPE, *actives, *lines, *lines.values(), *cameras})
         return VersionsView(rows, scopes, choices)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
-import uvicorn
 from PIL import Image
 from torch import Tensor
 
 from adapters.adapt import AdaptConfig, adapt
-from console.app import create_app
+from console.app import serving as console_serving
 from console.users import add_user
 from csflow.artifacts import load_model, save_adapter, save_model
 from csflow.backbones import LITE0_PACKAGE
@@ -37,7 +34,6 @@ from daemon.registry import ModelRegistry
 from daemon.store import Keys, Verdict, VerdictStore
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
-from lab.services import free_port
 
 PREFIX = "t:"
 KEYS = Keys(PREFIX)
@@ -108,21 +104,9 @@ def seed(client: redis.Redis, version: str = "v-source", frames: int = 110) -> S
 @contextmanager
 def serving(settings: Settings, client: redis.Redis | None = None) -> Iterator[str]:
     """The console on a free loopback port, in a thread; yields its base URL."""
-    port = free_port()
-    config = uvicorn.Config(create_app(settings, client), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the console did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    free = settings.model_copy(update={"console": settings.console.model_copy(update={"port": 0})})
+    with console_serving(free, client) as base:
+        yield base
 
 
 @dataclass(frozen=True)

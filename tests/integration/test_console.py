@@ -24,11 +24,12 @@ import requests
 from PIL import Image
 from torch import Tensor
 
+from console.data import VerdictTail
 from csflow.model import CSFlow
 from daemon.config import ConfirmationsSection, Settings
-from daemon.confirmations import ConfirmationProcessor
+from daemon.confirmations import ConfirmationProcessor, recent_verdicts
 from daemon.registry import ModelRegistry
-from daemon.store import VerdictStore
+from daemon.store import Verdict, VerdictStore
 from lab.services import LocalRedis
 
 KEYS = cs.KEYS
@@ -278,3 +279,16 @@ def test_a_hanging_redis_gives_an_error_banner_not_a_hang(silent_redis: str, tmp
             assert r.status_code == 503 and took < 4 * settings.console.redis_timeout_s, (path, took)
             assert path == "/readyz" or "Redis did not answer" in r.text
         assert requests.get(f"{base}/healthz").status_code == 200
+
+
+def test_verdict_tail_reads_only_new_entries_and_matches_the_stream(client: redis.Redis) -> None:
+    cs.seed(client, frames=30)
+    tail = VerdictTail(client, KEYS, size=50)
+    assert tail.read() == recent_verdicts(client, KEYS, 50)
+    cs.seed(client, frames=10)  # same ids: no new verdicts
+    assert tail.read() == recent_verdicts(client, KEYS, 50)
+    store = VerdictStore(client, KEYS, 3600, 3600, 100_000)
+    for burst in (3, 60):  # a few new ones, then more than the tail keeps
+        ids = [f"new-{burst}-{i}" for i in range(burst)]
+        store.write([Verdict(i, "cam-3", cs.START_MS, 0.5, 1.0, False, "v", 1.0) for i in ids], [])
+        assert tail.read() == recent_verdicts(client, KEYS, 50)
