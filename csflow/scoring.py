@@ -12,29 +12,39 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from csflow.model import CSFlow, anomaly_maps, image_scores
+from csflow.model import CSFlow, anomaly_maps, image_scores, per_sample_nll
 
 
 @dataclass(frozen=True)
 class Scores:
-    """Image scores (B,) as float64, and (B, S, S) anomaly maps when they were asked for."""
+    """Image scores (B,) as float64; (B, S, S) anomaly maps and per-sample NLLs (B,) when asked for."""
 
     image: np.ndarray
     maps: np.ndarray | None = None
+    nll: np.ndarray | None = None
 
 
 @torch.inference_mode()
-def score_images(model: CSFlow, images: Tensor, batch_size: int | None = None, maps: bool = False) -> Scores:
-    """Score (B, 3, S, S) images in [0, 1] with `model` in eval mode, `batch_size` at a time (None: all)."""
+def score_images(
+    model: CSFlow, images: Tensor, batch_size: int | None = None, maps: bool = False, nll: bool = False
+) -> Scores:
+    """Score (B, 3, S, S) images in [0, 1] with `model` in eval mode, `batch_size` at a time (None: all);
+    the NLL (the training objective, log-det included) too when asked, from the same forward pass."""
     model.eval()
     device = next(model.parameters()).device
     step = batch_size or max(len(images), 1)
     image_parts: list[Tensor] = []
     map_parts: list[Tensor] = []
+    nll_parts: list[Tensor] = []
     for start in range(0, len(images), step):
-        z = model(images[start : start + step].to(device)).z
-        image_parts.append(image_scores(z).double().cpu())
+        out = model(images[start : start + step].to(device))
+        image_parts.append(image_scores(out.z).double().cpu())
         if maps:
-            map_parts.append(anomaly_maps(z, model.image_size).cpu())
-    image = torch.cat(image_parts).numpy() if image_parts else np.zeros(0)
-    return Scores(image, torch.cat(map_parts).numpy() if map_parts else None) if maps else Scores(image)
+            map_parts.append(anomaly_maps(out.z, model.image_size).cpu())
+        if nll:
+            nll_parts.append(per_sample_nll(out).double().cpu())
+    return Scores(_joined(image_parts), _joined(map_parts) if maps else None, _joined(nll_parts) if nll else None)
+
+
+def _joined(parts: list[Tensor]) -> np.ndarray:
+    return torch.cat(parts).numpy() if parts else np.zeros(0)

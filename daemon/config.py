@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from adapters.adapt import AdaptConfig
 from adapters.gate import GateConfig
+from adapters.shadow import ShadowConfig
 from csflow.backbones import LITE0, default_weights, resolve_weights
 from csflow.data import ImageLimits
 from csflow.flow import FlowConfig
@@ -111,6 +112,10 @@ class AdaptSection(Section):
     max_shots: int = Field(10, ge=1)
     lock_ttl_s: float = Field(60.0, gt=0)
     check_interval_s: float = Field(2.0, gt=0)
+    # Shadow evaluation on the camera's live frames (adapters/shadow.py).
+    shadow_frames: int = Field(100, ge=0)
+    shadow_lower_quantile: float = Field(0.1, gt=0, lt=0.5)
+    shadow_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _shots_range(self) -> AdaptSection:
@@ -134,6 +139,9 @@ class AdaptSection(Section):
             min_view_recovery=self.min_view_recovery,
         )
         return adapt, gate
+
+    def shadow_config(self) -> ShadowConfig:
+        return ShadowConfig(self.shadow_frames, self.shadow_lower_quantile, self.min_defect_detection)
 
 
 class ConfirmationsSection(Section):

@@ -24,6 +24,7 @@ from daemon.store import Keys
 class EventKind(StrEnum):
     DRIFT_ALARM = "drift_alarm"
     ADAPTATION_STARTED = "adaptation_started"
+    ADAPTATION_SHADOW = "adaptation_shadow"  # passed the offline gate; scored beside its parent on live frames
     ADAPTATION_ACCEPTED = "adaptation_accepted"
     ADAPTATION_REJECTED = "adaptation_rejected"
     VERSION_ACTIVATED = "version_activated"

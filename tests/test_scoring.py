@@ -10,7 +10,7 @@ import torch
 from csflow.backbones import LITE0, NO_WEIGHTS
 from csflow.fit import build_model
 from csflow.flow import FlowConfig
-from csflow.model import CSFlow, anomaly_maps, image_scores
+from csflow.model import CSFlow, anomaly_maps, image_scores, per_sample_nll
 from csflow.scoring import score_images
 
 
@@ -28,10 +28,14 @@ def model() -> CSFlow:
 def test_scores_are_the_models_image_scores(model: CSFlow) -> None:
     images = torch.rand(5, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        z = model(images).z
-        expected, expected_maps = image_scores(z).double().numpy(), anomaly_maps(z, 128).numpy()
+        out = model(images)
+        expected, expected_maps = image_scores(out.z).double().numpy(), anomaly_maps(out.z, 128).numpy()
+        expected_nll = per_sample_nll(out).double().numpy()
     plain = score_images(model, images)
-    assert plain.image.dtype == np.float64 and plain.image.shape == (5,) and plain.maps is None
+    assert plain.image.dtype == np.float64 and plain.image.shape == (5,) and plain.maps is None and plain.nll is None
+    with_nll = score_images(model, images, nll=True)
+    assert with_nll.nll is not None
+    np.testing.assert_allclose(with_nll.nll, expected_nll, rtol=1e-6)
     np.testing.assert_allclose(plain.image, expected, rtol=1e-6)
     with_maps = score_images(model, images, maps=True)
     assert with_maps.maps is not None and with_maps.maps.shape == (5, 128, 128)

@@ -1,0 +1,206 @@
+"""Shadow evaluation: a candidate earns activation on its camera's own live frames.
+
+Why. The offline gate judges a handful of confirmed shots (or, with one shot, perturbed copies of it), and
+the adaptation minimised exactly those frames' NLL, so it cannot tell whether the candidate works on the
+line. A line also needs an operating point in its new domain: adaptation closes most of the gap to the
+source score level but rarely all of it, and at the inherited threshold a candidate that ranks the new
+domain perfectly can still reject nearly every normal part. So a candidate that passed the offline gate
+scores the camera's next `frames` live frames beside its parent (verdicts still come from the parent),
+and the decision rests on those frames:
+
+- Operating point. The live frames are mostly normal with a few defects, so only the lower part of their
+  score distribution describes normal parts (the drift monitor reasons the same way). The parent's
+  calibration scores are carried into the new domain by the location-scale map that matches their
+  median and their (median - q`lower`) spread to the candidate's live scores; the threshold is the
+  parent's threshold through the same map. The new version's drift reference is its own live scores of
+  the frames it does not flag, so it watches itself against what it does on this camera, not against a
+  source level it never quite reached.
+- Checks (each can fail): all scores finite; at its own threshold the candidate flags no more live
+  frames than the parent did at the parent's; the synthetic defects of the offline gate still score
+  above the new threshold (at least `min_defect_detection`); and a fresh drift monitor whose reference
+  is the parent's calibration carried over by the map, fed the candidate's live scores in stream order,
+  raises no alarm (the statistic that raised the camera's alarm; it fails when the candidate's scores
+  do not settle into one normal distribution on this camera).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from csflow.calibration import Calibration
+from drift.config import DriftConfig
+from drift.monitor import DriftMonitor
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """`frames`: live frames scored in shadow before deciding; `lower`: the quantile that, with the median,
+    measures the spread of normal scores; `min_defect_detection`: share of the gate's synthetic defects
+    that must stay above the new threshold."""
+
+    frames: int = 100
+    lower: float = 0.1
+    min_defect_detection: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if not 0.0 < self.lower < 0.5:
+            raise ValueError(f"lower must be in (0, 0.5), got {self.lower}")
+        if not 0.0 <= self.min_defect_detection <= 1.0:
+            raise ValueError(f"min_defect_detection must be in [0, 1], got {self.min_defect_detection}")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Where the parent's calibration lands in the new domain: x -> location + (x - source_location) * scale."""
+
+    threshold: float
+    location: float
+    source_location: float
+    scale: float
+
+    def carry(self, scores: np.ndarray) -> np.ndarray:
+        return self.location + (np.asarray(scores, dtype=np.float64) - self.source_location) * self.scale
+
+
+def operating_point(live_scores: np.ndarray, calibration: Calibration, lower: float) -> OperatingPoint:
+    """The location-scale map from `calibration`'s scores to the lower part of `live_scores`, and the
+    calibration threshold through it; `ValueError` when the live scores have no spread to match."""
+    live = np.asarray(live_scores, dtype=np.float64)
+    source = np.asarray(calibration.scores, dtype=np.float64)
+    if live.size < 2 or not np.isfinite(live).all():
+        raise ValueError("need at least two finite live scores")
+    src_mid, src_low = np.quantile(source, (0.5, lower))
+    live_mid, live_low = np.quantile(live, (0.5, lower))
+    src_spread, live_spread = src_mid - src_low, live_mid - live_low
+    if src_spread <= 0 or live_spread <= 0:
+        raise ValueError(f"no spread to match (source {src_spread:.4g}, live {live_spread:.4g})")
+    scale = float(live_spread / src_spread)
+    threshold = float(live_mid + (calibration.threshold - src_mid) * scale)
+    return OperatingPoint(threshold, float(live_mid), float(src_mid), scale)
+
+
+@dataclass(frozen=True)
+class ShadowDecision:
+    """`calibration` is the candidate's calibration for the new domain (threshold and drift reference),
+    set when accepted; `reasons` has one 'ok ...' or 'FAIL ...' line per check."""
+
+    accepted: bool
+    reasons: list[str]
+    figures: dict[str, Any]
+    calibration: Calibration | None = None
+
+
+@dataclass
+class ShadowEvaluation:
+    """Collects (parent score, candidate score, candidate NLL) per live frame, in stream order; `decide()`
+    once `done`. `defect_scores`: the candidate's scores of the offline gate's synthetic defects."""
+
+    parent_calibration: Calibration
+    defect_scores: list[float]
+    config: ShadowConfig = field(default_factory=ShadowConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    parent: list[float] = field(default_factory=list)
+    candidate: list[float] = field(default_factory=list)
+    candidate_nll: list[float] = field(default_factory=list)
+
+    def update(self, parent_score: float, candidate_score: float, candidate_nll: float) -> ShadowEvaluation:
+        if not self.done:
+            self.parent.append(float(parent_score))
+            self.candidate.append(float(candidate_score))
+            self.candidate_nll.append(float(candidate_nll))
+        return self
+
+    @property
+    def frames_seen(self) -> int:
+        return len(self.candidate)
+
+    @property
+    def done(self) -> bool:
+        return self.frames_seen >= self.config.frames
+
+    def decide(self) -> ShadowDecision:
+        cfg, parent_cal = self.config, self.parent_calibration
+        parent, cand = np.asarray(self.parent), np.asarray(self.candidate)
+        parent_flags = int((parent > parent_cal.threshold).sum())
+        figures: dict[str, Any] = {
+            "frames_seen": self.frames_seen,
+            "frames_needed": cfg.frames,
+            "parent_threshold": parent_cal.threshold,
+            "parent_flag_rate": parent_flags / max(len(parent), 1),
+            "parent_median": float(np.median(parent)) if parent.size else None,
+            "candidate_median": float(np.median(cand)) if cand.size else None,
+        }
+        reasons: list[str] = []
+        checks: dict[str, bool] = {}
+
+        def check(name: str, passed: bool, text: str) -> None:
+            checks[name] = passed
+            reasons.append(f"{'ok' if passed else 'FAIL'} shadow {name}: {text}")
+
+        check("frames", self.done, f"{self.frames_seen} of {cfg.frames} live frames scored beside the parent")
+        finite = bool(cand.size and np.isfinite(cand).all() and np.isfinite(self.candidate_nll).all())
+        check("finite", finite, "candidate scores are finite" if finite else "candidate produced NaN or inf")
+        if not (self.done and finite):
+            return ShadowDecision(False, reasons, figures)
+        try:
+            point = operating_point(cand, parent_cal, cfg.lower)
+        except ValueError as exc:
+            check("operating_point", False, str(exc))
+            return ShadowDecision(False, reasons, figures)
+        flagged = cand > point.threshold
+        defects = np.asarray(self.defect_scores, dtype=np.float64)
+        detection = float((defects > point.threshold).mean()) if defects.size else 0.0
+        monitor = DriftMonitor(point.carry(np.asarray(parent_cal.scores)), self.drift)
+        for score in cand:
+            monitor.update(float(score))
+        figures |= {
+            "threshold": point.threshold,
+            "location": point.location,
+            "scale": point.scale,
+            "candidate_flag_rate": float(flagged.mean()),
+            "defect_detection_rate": detection,
+            "n_defects": int(defects.size),
+            "drift": _json_safe(monitor.summary()),
+        }
+        check(
+            "flags",
+            int(flagged.sum()) <= parent_flags,
+            f"candidate flags {flagged.mean():.0%} of live frames at its threshold {point.threshold:.4g}, "
+            f"the parent {figures['parent_flag_rate']:.0%} at {parent_cal.threshold:.4g}",
+        )
+        check(
+            "defects",
+            detection >= cfg.min_defect_detection,
+            f"{detection:.0%} of {defects.size} synthetic defects above the new threshold "
+            f"(need {cfg.min_defect_detection:.0%})",
+        )
+        alarm = monitor.alarm
+        check(
+            "stable",
+            alarm is None,
+            "no drift against the parent's calibration carried into the new domain"
+            if alarm is None
+            else f"{alarm.detector} statistic {alarm.statistic:.4g} > {alarm.threshold:.4g} "
+            f"at live frame {alarm.frame}",
+        )
+        if not all(checks.values()):
+            return ShadowDecision(False, reasons, figures)
+        keep = ~flagged
+        calibration = Calibration(
+            point.threshold,
+            parent_cal.target_fpr,
+            sorted(cand[keep].tolist()),
+            sorted(np.asarray(self.candidate_nll)[keep].tolist()),
+        )
+        return ShadowDecision(True, reasons, figures, calibration)
+
+
+def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
+    """Drift summaries may hold inf or None (a statistic not computed yet); events are strict JSON."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

@@ -1,0 +1,108 @@
+"""Shadow evaluation (adapters/shadow.py): the operating point in a new domain and each check saying no."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapters.shadow import ShadowConfig, ShadowEvaluation, operating_point
+from csflow.calibration import Calibration, calibrate
+
+RNG = np.random.default_rng(11)
+SOURCE = RNG.gamma(9.0, 0.1, 200)  # held-out normal scores of the parent in its own domain
+CALIBRATION = calibrate(SOURCE, 0.01)
+CONFIG = ShadowConfig(frames=100, lower=0.1, min_defect_detection=0.8)
+
+
+def live_stream(normal: np.ndarray, defects: np.ndarray, every: int = 20) -> np.ndarray:
+    """Normal live scores with a defect every `every` frames (a few percent, as on a line)."""
+    out = normal.copy()
+    out[every - 1 :: every] = defects[: len(out[every - 1 :: every])]
+    return out
+
+
+def evaluate(parent: np.ndarray, candidate: np.ndarray, defect_scores: np.ndarray) -> ShadowEvaluation:
+    ev = ShadowEvaluation(CALIBRATION, defect_scores.tolist(), CONFIG)
+    for p, c in zip(parent, candidate, strict=True):
+        ev.update(p, c, c * 3.0)
+    return ev
+
+
+def test_operating_point_carries_the_calibration_through_a_location_scale_change() -> None:
+    point = operating_point(2.0 * SOURCE + 1.0, CALIBRATION, 0.1)
+    assert point.scale == pytest.approx(2.0)
+    assert point.threshold == pytest.approx(2.0 * CALIBRATION.threshold + 1.0)
+    np.testing.assert_allclose(point.carry(SOURCE), 2.0 * SOURCE + 1.0)
+    with pytest.raises(ValueError, match="spread"):
+        operating_point(np.ones(50), CALIBRATION, 0.1)
+
+
+def test_a_partly_recovered_candidate_gets_its_own_threshold_and_keeps_defects_flagged() -> None:
+    """The issue's case: adaptation closed most of the gap; at the inherited threshold it would reject
+    nearly every normal part, at its own it rejects few and still flags the defects."""
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6  # shifted normals under the candidate
+    defects = RNG.uniform(4.0, 6.0, 100)
+    candidate = live_stream(normal, defects)
+    parent = live_stream(normal * 3.0, defects * 2.0)  # the parent rejects everything
+    assert (normal > CALIBRATION.threshold).mean() > 0.5  # the inherited threshold would fail the line
+    decision = evaluate(parent, candidate, RNG.uniform(3.0, 6.0, 20)).decide()
+    assert decision.accepted, decision.reasons
+    cal = decision.calibration
+    assert cal is not None and CALIBRATION.threshold < cal.threshold < 3.0
+    assert (normal > cal.threshold).mean() <= 0.05  # normals pass
+    assert (defects > cal.threshold).all()  # defects stay flagged
+    assert max(cal.scores) <= cal.threshold and len(cal.scores) >= 90  # reference: what it did not flag
+    assert len(cal.nll) == len(cal.scores)
+    assert decision.figures["parent_flag_rate"] == 1.0 and decision.figures["candidate_flag_rate"] <= 0.1
+
+
+def test_refused_when_the_candidate_flags_more_than_the_parent() -> None:
+    """A candidate that made a fifth of the normal parts look anomalous, beside a parent that was doing fine:
+    its own threshold (set by the lower part) flags them, more than the parent flags."""
+    normal = RNG.gamma(9.0, 0.1, 100)
+    candidate = normal.copy()
+    candidate[::5] += 3.0  # a fifth of the normal parts now look anomalous
+    decision = evaluate(normal, candidate, RNG.uniform(8.0, 9.0, 20)).decide()
+    assert not decision.accepted
+    assert any(r.startswith("FAIL shadow flags") for r in decision.reasons), decision.reasons
+
+
+def test_refused_when_synthetic_defects_fall_below_the_new_threshold() -> None:
+    normal = 3.0 * RNG.gamma(9.0, 0.1, 100)  # spread three times wider: the threshold moves up
+    decision = evaluate(normal * 4.0, normal, RNG.uniform(1.2, 1.8, 20)).decide()
+    assert not decision.accepted
+    assert any(r.startswith("FAIL shadow defects") for r in decision.reasons), decision.reasons
+
+
+def test_refused_when_the_candidates_scores_drift_during_the_shadow() -> None:
+    normal = RNG.gamma(9.0, 0.1, 100)
+    drifting = normal + np.r_[np.zeros(50), np.full(50, 0.8)]  # the domain keeps moving
+    decision = evaluate(drifting * 5.0, drifting, RNG.uniform(8.0, 9.0, 20)).decide()
+    assert not decision.accepted
+    assert any(r.startswith("FAIL shadow stable") for r in decision.reasons), decision.reasons
+
+
+def test_no_decision_before_enough_frames_and_none_on_non_finite_scores() -> None:
+    ev = ShadowEvaluation(CALIBRATION, [5.0], CONFIG)
+    for score in SOURCE[:10]:
+        ev.update(score, score, score)
+    assert not ev.done and not ev.decide().accepted
+    ev = ShadowEvaluation(CALIBRATION, [5.0], CONFIG)
+    for i in range(100):
+        ev.update(1.0, float("nan") if i == 50 else 1.0 + i * 1e-3, 1.0)
+    decision = ev.decide()
+    assert ev.done and not decision.accepted and "FAIL shadow finite" in decision.reasons[1]
+
+
+def test_frames_beyond_the_shadow_are_ignored() -> None:
+    ev = ShadowEvaluation(CALIBRATION, [], ShadowConfig(frames=3))
+    for i in range(10):
+        ev.update(1.0, float(i), 0.0)
+    assert ev.candidate == [0.0, 1.0, 2.0]
+
+
+def test_the_calibration_it_returns_round_trips() -> None:
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.3
+    decision = evaluate(normal * 3.0, normal, RNG.uniform(4.0, 6.0, 20)).decide()
+    assert decision.calibration is not None
+    assert Calibration.from_dict(decision.calibration.to_dict()) == decision.calibration
