@@ -31,10 +31,11 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 from redis.client import Pipeline
+from redis.commands.core import Script
 
 from csflow.artifacts import (
     MANIFEST,
@@ -319,10 +320,20 @@ class ModelRegistry:
         tmp.replace(link)  # atomic: a reader sees the old link or the new one
 
     def _field(self, version: str, field: str, limit: int) -> bytes | None:
-        value = self._bounded_hget(keys=[self.keys.model(version)], args=[field, limit])
+        value = _read_only(self.client, self._bounded_hget, [self.keys.model(version)], [field, limit])
         if isinstance(value, int):
             raise RegistryError(f"version {version}: {field} is {value} bytes, more than the limit of {limit}")
         return value
+
+
+def _read_only(client: redis.Redis, script: Script, keys: list[str], args: list[str | int]) -> Any:
+    """Run a script that only reads through EVALSHA_RO: a Redis user with read-only access to the keys (the
+    operator console's, see deploy/README.md) may run it, where EVALSHA would need write access too."""
+    try:
+        return client.evalsha_ro(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        client.script_load(script.script)
+        return client.evalsha_ro(script.sha, len(keys), *keys, *args)
 
 
 def _checked_name(manifest: Manifest, name: str) -> str:
