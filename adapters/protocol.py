@@ -24,6 +24,12 @@ SETTINGS: dict[str, str] = {
     "adapted": "source model adapted with the k shots",
 }
 PER_SHIFT = ("target", "source")  # independent of k and fold
+# An adapted version is "good" when, at its own threshold on the shifted test set, it rejects at most
+# GOOD_MAX_FPR of the normal parts and catches defects within GOOD_MAX_TPR_DROP of the source model's
+# TPR on clean data. The gate is judged against that.
+GOOD_MAX_FPR = 0.05
+GOOD_MAX_TPR_DROP = 0.05
+GATE_CLASSES = ("accepted-good", "accepted-bad", "rejected-good", "rejected-bad")
 
 
 @dataclass(frozen=True)
@@ -141,4 +147,50 @@ def markdown_table(rows: Sequence[Row], shots: Sequence[int]) -> str:
             spread = f" ± {row.auroc_std:.3f}" if row.n > 1 else ""  # one value: no spread to show
             values.append(f"{row.auroc_mean:.3f}{spread}{op}")
         lines.append(f"| {shift} | {SETTINGS[setting]} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gate_class(cell: Cell) -> str | None:
+    """Where an adapted cell falls in the gate's confusion table (None: not an adapted cell with a gate
+    decision and an operating point). Its detail carries `accepted` and `source_clean_tpr`."""
+    accepted, clean_tpr = cell.detail.get("accepted"), cell.detail.get("source_clean_tpr")
+    if cell.setting != "adapted" or accepted is None or clean_tpr is None or cell.fpr is None or cell.tpr is None:
+        return None
+    good = cell.fpr <= GOOD_MAX_FPR and cell.tpr >= clean_tpr - GOOD_MAX_TPR_DROP
+    return f"{'accepted' if accepted else 'rejected'}-{'good' if good else 'bad'}"
+
+
+def gate_confusion(cells: Iterable[Cell]) -> dict[str, list[str]]:
+    """Cell keys per gate class, in GATE_CLASSES order."""
+    table: dict[str, list[str]] = {name: [] for name in GATE_CLASSES}
+    for cell in cells:
+        name = gate_class(cell)
+        if name is not None:
+            table[name].append(cell.key)
+    return table
+
+
+def gate_markdown(cells: Sequence[Cell]) -> str:
+    """The gate's confusion table per (shift, k), the total, and every accepted-bad cell by name."""
+    adapted = [c for c in cells if gate_class(c) is not None]
+    if not adapted:
+        return ""
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for cell in adapted:
+        groups.setdefault((cell.shift, int(cell.k or 0)), []).append(cell)
+    lines = [
+        "\n## Does the gate decide right?\n",
+        f"Adapted cells by the gate's decision (offline gate, then shadow on half of the shifted test set in "
+        f"stream order) and by the candidate's FPR and TPR at its own threshold on the other half: good = "
+        f"FPR <= {GOOD_MAX_FPR:.2f} and TPR within {GOOD_MAX_TPR_DROP:.2f} of the source model's on clean data.\n",
+        "| shift | k | " + " | ".join(GATE_CLASSES) + " |",
+        "|" + "---|" * (2 + len(GATE_CLASSES)),
+    ]
+    for (shift, k), group in sorted(groups.items()):
+        counts = gate_confusion(group)
+        lines.append(f"| {shift} | {k} | " + " | ".join(str(len(counts[n])) for n in GATE_CLASSES) + " |")
+    total = gate_confusion(adapted)
+    lines.append("| all | | " + " | ".join(f"**{len(total[n])}**" for n in GATE_CLASSES) + " |")
+    bad = total["accepted-bad"]
+    lines.append("\nAccepted but bad: " + (", ".join(bad) if bad else "none") + ".\n")
     return "\n".join(lines) + "\n"

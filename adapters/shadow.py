@@ -156,8 +156,11 @@ class ShadowEvaluation:
         flagged = cand > point.threshold
         defects = np.asarray(self.defect_scores, dtype=np.float64)
         detection = float((defects > point.threshold).mean()) if defects.size else 0.0
-        monitor = DriftMonitor(point.carry(np.asarray(parent_cal.scores)), self.drift)
-        for score in cand:
+        try:
+            monitor: DriftMonitor | None = DriftMonitor(point.carry(np.asarray(parent_cal.scores)), self.drift)
+        except ValueError as exc:  # too few calibration scores to watch drift against
+            monitor, no_monitor = None, str(exc)
+        for score in cand if monitor is not None else ():
             monitor.update(float(score))
         figures |= {
             "threshold": point.threshold,
@@ -166,7 +169,7 @@ class ShadowEvaluation:
             "candidate_flag_rate": float(flagged.mean()),
             "defect_detection_rate": detection,
             "n_defects": int(defects.size),
-            "drift": _json_safe(monitor.summary()),
+            "drift": _json_safe(monitor.summary()) if monitor is not None else None,
         }
         check(
             "flags",
@@ -180,15 +183,17 @@ class ShadowEvaluation:
             f"{detection:.0%} of {defects.size} synthetic defects above the new threshold "
             f"(need {cfg.min_defect_detection:.0%})",
         )
-        alarm = monitor.alarm
-        check(
-            "stable",
-            alarm is None,
-            "no drift against the parent's calibration carried into the new domain"
-            if alarm is None
-            else f"{alarm.detector} statistic {alarm.statistic:.4g} > {alarm.threshold:.4g} "
-            f"at live frame {alarm.frame}",
-        )
+        if monitor is None:
+            check("stable", False, f"cannot watch drift: {no_monitor}")
+        elif monitor.alarm is not None:
+            alarm = monitor.alarm
+            check(
+                "stable",
+                False,
+                f"{alarm.detector} statistic {alarm.statistic:.4g} > {alarm.threshold:.4g} at live frame {alarm.frame}",
+            )
+        else:
+            check("stable", True, "no drift against the parent's calibration carried into the new domain")
         if not all(checks.values()):
             return ShadowDecision(False, reasons, figures)
         keep = ~flagged

@@ -3,8 +3,10 @@
 Stand-ins for what happens on a line: a re-wired camera (`brg`), a colour camera replaced by a grey
 one (`gray`), lighting (`illumination`: gain and gamma), a colour cast, defocus (`blur`), sensor
 noise (`noise`, seeded from the image content so the same image always gets the same noise), a
-colour-jitter in HSV (`coljit`) and a new "style" (`style`: the colour statistics of a reference image
-transferred onto the frame, a cheap stand-in for the paper's WCT2 style transfer).
+colour-jitter in HSV (`coljit`), a new "style" (`style`: the colour statistics of a reference image
+transferred onto the frame, a cheap stand-in for the paper's WCT2 style transfer), and a new lamp mounted
+off-axis (`lamp`: uneven light across the part, a veil of stray light and a warmer colour temperature;
+it changes grey frames too, and moves a source model's scores about as far as `style`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,25 @@ def coljit(hsv_gain: tuple[float, float, float] = (1.0, 1.5, 0.8)) -> Shift:
     return shift
 
 
+def lamp(
+    gain_range: tuple[float, float] = (0.55, 1.3),
+    veil: float = 0.18,
+    rgb_gain: tuple[float, float, float] = (1.1, 1.0, 0.85),
+) -> Shift:
+    """Light falling off across the frame (a gain from `gain_range[0]` at one corner to `gain_range[1]` at
+    the opposite one), stray light lifting the blacks (`veil`: share of white blended in) and a colour cast."""
+
+    def shift(image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        ramp = np.add.outer(np.linspace(0.0, 0.5, h), np.linspace(0.0, 0.5, w)).astype(np.float32)
+        gain = gain_range[0] + (gain_range[1] - gain_range[0]) * ramp
+        x = image.astype(np.float32) / 255.0 * gain[..., None] * np.asarray(rgb_gain, np.float32)
+        x = (1.0 - veil) * x + veil
+        return (x.clip(0, 1) * 255).round().astype(np.uint8)
+
+    return shift
+
+
 def style(reference: np.ndarray) -> Shift:
     """Reinhard-style transfer in YCbCr: each channel gets the reference's mean and standard deviation.
 
@@ -104,6 +125,7 @@ SHIFTS: dict[str, Shift] = {
     "noise": noise(),
     "coljit": coljit(),
     "style": style(style_reference()),
+    "lamp": lamp(),
 }
 
 

@@ -246,7 +246,7 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
     import structlog
 
-    from adapters.protocol import Cell
+    from adapters.protocol import SETTINGS, Cell
     from adapters.shifts import get_shift
     from csflow.fit import resolve_device
     from lab.experiment import ExperimentSpec, run_experiment
@@ -259,9 +259,16 @@ def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
         folds=args.folds,
         fit=fit_spec(args, settings),
         adapt=settings.adapt.to_configs()[0],
+        gate=settings.adapt.to_configs()[1],
+        shadow=settings.adapt.shadow_config(),
+        drift=settings.drift.to_config(),
         seed=args.seed or 0,
         source=args.source,
+        settings=tuple(_csv(args.settings, str, "--settings")) if args.settings else tuple(SETTINGS),
     )
+    unknown = set(spec.settings) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"--settings: unknown {', '.join(sorted(unknown))}; known: {', '.join(SETTINGS)}")
     if spec.folds < 1 or min(spec.shots) < 1:
         raise ValueError("--folds and every --shots value must be at least 1")
     for name in spec.shifts:
@@ -368,6 +375,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
     p.add_argument("--epochs", type=int, help="epochs of every flow trained from scratch")
     p.add_argument("--seed", type=int, help="seed for the shots drawn and the trainings")
+    p.add_argument("--settings", help="comma-separated settings to compute (default all), e.g. adapted")
     p.add_argument("--report-only", action="store_true", help="write the table and chart from the cells done")
     p.set_defaults(handler=cmd_experiment)
 

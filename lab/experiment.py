@@ -5,6 +5,12 @@ most the cell in progress; a rerun with the same settings skips what is done, an
 settings into the same folder is refused rather than mixed in. Features of the frozen extractor are
 computed once per image set and shared by every flow that uses them (source, target, shots, source +
 shots); only the adapted models need full forward passes.
+
+The adapted setting runs what a worker runs: the offline gate (`adapters.gate.adapt_and_gate`, which holds
+shots out), then the shadow evaluation (`adapters.shadow`) on half of the shifted test set in a seeded
+stream order, which also sets the candidate's own threshold; its FPR and TPR are measured at that
+threshold on the other half, so the gate's decision can be scored against what it decided on
+(`adapters.protocol.gate_markdown`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,9 +29,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adapters.adapt import AdaptConfig, adapt
-from adapters.gate import score_images
-from adapters.protocol import PER_SHIFT, SETTINGS, Cell, cell_key, draw_shots, markdown_table, shots_epochs, summarise
+from adapters.adapt import AdaptConfig
+from adapters.gate import GateConfig, adapt_and_gate
+from adapters.protocol import (
+    PER_SHIFT,
+    SETTINGS,
+    Cell,
+    cell_key,
+    draw_shots,
+    gate_markdown,
+    markdown_table,
+    shots_epochs,
+    summarise,
+)
+from adapters.shadow import ShadowConfig, ShadowEvaluation, operating_point
 from adapters.shifts import get_shift
 from csflow.artifacts import ModelVersion, load_model, save_model
 from csflow.calibration import calibrate
@@ -33,10 +50,13 @@ from csflow.data import load_batch, load_dataset
 from csflow.evaluation import evaluate_scores
 from csflow.fit import FitSpec, Progress, fit, image_batches, no_progress
 from csflow.model import CSFlow
+from csflow.scoring import score_images
 from csflow.training import Features, extract_features, features_scores, split_indices, train_flow
+from drift.config import DriftConfig
 from lab.plots import plot_protocol
 
 RESULTS = "results.json"
+PROTOCOL_REVISION = 2  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold
 OperatingPoint = tuple[float | None, float | None]  # (FPR, TPR) at the setting's threshold, if it has one
 Outcome = tuple[float, OperatingPoint, dict[str, Any]]  # image AUROC, operating point, details
 
@@ -54,15 +74,23 @@ class ExperimentSpec:
     folds: int
     fit: FitSpec  # the source model and every flow trained from scratch
     adapt: AdaptConfig
+    gate: GateConfig = field(default_factory=GateConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     seed: int = 0
     source: Path | None = None  # an existing source model; else one is trained into out/source
+    settings: tuple[str, ...] = tuple(SETTINGS)  # which settings to compute (all by default)
 
     def fingerprint(self) -> dict[str, Any]:
         """What the cells depend on; `out` and how many folds/shots are asked for do not change a cell."""
         described = {
+            "protocol": PROTOCOL_REVISION,
             "data": str(self.data.resolve()),
             "fit": asdict(self.fit),
             "adapt": asdict(self.adapt),
+            "gate": asdict(self.gate),
+            "shadow": asdict(self.shadow),
+            "drift": asdict(self.drift),
             "seed": self.seed,
             "source": str(self.source.resolve()) if self.source else None,
         }
@@ -93,8 +121,8 @@ class ResultsFile:
 
 
 def planned_keys(spec: ExperimentSpec) -> list[str]:
-    keys = [cell_key(s, shift, None, None) for shift in spec.shifts for s in PER_SHIFT]
-    per_fold = [s for s in SETTINGS if s not in PER_SHIFT]
+    keys = [cell_key(s, shift, None, None) for shift in spec.shifts for s in PER_SHIFT if s in spec.settings]
+    per_fold = [s for s in SETTINGS if s not in PER_SHIFT and s in spec.settings]
     keys += [  # k-major: the one-shot cells, the paper's headline, are complete first
         cell_key(s, shift, k, fold)
         for k in spec.shots
@@ -131,7 +159,7 @@ def run_experiment(
         missing = len(planned_keys(spec)) - len(cells)
         rows = summarise(cells, spec.shifts, spec.shots)
         header = _report_header(spec, results.fingerprint, missing)
-        (spec.out / "results.md").write_text(header + markdown_table(rows, spec.shots))
+        (spec.out / "results.md").write_text(header + markdown_table(rows, spec.shots) + gate_markdown(cells))
         plot_protocol(spec.out / "results.png", rows, spec.shifts, spec.shots, str(spec.data))
     return cells
 
@@ -165,6 +193,7 @@ class _Runner:
         self.test_images = cache(self._test_images)
         self.train_features = cache(self._train_features)
         self.test_features = cache(self._test_features)
+        self.source_clean_tpr = cache(self._source_clean_tpr)
 
     def compute(self, key: str) -> Cell:
         shift, setting, *rest = key.split("/")
@@ -191,7 +220,7 @@ class _Runner:
             )
         return version
 
-    def _test_images(self, shift: str) -> Tensor:
+    def _test_images(self, shift: str | None) -> Tensor:
         paths = [s.path for s in self.dataset.test]
         return load_batch(paths, self.spec.fit.image_size, self.spec.fit.limits, self._transform(shift))
 
@@ -250,17 +279,67 @@ class _Runner:
         return auroc, op, {**detail, "shots": shots}
 
     def _adapted(self, shift: str, k: int, fold: int) -> Outcome:
-        version = self.source_version()
+        spec, version = self.spec, self.source_version()
         shots = self._shot_indices(k, fold)
         images = load_batch(
-            [self.train_paths[i] for i in shots], self.spec.fit.image_size, self.spec.fit.limits, self._transform(shift)
+            [self.train_paths[i] for i in shots], spec.fit.image_size, spec.fit.limits, self._transform(shift)
         )
-        result = adapt(version, images.to(self.device), self.spec.adapt)
-        scores = score_images(result.model, self.test_images(shift), self.spec.fit.train.batch_size)
-        auroc, op = self._metrics(scores, version.threshold)
-        summary = result.summary()
-        detail = {k_: summary[k_] for k_ in ("steps", "stop_reason", "initial_score", "final_score", "seconds")}
-        return auroc, op, {**detail, "shots": shots, "scores": scores.tolist()}
+        gated = adapt_and_gate(version, images, spec.adapt, spec.gate)
+        test = self.test_images(shift)
+        parent = score_images(version.model, test, spec.fit.train.batch_size).image
+        candidate = score_images(gated.result.model, test, spec.fit.train.batch_size, nll=True)
+        stream, judged = self._stream_split(k, fold)
+        calibration = version.manifest.threshold_calibration
+        shadow = ShadowEvaluation(
+            calibration,
+            list(gated.decision.figures.get("defect_scores", [])),
+            replace(spec.shadow, frames=min(spec.shadow.frames, len(stream))),
+            spec.drift,
+        )
+        assert candidate.nll is not None
+        for i in stream:
+            shadow.update(parent[i], candidate.image[i], candidate.nll[i])
+        decision = shadow.decide()
+        try:  # the candidate's own threshold, also for a refused one (to judge the refusal)
+            threshold = operating_point(candidate.image[stream], calibration, spec.shadow.lower).threshold
+        except ValueError:
+            threshold = version.threshold
+        auroc, _ = self._metrics(candidate.image, threshold)
+        evaluation = evaluate_scores(
+            candidate.image[judged], self.anomalous[judged], [self.defect_types[i] for i in judged], threshold
+        )
+        summary = gated.result.summary()
+        detail = {
+            **{k_: summary.get(k_) for k_ in ("steps", "stop_reason", "seconds")},
+            "shots": shots,
+            "threshold": threshold,
+            "inherited_threshold": version.threshold,
+            "accepted": gated.accepted and decision.accepted,
+            "offline_accepted": gated.accepted,
+            "shadow_accepted": decision.accepted,
+            "reasons": [r for r in [*gated.decision.reasons, *decision.reasons] if not r.startswith("ok")],
+            "shadow": {key: decision.figures.get(key) for key in ("candidate_flag_rate", "parent_flag_rate", "scale")},
+            "source_clean_tpr": self.source_clean_tpr(),
+            "fpr_inherited_threshold": float(
+                (candidate.image[judged][~self.anomalous[judged]] > version.threshold).mean()
+            ),
+            "scores": candidate.image.tolist(),
+        }
+        op = evaluation.operating_point
+        return auroc, (op.fpr, op.tpr), detail
+
+    def _stream_split(self, k: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """Test indices in a seeded stream order: the first half feeds the shadow, the second is judged."""
+        order = np.random.default_rng([self.spec.seed, fold, k, len(self.anomalous)]).permutation(len(self.anomalous))
+        half = len(order) // 2
+        return order[:half], order[half:]
+
+    def _source_clean_tpr(self) -> float:
+        version = self.source_version()
+        scores = score_images(version.model, self._test_images(None), self.spec.fit.train.batch_size).image
+        tpr = self._metrics(scores, version.threshold)[1][1]
+        assert tpr is not None
+        return tpr
 
     # --- helpers ----------------------------------------------------------------------------------
     def _shot_indices(self, k: int, fold: int) -> list[int]:

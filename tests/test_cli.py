@@ -206,10 +206,17 @@ def test_experiment_runs_every_setting_and_resumes(
     assert all(0.0 <= c["auroc"] <= 1.0 and len(c["detail"]["scores"]) == 8 for c in cells.values())
     adapted = cells["dark/adapted/k=2/fold=1"]
     assert adapted["detail"]["steps"] <= 2 and len(adapted["detail"]["shots"]) == 2
+    # the adapted setting is what a worker runs: the offline gate, then the shadow on half the test stream
+    assert isinstance(adapted["detail"]["accepted"], bool) and adapted["detail"]["shadow_accepted"] in (True, False)
+    assert adapted["detail"]["accepted"] == (
+        adapted["detail"]["offline_accepted"] and adapted["detail"]["shadow_accepted"]
+    )
+    assert 0.0 <= adapted["detail"]["source_clean_tpr"] <= 1.0
     assert cells["dark/shots/k=1/fold=0"]["fpr"] is None  # no held-out normals, no threshold
     assert cells["dark/adapted/k=1/fold=0"]["detail"]["shots"] != cells["dark/adapted/k=1/fold=1"]["detail"]["shots"]
     table = (out / "results.md").read_text()
     assert "source model adapted with the k shots" in table and "| style |" in table
+    assert "Does the gate decide right?" in table and "accepted-bad" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     before = (out / "results.json").read_text()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.protocol import Cell, cell_key, draw_shots, markdown_table, shots_epochs, summarise
+from adapters.protocol import (
+    Cell,
+    cell_key,
+    draw_shots,
+    gate_confusion,
+    gate_markdown,
+    markdown_table,
+    shots_epochs,
+    summarise,
+)
 
 
 def test_shots_are_reproducible_distinct_and_differ_between_folds() -> None:
@@ -42,11 +51,36 @@ def test_summary_repeats_per_shift_settings_for_each_k_and_aggregates_folds() ->
     assert adapted.fpr_mean == pytest.approx(0.05) and by[("shots", 1)].fpr_mean is None
     assert ("adapted", 5) not in by
     table = markdown_table(rows, [1, 5])
-    assert (
-        "0.850 ± 0.071 (0.05 / 0.75)" in table and "| dark | trained on the k shots only | 0.700 | – |" in table
-    )
+    assert "0.850 ± 0.071 (0.05 / 0.75)" in table and "| dark | trained on the k shots only | 0.700 | – |" in table
 
 
 def test_unknown_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown setting"):
         cell_key("finetuned", "dark", 1, 0)
+
+
+def _adapted(fold: int, fpr: float, tpr: float, accepted: bool, clean_tpr: float = 0.8) -> Cell:
+    detail = {"accepted": accepted, "source_clean_tpr": clean_tpr}
+    return Cell("adapted", "dark", 1, fold, 0.9, fpr, tpr, 1.0, detail)
+
+
+def test_gate_confusion_scores_each_decision_against_the_operating_point() -> None:
+    cells = [
+        _adapted(0, 0.02, 0.80, True),  # accepted, good
+        _adapted(1, 0.40, 0.90, True),  # accepted, rejects 40 % of normals: bad
+        _adapted(2, 0.01, 0.70, True),  # accepted, misses defects (0.70 < 0.80 - 0.05): bad
+        _adapted(3, 0.05, 0.75, False),  # refused although good (limits are inclusive)
+        _adapted(4, 0.90, 1.00, False),  # refused, bad
+        Cell("source", "dark", None, None, 0.8, 1.0, 1.0, 1.0, {}),  # not an adapted cell: not counted
+    ]
+    table = gate_confusion(cells)
+    assert table == {
+        "accepted-good": ["dark/adapted/k=1/fold=0"],
+        "accepted-bad": ["dark/adapted/k=1/fold=1", "dark/adapted/k=1/fold=2"],
+        "rejected-good": ["dark/adapted/k=1/fold=3"],
+        "rejected-bad": ["dark/adapted/k=1/fold=4"],
+    }
+    text = gate_markdown(cells)
+    assert "| dark | 1 | 1 | 2 | 1 | 1 |" in text
+    assert "Accepted but bad: dark/adapted/k=1/fold=1, dark/adapted/k=1/fold=2." in text
+    assert gate_markdown(cells[-1:]) == ""

@@ -106,3 +106,13 @@ def test_the_calibration_it_returns_round_trips() -> None:
     decision = evaluate(normal * 3.0, normal, RNG.uniform(4.0, 6.0, 20)).decide()
     assert decision.calibration is not None
     assert Calibration.from_dict(decision.calibration.to_dict()) == decision.calibration
+
+
+def test_no_drift_check_without_enough_calibration_scores_means_no_activation() -> None:
+    few = calibrate(SOURCE[:10], 0.1)
+    ev = ShadowEvaluation(few, [5.0] * 10, CONFIG)
+    for score in 1.3 * RNG.gamma(9.0, 0.1, 100):
+        ev.update(10.0, score, score)
+    decision = ev.decide()
+    assert not decision.accepted
+    assert any(r.startswith("FAIL shadow stable: cannot watch drift") for r in decision.reasons), decision.reasons

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.shifts import SHIFTS, get_shift, illumination, noise, style, style_reference
+from adapters.shifts import SHIFTS, get_shift, illumination, lamp, noise, style, style_reference
 
 
 def _image(seed: int = 0, size: int = 48) -> np.ndarray:
@@ -61,3 +61,11 @@ def test_style_reference_from_a_file(tmp_path: Path) -> None:
 def test_unknown_shift_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown shift 'sepia'.*brg"):
         get_shift("sepia")
+
+
+def test_lamp_lights_one_corner_more_lifts_the_blacks_and_changes_grey_frames() -> None:
+    grey = np.full((64, 64, 3), 100, np.uint8)
+    out = lamp()(grey).astype(float)
+    assert out[-8:, -8:].mean() > out[:8, :8].mean() + 40  # uneven light across the part
+    assert lamp()(np.zeros((8, 8, 3), np.uint8)).min() >= 40  # stray light: no black stays black
+    assert out[..., 0].mean() > out[..., 2].mean()  # warmer: red over blue, also on a grey frame
