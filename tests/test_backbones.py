@@ -14,19 +14,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from csflow.backbones import (
-    LITE0,
-    LITE0_PACKAGE,
-    NO_WEIGHTS,
-    TIMM_HUB,
     WeightsError,
     create_backbone,
-    default_weights,
     lite0_package_weights_path,
     lukemelas_to_timm,
-    resolve_weights,
     state_digest,
 )
 from csflow.extractor import FeatureExtractor
+from csflow.weights import LITE0, LITE0_PACKAGE, NO_WEIGHTS, TIMM_HUB, default_weights, resolve_weights
 
 MILITARY_UNIFORM = 652  # ImageNet class of matplotlib's grace_hopper.jpg
 
