@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cli.common import EXIT_CONFIG, EXIT_ERROR, USER_ERRORS
+from cli.console import add_console_parser
 from cli.demo import add_demo_parser
 from cli.model import add_model_parsers
 from cli.models import add_models_parser
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(sub)
     add_operator_parsers(sub)
     add_demo_parser(sub)
+    add_console_parser(sub)
     return parser
 
 

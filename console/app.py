@@ -10,6 +10,7 @@ confirmation and the author of an activation are the logged-in user.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -486,8 +487,22 @@ def serving(settings: Settings, client: redis.Redis | None = None, start_timeout
 
 
 def serve(settings: Settings) -> None:
-    """Run the console until interrupted (uvicorn; SIGTERM stops it)."""
+    """Run the console until SIGTERM or SIGINT, then return (exit status 0, as the worker's): uvicorn itself
+    would re-raise the signal after its graceful shutdown."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
     cfg = settings.console
-    uvicorn.run(create_app(settings), host=cfg.host, port=cfg.port, log_level=settings.log.level, server_header=False)
+    config = uvicorn.Config(
+        create_app(settings), host=cfg.host, port=cfg.port, log_level=settings.log.level, server_header=False
+    )
+    Server(config).run()

@@ -14,6 +14,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from csflow.flow_config import FlowConfig
 from csflow.weights import LITE0, default_weights, resolve_weights
 
 if TYPE_CHECKING:  # the science packages load torch: imported where a section becomes their config
@@ -21,7 +22,6 @@ if TYPE_CHECKING:  # the science packages load torch: imported where a section b
     from adapters.gate import GateConfig
     from adapters.shadow import ShadowConfig
     from csflow.data import ImageLimits
-    from csflow.flow import FlowConfig
     from csflow.training import TrainConfig
     from drift.config import DriftConfig
 
@@ -63,8 +63,6 @@ class FlowSection(Section):
     clamp: float = Field(3.0, gt=0)
 
     def to_config(self) -> FlowConfig:
-        from csflow.flow import FlowConfig
-
         try:
             return FlowConfig(**self.model_dump())
         except ValueError as exc:

@@ -87,3 +87,10 @@ def test_login_limiter_counts_failures_within_its_window() -> None:
     assert limiter.blocked(["user:ana", "user:bob"]) and not limiter.blocked(["user:bob"])
     clock.now += 10.5
     assert not limiter.blocked(["user:ana"])
+
+
+def test_the_command_line_offers_the_console_roles() -> None:
+    from cli.console import ROLES as CLI_ROLES
+    from console.users import ROLES
+
+    assert CLI_ROLES == ROLES

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,13 +28,15 @@ import requests
 from PIL import Image
 from torch import Tensor
 
+from cli.main import main
 from console.data import VerdictTail
+from console.users import read_users
 from csflow.model import CSFlow
 from daemon.config import ConfirmationsSection, Settings
 from daemon.confirmations import ConfirmationProcessor, recent_verdicts
 from daemon.registry import ModelRegistry
 from daemon.store import Verdict, VerdictStore
-from lab.services import LocalRedis
+from lab.services import LocalRedis, free_port
 
 KEYS = cs.KEYS
 TEN_MB = 10 * 1024 * 1024
@@ -292,3 +298,42 @@ def test_verdict_tail_reads_only_new_entries_and_matches_the_stream(client: redi
         ids = [f"new-{burst}-{i}" for i in range(burst)]
         store.write([Verdict(i, "cam-3", cs.START_MS, 0.5, 1.0, False, "v", 1.0) for i in ids], [])
         assert tail.read() == recent_verdicts(client, KEYS, 50)
+
+
+def test_inspectd_console_add_user_then_serve(
+    redis_server: LocalRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = tmp_path / "users.json"
+    port = free_port()
+    env = {
+        "INSPECTD_CONSOLE__USERS_FILE": str(users),
+        "INSPECTD_CONSOLE__PORT": str(port),
+        "INSPECTD_REDIS__URL": redis_server.url,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # no config.toml here: defaults + environment
+    monkeypatch.setattr("sys.stdin", io.StringIO(cs.PASSWORD + "\n"))
+    assert main(["console", "add-user", "ana", "--role", "operator", "--password-stdin"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["console", "add-user", "bob", "--role", "viewer", "--password-stdin"]) == 1
+    assert sorted(read_users(users)) == ["ana"]
+
+    process = subprocess.Popen([sys.executable, "-m", "cli", "console"], env={**os.environ, **env}, cwd=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120  # the first import of the model stack is slow on a busy machine
+        while True:
+            assert process.poll() is None, "inspectd console exited"
+            try:
+                if requests.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "inspectd console did not start"
+            time.sleep(0.2)
+        login(base, "ana")
+        assert requests.get(f"{base}/readyz").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
