@@ -12,19 +12,24 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import redis
+from daemon.scopes import DEFAULT_SCOPE
 
-from csflow.artifacts import read_manifest
-from daemon.config import Settings
-from daemon.registry import DEFAULT_SCOPE, Announcement, ModelRegistry, RegistryError, UnknownVersionError
+if TYPE_CHECKING:
+    from daemon.config import Settings
+    from daemon.registry import Announcement, ModelRegistry
 
 EXIT_USAGE = 2  # as argparse's: the command names an unregistered version or combines flags wrongly
 
-Action = Callable[[argparse.Namespace, ModelRegistry], int]
+Action = Callable[[argparse.Namespace, "ModelRegistry"], int]
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from daemon.registry import ModelRegistry, RegistryError, UnknownVersionError
+
     client = settings.redis.client()
     action: Action = args.action
     try:
@@ -97,6 +102,8 @@ def models_rollback(args: argparse.Namespace, registry: ModelRegistry) -> int:
 
 
 def models_publish(args: argparse.Namespace, registry: ModelRegistry) -> int:
+    from csflow.artifacts import read_manifest
+
     if args.scope is not None and not args.activate:
         print("inspectd: publish --scope needs --activate", file=sys.stderr)
         return EXIT_USAGE

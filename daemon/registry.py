@@ -49,9 +49,9 @@ from csflow.artifacts import (
 )
 from daemon.config import Settings
 from daemon.events import Event, EventKind, EventLog, now_ms
+from daemon.scopes import DEFAULT_SCOPE
 from daemon.store import Keys
 
-DEFAULT_SCOPE = "default"
 MANIFEST_FIELD = "manifest"
 PATH_FIELD = "path"
 FILE_FIELD = "file:"  # + the file's name
