@@ -46,6 +46,7 @@ BASE_CONFIG = K8S / "base" / "config.toml"
 DEFAULTS = load_settings(ROOT / "config.toml")
 DRAIN_S = DEFAULTS.worker.drain_timeout_s
 CREDENTIALS_SECRET = "inspectd-credentials"
+CONSOLE = "console"  # the operator console's objects carry app.kubernetes.io/component: console
 # The oldest Kubernetes release the manifests are meant for, and the newest schemas shipped.
 K8S_VERSIONS = ["1.29", "latest"]
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
@@ -263,9 +264,16 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
     return {name: render(variant_dir(name, tmp / "combined")) for name in VARIANTS}
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind]
-    assert len(found) == 1, f"{len(found)} {kind} objects"
+def component(doc: dict[str, Any]) -> str | None:
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def one(docs: list[dict[str, Any]], kind: str, of: str = "worker") -> dict[str, Any]:
+    """The single object of `kind` of the workers (by default: everything but the console's), or of `of`
+    ("console": labelled so; shared objects such as the ConfigMap have no component label)."""
+    found = [d for d in docs if d["kind"] == kind and (component(d) != CONSOLE if of == "worker" else
+                                                        component(d) in (of, None))]
+    assert len(found) == 1, f"{len(found)} {kind} objects of the {of}"
     return found[0]
 
 
@@ -410,6 +418,44 @@ def test_pdb_and_service_select_the_workers(variant: str, rendered: dict) -> Non
     service = one(docs, "Service")
     assert service["spec"]["selector"].items() <= labels.items()
     assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container(docs)["ports"]}
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu", COMBINED])
+def test_console_deployment_and_service(variant: str, rendered: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = rendered[variant]
+    deployment = one(docs, "Deployment", "console")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"] == ["console"] and c["args"][0] in subcommands()
+    assert c["image"] == container(docs)["image"], "the workers' image"
+    # One pod: sessions live in the process, and a second pod would not know them.
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs == {"INSPECTD_CONSOLE__REDIS_URL": {"name": CREDENTIALS_SECRET, "key": "console-redis-url"}}
+    env = literal_env(c)
+    settings = settings_from_env(monkeypatch, {**env, **dict.fromkeys(refs, "redis://console:pw@redis:6379/0")})
+    assert settings.console.host == "0.0.0.0" and settings.console.cookie_secure
+    assert settings.console.connection_url(settings.redis) == "redis://console:pw@redis:6379/0"
+    port = next(p for p in c["ports"] if p["name"] == "http")
+    assert port["containerPort"] == settings.console.port
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    users = next(n for n, v in volumes.items() if "secret" in v)
+    assert Path(mounts[users]["mountPath"]) / "users.json" == Path(settings.console.users_file)
+    assert mounts[users]["readOnly"] is True and volumes[users]["secret"]["defaultMode"] == 0o440
+    config_name = one(docs, "ConfigMap")["metadata"]["name"]
+    assert any(v.get("configMap", {}).get("name") == config_name for v in volumes.values())
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    service = one(docs, "Service", "console")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    worker_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= worker_labels.items(), "the console Service selects workers"
 
 
 def metric_names() -> set[str]:
@@ -746,6 +792,32 @@ def test_compose_stack(monkeypatch: pytest.MonkeyPatch) -> None:
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     port = worker["ports"][0].rsplit(":", 1)[1]
     assert int(port) == settings.worker.http_port
+
+
+def test_compose_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    services = compose()["services"]
+    console = services["console"]
+    assert console["image"] == services["inspectd"]["image"] and console["command"] == ["console"]
+    assert console["command"][0] in subcommands()
+    settings = settings_from_env(monkeypatch, {k: str(v) for k, v in console["environment"].items()})
+    assert settings.redis.connection_url().startswith("redis://redis:")
+    assert console["ports"] == [f"127.0.0.1:{settings.console.port}:{settings.console.port}"]
+    volume, target = console["volumes"][0].split(":")
+    assert volume in compose()["volumes"] and Path(settings.console.users_file).parent == Path(target)
+    assert str(settings.console.port) in " ".join(console["healthcheck"]["test"])
+
+
+def test_systemd_console_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    unit = parse_unit((SYSTEMD / "inspectd-console.service").read_text())
+    s = {k: v[-1] for k, v in unit["Service"].items()}
+    exec_start = s["ExecStart"].split()
+    assert Path(exec_start[0]).name == "inspectd" and exec_start[1:] == ["console"]
+    assert exec_start[1] in subcommands()
+    assert s["User"] == "inspectd" and s["KillSignal"] == "SIGTERM" and s["ProtectSystem"] == "strict"
+    env = dict(v.split("=", 1) for v in unit["Service"]["Environment"])
+    settings = settings_from_env(monkeypatch, env)
+    assert Path(settings.console.users_file).parent == Path("/var/lib") / s["StateDirectory"]
+    assert settings.console.host == "127.0.0.1", "behind a reverse proxy on the same host"
 
 
 def test_compose_creates_the_topics() -> None:
