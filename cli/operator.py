@@ -69,8 +69,6 @@ def cmd_confirm(args: argparse.Namespace, settings: Settings, client: redis.Redi
 
 
 def cmd_review(args: argparse.Namespace, settings: Settings, client: redis.Redis, keys: Keys) -> int:
-    from dataclasses import asdict
-
     from daemon.confirmations import AdaptationBuffer, recent_verdicts, review_queue
 
     recent = recent_verdicts(client, keys, args.window)
@@ -78,7 +76,8 @@ def cmd_review(args: argparse.Namespace, settings: Settings, client: redis.Redis
         recent = [v for v in recent if v["camera_id"] == args.camera]
     cameras = sorted({v["camera_id"] for v in recent})
     queue = review_queue(client, keys, recent, args.camera, args.limit, include_normal=args.all)
-    rows = [{k: v for k, v in asdict(r).items() if k != "ts"} for r in queue]
+    shown = ("frame_id", "camera_id", "score", "threshold", "anomalous", "model_version")
+    rows = [{**{k: getattr(r.verdict, k) for k in shown}, "cached": r.cached, "buffered": r.buffered} for r in queue]
     buffer = AdaptationBuffer(client, keys)
     buffers = {camera: buffer.size(camera) for camera in cameras}
     if args.json:

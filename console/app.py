@@ -188,44 +188,38 @@ class Console:
 Handler = Callable[[Console, Request, Session, User], Awaitable[Response]]
 
 
-def page(role: Role) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """A GET endpoint for users with at least `role`; others are sent to the login page or refused."""
+def guarded(role: Role, post: bool = False) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """An endpoint for users with at least `role`. A page without a session sends to the login page; a POST
+    (`post`) needs a live session and its CSRF token, checked before the role and before anything else."""
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             console: Console = request.app.state.console
             auth = console.auth(request)
-            if auth is None:
+            if auth is None and not post:
                 return RedirectResponse("/login?" + urlencode({"next": request.url.path}), status_code=303)
+            if auth is None:
+                return console.refuse(request, 403, "no valid session (logged out or expired): log in again")
+            if post:
+                form = await console.form(request)
+                if not same_token(auth[0].csrf, form.get("csrf")):  # type: ignore[arg-type]
+                    return console.refuse(request, 403, "the form's CSRF token is missing or wrong: reload the page")
+                request.state.form = form
             if not auth[1].may(role):
-                return console.refuse(request, 403, f"this page needs the {role} role")
+                return console.refuse(request, 403, f"this needs the {role} role")
             return await handler(console, request, *auth)
 
         return endpoint
 
     return wrap
+
+
+def page(role: Role) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    return guarded(role)
 
 
 def action(role: Role) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """A POST endpoint: a live session, its CSRF token and at least `role`, checked before anything else."""
-
-    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            console: Console = request.app.state.console
-            auth = console.auth(request)
-            if auth is None:
-                return console.refuse(request, 403, "no valid session (logged out or expired): log in again")
-            form = await console.form(request)
-            if not same_token(auth[0].csrf, form.get("csrf")):  # type: ignore[arg-type]
-                return console.refuse(request, 403, "the form's CSRF token is missing or wrong: reload the page")
-            if not auth[1].may(role):
-                return console.refuse(request, 403, f"this action needs the {role} role")
-            request.state.form = form
-            return await handler(console, request, *auth)
-
-        return endpoint
-
-    return wrap
+    return guarded(role, post=True)
 
 
 # ------------------------------------------------------------------------------------------------ login

@@ -26,7 +26,7 @@ import structlog
 
 from daemon.config import ConfirmationsSection
 from daemon.events import Event, EventKind, EventLog
-from daemon.store import Keys, VerdictStore
+from daemon.store import Keys, Verdict, VerdictStore
 
 GROUP = "workers"
 NORMAL = "normal"
@@ -156,13 +156,7 @@ def submit_all(
 class ReviewFrame:
     """A recent frame offered for confirmation, with whether it can still be confirmed."""
 
-    frame_id: str
-    camera_id: str
-    ts: int
-    score: float
-    threshold: float
-    anomalous: bool
-    model_version: str
+    verdict: Verdict
     cached: bool  # its bytes are still in the frame cache
     buffered: bool  # already confirmed into its camera's adaptation buffer
 
@@ -200,17 +194,7 @@ def review_queue(
         pipe.zscore(keys.buffer(v["camera_id"]), v["frame_id"])
     flags = pipe.execute()
     rows = [
-        ReviewFrame(
-            frame_id=v["frame_id"],
-            camera_id=v["camera_id"],
-            ts=int(v["ts"]),
-            score=float(v["score"]),
-            threshold=float(v["threshold"]),
-            anomalous=v["anomalous"] == "true",
-            model_version=v["model_version"],
-            cached=bool(flags[2 * i]),
-            buffered=flags[2 * i + 1] is not None,
-        )
+        ReviewFrame(Verdict.from_entry(v), cached=bool(flags[2 * i]), buffered=flags[2 * i + 1] is not None)
         for i, v in enumerate(picked)
     ]
     if confirmable_only:

@@ -8,7 +8,7 @@ cannot be separated by a crash because a script runs atomically.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import redis
@@ -41,6 +41,21 @@ class Verdict:
     model_version: str
     latency_ms: float
     drift_state: str = ""  # the camera's drift monitor after this frame: warmup, ok, alarm, or off (none)
+
+    @classmethod
+    def from_entry(cls, fields: Mapping[str, str]) -> Verdict:
+        """A verdict from its `verdicts` stream entry, where the Lua script wrote every field as text."""
+        return cls(
+            frame_id=fields["frame_id"],
+            camera_id=fields["camera_id"],
+            ts=int(fields["ts"]),
+            score=float(fields["score"]),
+            threshold=float(fields["threshold"]),
+            anomalous=fields["anomalous"] == "true",
+            model_version=fields["model_version"],
+            latency_ms=float(fields["latency_ms"]),
+            drift_state=fields.get("drift_state", ""),
+        )
 
 
 VERDICT_FIELDS = list(Verdict.__dataclass_fields__)

@@ -34,6 +34,7 @@ from console.users import read_users
 from csflow.model import CSFlow
 from daemon.config import ConfirmationsSection, Settings
 from daemon.confirmations import ConfirmationProcessor, recent_verdicts
+from daemon.events import Event, EventKind, EventLog
 from daemon.registry import ModelRegistry
 from daemon.store import Verdict, VerdictStore
 from lab.services import LocalRedis, free_port
@@ -148,6 +149,20 @@ def test_operator_confirms_frames_as_themself(console: Console) -> None:
     assert "<script>alert" not in camera and "<b>bold" not in camera
     assert not set(picked) & set(re.findall(r'data-frame="([^"]+)"', camera))  # buffered: out of the queue
     assert "Enough confirmed frames (5)" in camera
+
+    # A worker adapts (its lock), then records the outcome: the page shows the progress and the gate's figures.
+    console.client.set(KEYS.adapt_lock("cam-1"), "worker-1", px=60_000)
+    assert "Adapting now on 5 confirmed frame(s)" in s.get(f"{console.base}/cameras/cam-1").text
+    console.client.delete(KEYS.adapt_lock("cam-1"))
+    figures = {"defect_detection": 0.9, "shots_fpr": 0.0}
+    EventLog(console.client, KEYS, 1000).append(
+        Event(EventKind.ADAPTATION_ACCEPTED, "cam-1", "v-new", {"figures": figures, "reasons": ["PASS recovery"]})
+    )
+    console.client.set(KEYS.adapt_attempt("cam-1"), json.dumps({"newest_frame_id": picked[-1]}))
+    camera = s.get(f"{console.base}/cameras/cam-1").text
+    last = camera[camera.index('id="last-adaptation"') :]
+    assert "adaptation accepted" in last and "defect_detection" in last and "PASS recovery" in last
+    assert "1 more confirmation(s) needed" in camera and "the last attempt used the newest frame" in camera
 
 
 def test_bad_confirmations_are_refused_and_nothing_is_written(console: Console) -> None:
