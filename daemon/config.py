@@ -201,6 +201,21 @@ class KafkaSection(Section):
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Dead letters are capped so that the DLQ topic accepts them (daemon/dead_letters.py).
+    dlq_max_value_bytes: int = Field(1_000_000, ge=0)
+    dlq_max_headers: int = Field(32, ge=8, le=1000)
+    dlq_max_header_bytes: int = Field(1024, ge=64, le=65536)
+    dlq_refused_max_len: int = Field(10_000, ge=100)
+
+    @model_validator(mode="after")
+    def _dlq_fits(self) -> KafkaSection:
+        largest = self.dlq_max_value_bytes + 2 * self.dlq_max_headers * self.dlq_max_header_bytes
+        if largest > self.max_message_bytes:
+            raise ValueError(
+                f"a dead letter may take {largest} bytes (dlq_max_value_bytes + 2 * dlq_max_headers *"
+                f" dlq_max_header_bytes), more than max_message_bytes ({self.max_message_bytes})"
+            )
+        return self
 
     @property
     def dlq_topic(self) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -52,12 +52,21 @@ class DriftWatch:
         self._thresholds: dict[str, Thresholds | None] = {}  # by version id: simulated once per version
         self._log = structlog.get_logger()
 
+    def prepare(self, cameras: Mapping[str, ModelVersion]) -> None:
+        """Start (or resume from Redis) the monitors of these cameras that have none for their version.
+        The only Redis reads of the scoring path, apart from `observe`, so that the worker can retry them
+        after an outage: an already started camera is skipped on the retry."""
+        for camera, version in cameras.items():
+            watch = self._watches.get(camera)
+            if watch is None or watch.version.version != version.version:
+                self._watches[camera] = self._start(camera, version)
+
     def observe(self, camera: str, version: ModelVersion, scores: Sequence[float]) -> list[str]:
         """Update the camera's monitor with its scores, in frame order; the state after each frame.
-        Non-finite scores (a broken model) are not fed to the monitor."""
-        watch = self._watches.get(camera)
-        if watch is None or watch.version.version != version.version:
-            watch = self._watches[camera] = self._start(camera, version)
+        Non-finite scores (a broken model) are not fed to the monitor. Call `prepare` first: a camera
+        without a monitor for this version is started here, reading Redis outside the worker's retries."""
+        self.prepare({camera: version})
+        watch = self._watches[camera]
         monitor = watch.monitor
         if monitor is None:
             return [OFF] * len(scores)

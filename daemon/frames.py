@@ -1,7 +1,8 @@
 """Camera frames as they arrive from Kafka: headers checked, bytes bounded, image decoded.
 
-Anything wrong with a frame raises `BadFrame` with a reason; the worker sends it to the dead-letter
-topic and goes on.
+Anything wrong with a frame raises `BadFrame` with a reason code from `REASONS` (a fixed set, so that
+metric labels and DLQ consumers can rely on it) and a free-text detail; the worker sends the frame to the
+dead-letter topic and goes on.
 """
 
 from __future__ import annotations
@@ -14,14 +15,35 @@ from csflow.data import ImageError, ImageLimits, decode_image
 
 CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 MAX_HEADER_BYTES = 256
+MAX_HEADERS = 32  # a camera sends four; a record with hundreds is not a camera's
+
+# Dead-letter reason codes. Every dead letter carries exactly one of these in its `reason` header.
+REASONS = (
+    "empty_frame",  # no value (a tombstone) or zero bytes
+    "too_large",  # more bytes than [kafka] max_message_bytes / [limits] max_image_bytes
+    "bad_header",  # a header without a value, not UTF-8, too long, or too many headers
+    "missing_header",
+    "bad_ts",
+    "bad_content_type",
+    "format_not_allowed",  # the content type's decoder is not in [limits] image_formats
+    "too_many_pixels",
+    "undecodable",  # the decoder refused the bytes
+    "parse_error",  # an unexpected exception while parsing the record (a bug or an unforeseen input)
+    "decode_error",  # an unexpected exception while decoding the image
+    "score_error",  # the model raised on this frame
+    "unreadable_record",  # the Kafka client could not deserialise the record: a stub names its offset
+)
 
 
 class BadFrame(ValueError):
-    """A frame that cannot be scored; `reason` goes into the dead-letter record."""
+    """A frame that cannot be scored: `reason` (one of `REASONS`) and `detail` go into the dead letter."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown dead-letter reason {reason!r}")
+        super().__init__(detail or reason)
         self.reason = reason
+        self.detail = detail or reason
 
 
 @dataclass(frozen=True)
@@ -41,14 +63,19 @@ class Frame:
 
 
 def _headers(raw: list[tuple[str, bytes]] | None) -> dict[str, str]:
+    raw = raw or []
+    if len(raw) > MAX_HEADERS:
+        raise BadFrame("bad_header", f"{len(raw)} headers, more than {MAX_HEADERS}")
     headers = {}
-    for name, value in raw or []:
+    for name, value in raw:
         if value is None or len(value) > MAX_HEADER_BYTES:
-            raise BadFrame(f"header {name!r} is missing a value or longer than {MAX_HEADER_BYTES} bytes")
+            raise BadFrame(
+                "bad_header", f"header {name[:64]!r} is missing a value or longer than {MAX_HEADER_BYTES} bytes"
+            )
         try:
             headers[name] = value.decode()
         except UnicodeDecodeError as exc:
-            raise BadFrame(f"header {name!r} is not UTF-8") from exc
+            raise BadFrame("bad_header", f"header {name[:64]!r} is not UTF-8") from exc
     return headers
 
 
@@ -58,9 +85,9 @@ def parse_record(record: object, max_bytes: int) -> Frame:
     headers = _headers(record.headers)
     value: bytes | None = record.value
     if not value:
-        raise BadFrame("empty frame")
+        raise BadFrame("empty_frame", "empty frame (no value)")
     if len(value) > max_bytes:
-        raise BadFrame(f"frame of {len(value)} bytes exceeds the limit of {max_bytes}")
+        raise BadFrame("too_large", f"frame of {len(value)} bytes exceeds the limit of {max_bytes}")
     camera_id = headers.get("camera_id") or (record.key.decode(errors="replace") if record.key else "")
     missing = [
         name
@@ -72,14 +99,16 @@ def parse_record(record: object, max_bytes: int) -> Frame:
         if not v
     ]
     if missing:
-        raise BadFrame(f"missing header(s): {', '.join(missing)}")
+        raise BadFrame("missing_header", f"missing header(s): {', '.join(missing)}")
     try:
         ts_ms = int(headers["ts"])
     except ValueError as exc:
-        raise BadFrame(f"header ts is not an integer millisecond epoch: {headers['ts']!r}") from exc
+        raise BadFrame("bad_ts", f"header ts is not an integer millisecond epoch: {headers['ts'][:64]!r}") from exc
     content_type = headers["content_type"]
     if content_type not in CONTENT_TYPES:
-        raise BadFrame(f"content_type {content_type!r} is not one of {', '.join(CONTENT_TYPES)}")
+        raise BadFrame(
+            "bad_content_type", f"content_type {content_type[:64]!r} is not one of {', '.join(CONTENT_TYPES)}"
+        )
     frame_id = headers.get("frame_id") or f"{topic}:{partition}:{offset}"
     return Frame(frame_id, camera_id, ts_ms, content_type, value, topic, partition, offset)
 
@@ -88,10 +117,15 @@ def decode_frame(frame: Frame, limits: ImageLimits) -> np.ndarray:
     """RGB pixels of a frame, decoded only with the decoder its content_type names."""
     image_format = CONTENT_TYPES[frame.content_type]
     if image_format not in limits.formats:
-        raise BadFrame(f"content_type {frame.content_type!r} is not allowed by limits.image_formats")
+        raise BadFrame(
+            "format_not_allowed", f"content_type {frame.content_type!r} is not allowed by limits.image_formats"
+        )
+    if len(frame.data) > limits.max_bytes:
+        raise BadFrame("too_large", f"{len(frame.data)} bytes exceeds the limit of {limits.max_bytes}")
     try:
         return decode_image(
             frame.data, ImageLimits(limits.max_bytes, limits.max_pixels, (image_format,)), frame.frame_id
         )
     except ImageError as exc:
-        raise BadFrame(str(exc)) from exc
+        reason = "too_many_pixels" if "pixels exceeds" in str(exc) else "undecodable"
+        raise BadFrame(reason, str(exc)) from exc

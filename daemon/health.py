@@ -1,4 +1,5 @@
-"""The HTTP endpoint: /healthz (alive), /readyz (model loaded, Kafka and Redis reachable), /metrics."""
+"""The HTTP endpoint: /healthz (alive), /readyz (model loaded, Kafka and Redis reachable, the DLQ
+accepting dead letters; each not-ready part with its reason), /metrics."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 class HealthServer:
-    """Serves in a daemon thread; `readiness()` returns the names of what is not ready."""
+    """Serves in a daemon thread; `readiness()` returns what is not ready, by name, with the reason."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, readiness: Callable[[], list[str]]):
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, readiness: Callable[[], dict[str, str]]
+    ) -> None:
         registry_, readiness_ = registry, readiness
 
         class Handler(BaseHTTPRequestHandler):
@@ -22,7 +25,9 @@ class HealthServer:
                     self._send(200, "application/json", b'{"status": "ok"}')
                 elif self.path == "/readyz":
                     problems = readiness_()
-                    body = json.dumps({"ready": not problems, "not_ready": problems}).encode()
+                    body = json.dumps(
+                        {"ready": not problems, "not_ready": sorted(problems), "reasons": problems}
+                    ).encode()
                     self._send(503 if problems else 200, "application/json", body)
                 elif self.path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry_))

@@ -37,6 +37,18 @@ class WorkerMetrics:
             "inspectd_drift_alarm", "1 while the camera's drift monitor is in alarm", ["camera_id"], registry=r
         )
         self.retries = Counter("inspectd_retries", "Retried operations after an outage", ["target"], registry=r)
+        self.permanent_errors = Counter(
+            "inspectd_permanent_errors",
+            "Errors a retry cannot fix (NOPERM, WRONGTYPE, OOM), by target and error class",
+            ["target", "error"],
+            registry=r,
+        )
+        self.dlq_refused = Counter(
+            "inspectd_dead_letters_refused",
+            "Dead letters the DLQ topic refused for good (noted in Redis instead), by error class",
+            ["error"],
+            registry=r,
+        )
         self.confirmations = Counter(
             "inspectd_confirmations", "Operator confirmations handled, by outcome", ["outcome"], registry=r
         )

@@ -95,6 +95,11 @@ class Keys:
         return f"{self.prefix}buffer-meta:{camera_id}"
 
     @property
+    def refused_dead_letters(self) -> str:
+        """Stream: dead letters the DLQ topic refused for good (source, reason, detail, error)."""
+        return f"{self.prefix}dead-letters:refused"
+
+    @property
     def events(self) -> str:
         return f"{self.prefix}events"
 

@@ -26,14 +26,16 @@ import redis
 import structlog
 import torch
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
+from kafka.errors import CommitFailedError, CorruptRecordError, InvalidRecordError, KafkaError, RebalanceInProgressError
 
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.model import image_scores
+from daemon import dead_letters
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
 from daemon.controller import AdaptationController
+from daemon.dead_letters import DeadLetter, DeadLetterRefused
 from daemon.drift_watch import DriftWatch
 from daemon.events import EventLog
 from daemon.frames import BadFrame, Frame, decode_frame, parse_record
@@ -46,6 +48,21 @@ from daemon.store import Keys, Verdict, VerdictStore
 
 T = TypeVar("T")
 OUTAGE_ERRORS = (redis.RedisError, KafkaError, OSError)
+# Redis errors that a retry can outlast (restart, failover, loading); any other is permanent (NOPERM,
+# WRONGTYPE, OOM command not allowed, a script error): the loop holds at the longest backoff and /readyz
+# names the error, since retrying cannot fix it but an operator can.
+TRANSIENT_REDIS_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
+# Out of poll(), these concern one record (kafka-python wraps a header it cannot decode as corrupt).
+RECORD_ERRORS = (CorruptRecordError, InvalidRecordError)
+MAX_DETAIL_CHARS = 500
 REBALANCE_ERRORS = (CommitFailedError, RebalanceInProgressError)
 STATUS_INTERVAL_S = 1.0
 KAFKA_CALL_TIMEOUT_MS = 10_000  # a blocking broker call never holds the loop (and SIGTERM) longer
@@ -64,7 +81,9 @@ class Worker:
         self.device = device
         self.metrics = WorkerMetrics()
         self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
-        self.status = {"model": True, "kafka": False, "redis": False}
+        self.status = {"model": True, "kafka": False, "redis": False, "dlq": True}
+        self.reasons: dict[str, str] = {}  # why a service is not ready, when known
+        self._stubs: list[DeadLetter] = []  # records poll() could not deserialise, skipped by offset
         self.http_port: int | None = None
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
@@ -81,8 +100,16 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def not_ready(self) -> list[str]:
-        return [name for name, ok in self.status.items() if not ok]
+    def not_ready(self) -> dict[str, str]:
+        """What is not ready, with the reason when one is known."""
+        return {name: self.reasons.get(name, "") for name, ok in self.status.items() if not ok}
+
+    def _set_status(self, target: str, ok: bool, reason: str = "") -> None:
+        self.status[target] = ok
+        if ok:
+            self.reasons.pop(target, None)
+        elif reason:
+            self.reasons[target] = reason[:MAX_DETAIL_CHARS]
 
     def run(self) -> int:
         cfg = self.settings
@@ -130,7 +157,7 @@ class Worker:
             try:
                 while not self._stop.is_set():
                     records = self._collect()
-                    if records:
+                    if records or self._stubs:
                         self._handle(records, pool)
                     self._confirm()
                     self._follow_models()
@@ -156,9 +183,11 @@ class Worker:
                 polled = self.consumer.poll(
                     timeout_ms=max(1, int(left * 1000)), max_records=cfg.batch_size - len(records)
                 )
-            except KafkaError as exc:
-                self.status["kafka"] = False
-                self._log.warning("kafka poll failed", error=str(exc))
+            except Exception as exc:
+                if self._skip_unreadable(exc):
+                    continue
+                self._set_status("kafka", False, f"poll: {type(exc).__name__}: {exc}")
+                self._log.warning("kafka poll failed", error=f"{type(exc).__name__}: {exc}")
                 self._stop.wait(cfg.retry_backoff_s)
                 break
             got = [r for batch in polled.values() for r in batch]
@@ -169,28 +198,63 @@ class Worker:
             records += got
         return records
 
+    def _skip_unreadable(self, exc: Exception) -> bool:
+        """An exception out of poll() that concerns one record (not the broker): skip that record by offset
+        and queue a stub dead letter naming it. kafka-python parses a whole record batch at once, so the
+        records after it in the same producer batch fail the same way and are stubbed one by one.
+        False when the exception is an outage or its record cannot be located."""
+        if isinstance(exc, KafkaError) and not isinstance(exc, RECORD_ERRORS):
+            return False
+        # The partition whose records were being unpacked (kafka-python keeps it while it raises).
+        part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        if tp is None or tp not in self.consumer.assignment():
+            self._log.error("unreadable record in an unknown partition", error=f"{type(exc).__name__}: {exc}")
+            return False
+        offset = self.consumer.position(tp, timeout_ms=KAFKA_CALL_TIMEOUT_MS)
+        self.consumer.seek(tp, offset + 1)
+        detail = _describe(exc)
+        self._stubs.append(DeadLetter.stub(tp.topic, tp.partition, offset, "unreadable_record", detail))
+        self._log.warning("unreadable record skipped", source=f"{tp.topic}:{tp.partition}:{offset}", error=detail)
+        return True
+
     def _handle(self, records: list[Any], pool: ThreadPoolExecutor) -> None:
+        """One batch. Whatever one frame does (unparsable, undecodable, the model raising on it) sends that
+        frame to the DLQ with a reason code; the others get their verdicts."""
         cfg = self.settings
         t0 = time.perf_counter()
-        dead: list[tuple[Any, str]] = []
+        dead, self._stubs = self._stubs, []
         parsed: list[tuple[Any, Frame]] = []
         for record in records:
             try:
                 parsed.append((record, parse_record(record, cfg.kafka.max_message_bytes)))
             except BadFrame as exc:
-                dead.append((record, exc.reason))
+                dead.append(DeadLetter.of(record, exc.reason, exc.detail))
+            except Exception as exc:
+                dead.append(DeadLetter.of(record, "parse_error", _describe(exc)))
         served = self._retry("redis", lambda: self.models.models({f.camera_id for _, f in parsed}))
         sizes = [served[f.camera_id].model.image_size for _, f in parsed]
-        good: list[tuple[Frame, torch.Tensor]] = []
+        decoded_ok: list[tuple[Any, Frame, torch.Tensor]] = []
         decoded = pool.map(self._decode, [f for _, f in parsed], sizes)
         for (record, frame), image in zip(parsed, decoded, strict=True):
             if isinstance(image, BadFrame):
-                dead.append((record, image.reason))
+                dead.append(DeadLetter.of(record, image.reason, image.detail))
+            else:
+                decoded_ok.append((record, frame, image))
+        t1 = time.perf_counter()
+        scores, failed = self._score([served[f.camera_id] for _, f, _ in decoded_ok], [i for _, _, i in decoded_ok])
+        good: list[tuple[Frame, torch.Tensor]] = []
+        kept: list[float] = []
+        for i, (record, frame, image) in enumerate(decoded_ok):
+            if i in failed:
+                dead.append(DeadLetter.of(record, "score_error", failed[i]))
             else:
                 good.append((frame, image))
-        t1 = time.perf_counter()
+                kept.append(float(scores[i]))
+        scores = np.asarray(kept)
         versions = [served[f.camera_id] for f, _ in good]
-        scores = self._score(versions, [img for _, img in good])
+        cameras = {f.camera_id: served[f.camera_id] for f, _ in good}
+        self._retry("redis", lambda: self.drift.prepare(cameras))
         drift_states = self._observe_drift(good, versions, scores)
         t2 = time.perf_counter()
         now_ms = time.time() * 1000
@@ -213,7 +277,7 @@ class Worker:
             self._log.warning("drift alarm", camera_id=camera, model_version=served[camera].version, **summary)
         t3 = time.perf_counter()
         if dead:
-            self._retry("kafka", lambda: self._dead_letter(dead))
+            self._dead_letter(dead)
         self._commit()
         t4 = time.perf_counter()
         self._observe(verdicts, dead, {"decode": t1 - t0, "score": t2 - t1, "redis": t3 - t2, "commit": t4 - t3})
@@ -236,17 +300,38 @@ class Worker:
             return to_tensor(decode_frame(frame, self._limits), size)
         except BadFrame as exc:
             return exc
+        except Exception as exc:  # a decoder bug or an input Pillow does not wrap (e.g. a truncated IHDR)
+            return BadFrame("decode_error", _describe(exc))
+
+    def _score(self, versions: list[ModelVersion], images: list[torch.Tensor]) -> tuple[np.ndarray, dict[int, str]]:
+        """Scores in frame order, one forward pass per model version in the batch; and the frames the model
+        raised on, with the error. A group that raises is scored frame by frame, so that one frame that
+        breaks the model does not take the others with it."""
+        scores = np.full(len(images), np.nan)
+        failed: dict[int, str] = {}
+        for idx in _groups(v.version for v in versions).values():
+            model = versions[idx[0]]
+            try:
+                scores[idx] = self._forward(model, [images[i] for i in idx])
+                continue
+            except Exception as exc:
+                if len(idx) == 1:
+                    failed[idx[0]] = _describe(exc)
+                    continue
+                self._log.warning("batch forward failed, scoring frame by frame", error=_describe(exc))
+            for i in idx:
+                try:
+                    scores[i] = self._forward(model, [images[i]])[0]
+                except Exception as exc:
+                    failed[i] = _describe(exc)
+        return scores, failed
 
     @torch.inference_mode()
-    def _score(self, versions: list[ModelVersion], images: list[torch.Tensor]) -> np.ndarray:
-        """Scores in frame order; one forward pass per model version in the batch."""
-        scores = np.zeros(len(images))
-        for idx in _groups(v.version for v in versions).values():
-            batch = torch.stack([images[i] for i in idx])
-            if self.device.type == "cuda":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-            scores[idx] = image_scores(versions[idx[0]].model(batch).z).cpu().numpy()
-        return scores
+    def _forward(self, version: ModelVersion, images: list[torch.Tensor]) -> np.ndarray:
+        batch = torch.stack(images)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return image_scores(version.model(batch).z).cpu().numpy()
 
     def _observe_drift(
         self, good: list[tuple[Frame, torch.Tensor]], versions: list[ModelVersion], scores: np.ndarray
@@ -260,26 +345,42 @@ class Worker:
             self.metrics.drift_alarm.labels(camera).set(observed[-1] == "alarm")
         return states
 
-    def _dead_letter(self, dead: list[tuple[Any, str]]) -> None:
+    def _dead_letter(self, dead: list[DeadLetter]) -> None:
+        """Send to the DLQ (outages retried); a letter the DLQ refuses for good is noted in Redis instead,
+        counted, and /readyz names the error until a later dead letter goes through."""
         cfg = self.settings.kafka
-        futures = []
-        for record, reason in dead:
-            value = record.value if record.value and len(record.value) <= cfg.max_message_bytes else b""
-            headers = [
-                *(record.headers or []),
-                ("reason", reason.encode()),
-                ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
-            ]
-            futures.append(self.producer.send(cfg.dlq_topic, key=record.key, value=value, headers=headers))
-            self._log.warning(
-                "frame dead-lettered",
-                reason=reason,
-                source=f"{record.topic}:{record.partition}:{record.offset}",
-                camera_id=record.key.decode(errors="replace") if record.key else None,
+        for letter in dead:
+            self._log.warning("frame dead-lettered", reason=letter.reason, detail=letter.detail, source=letter.source)
+        refused = self._retry(
+            "kafka", lambda: dead_letters.send(self.producer, cfg, dead, KAFKA_CALL_TIMEOUT_MS / 1000)
+        )
+        if not refused:
+            self._set_status("dlq", True)
+            return
+        for r in refused:
+            self.metrics.dlq_refused.labels(type(r.error).__name__).inc()
+            self._log.error(
+                "the DLQ refused a dead letter", source=r.letter.source, reason=r.letter.reason, error=str(r)
             )
-        self.producer.flush(timeout=KAFKA_CALL_TIMEOUT_MS / 1000)
-        for future in futures:
-            future.get(timeout=KAFKA_CALL_TIMEOUT_MS / 1000)
+        self._set_status("dlq", False, f"{cfg.dlq_topic} refuses dead letters: {refused[-1]}")
+        self._retry("redis", lambda: self._note_refused(refused))
+
+    def _note_refused(self, refused: list[DeadLetterRefused]) -> None:
+        pipe = self.store.client.pipeline(transaction=False)
+        for r in refused:
+            fields = {
+                "source": r.letter.source,
+                "reason": r.letter.reason,
+                "detail": r.letter.detail[:MAX_DETAIL_CHARS],
+            }
+            fields["error"] = str(r)[:MAX_DETAIL_CHARS]
+            pipe.xadd(
+                self.store.keys.refused_dead_letters,
+                fields,
+                maxlen=self.settings.kafka.dlq_refused_max_len,
+                approximate=True,
+            )
+        pipe.execute()
 
     def _commit(self) -> None:
         try:
@@ -287,12 +388,12 @@ class Worker:
         except REBALANCE_ERRORS as exc:  # partitions moved to another worker: it re-scores, idempotently
             self._log.warning("commit failed after a rebalance", error=str(exc))
 
-    def _observe(self, verdicts: list[Verdict], dead: list[tuple[Any, str]], stages: dict[str, float]) -> None:
+    def _observe(self, verdicts: list[Verdict], dead: list[DeadLetter], stages: dict[str, float]) -> None:
         m = self.metrics
         m.frames.labels("scored").inc(len(verdicts))
         m.frames.labels("dead_lettered").inc(len(dead))
-        for _, reason in dead:
-            m.bad_frames.labels(reason.split(":")[0][:40]).inc()
+        for letter in dead:
+            m.bad_frames.labels(letter.reason).inc()
         m.batch_size.observe(len(verdicts) + len(dead))
         for stage, seconds in stages.items():
             m.stage_seconds.labels(stage).observe(seconds)
@@ -349,20 +450,26 @@ class Worker:
 
     # retries -----------------------------------------------------------------------------------
     def _retry(self, target: str, fn: Callable[[], T]) -> T:
-        """Call fn until it works, backing off; not-ready meanwhile. Gives up only when draining."""
+        """Call fn until it works, backing off; not-ready meanwhile. Gives up only when draining.
+        A permanent Redis error is not an outage: it is counted, /readyz names it, and the loop holds at
+        the longest backoff until an operator fixes it (nothing is committed meanwhile)."""
         cfg = self.settings.worker
         backoff, attempt = cfg.retry_backoff_s, 0
         while True:
             try:
                 result = fn()
-                self.status[target] = True
+                self._set_status(target, True)
                 return result
             except REBALANCE_ERRORS:
                 raise
             except OUTAGE_ERRORS as exc:
                 attempt += 1
-                self.status[target] = False
-                self.metrics.retries.labels(target).inc()
+                self._set_status(target, False, _describe(exc))
+                if isinstance(exc, redis.RedisError) and not isinstance(exc, TRANSIENT_REDIS_ERRORS):
+                    self.metrics.permanent_errors.labels(target, type(exc).__name__).inc()
+                    backoff = cfg.retry_backoff_max_s
+                else:
+                    self.metrics.retries.labels(target).inc()
                 if self._stop.is_set():
                     self._stop_deadline = self._stop_deadline or time.monotonic() + cfg.drain_timeout_s
                     if time.monotonic() > self._stop_deadline:
@@ -370,6 +477,10 @@ class Worker:
                 self._log.warning("retrying", target=target, attempt=attempt, backoff_s=backoff, error=str(exc))
                 time.sleep(backoff)
                 backoff = min(backoff * 2, cfg.retry_backoff_max_s)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_DETAIL_CHARS]
 
 
 def _groups(keys: Iterable[Hashable]) -> dict[Hashable, list[int]]:

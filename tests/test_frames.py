@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from csflow.data import ImageLimits
-from daemon.frames import BadFrame, decode_frame, parse_record
+from daemon.frames import REASONS, BadFrame, decode_frame, parse_record
 
 
 @dataclass
@@ -48,22 +48,25 @@ def test_frame_id_and_camera_fall_back_to_position_and_key() -> None:
 
 
 @pytest.mark.parametrize(
-    ("record", "reason"),
+    ("record", "code", "detail"),
     [
-        (Record(png(), []), "missing header(s): ts, content_type"),
-        (Record(png(), [], key=None), "missing header(s): camera_id, ts, content_type"),
-        (Record(None, HEADERS), "empty frame"),
-        (Record(png(), [*HEADERS[:2], ("ts", b"yesterday"), HEADERS[3]]), "ts is not an integer"),
-        (Record(png(), [*HEADERS[:3], ("content_type", b"image/gif")]), "content_type 'image/gif'"),
-        (Record(png(), [*HEADERS, ("note", b"\xff\xfe")]), "not UTF-8"),
-        (Record(png(), [*HEADERS, ("note", b"x" * 300)]), "longer than"),
-        (Record(b"x" * 20_000, HEADERS), "exceeds the limit of 10000"),
+        (Record(png(), []), "missing_header", "missing header(s): ts, content_type"),
+        (Record(png(), [], key=None), "missing_header", "missing header(s): camera_id, ts, content_type"),
+        (Record(None, HEADERS), "empty_frame", "empty frame"),
+        (Record(png(), [*HEADERS[:2], ("ts", b"yesterday"), HEADERS[3]]), "bad_ts", "ts is not an integer"),
+        (Record(png(), [*HEADERS[:3], ("content_type", b"image/gif")]), "bad_content_type", "'image/gif'"),
+        (Record(png(), [*HEADERS, ("note", b"\xff\xfe")]), "bad_header", "not UTF-8"),
+        (Record(png(), [*HEADERS, ("note", b"x" * 300)]), "bad_header", "longer than"),
+        (Record(png(), [*HEADERS, ("note", None)]), "bad_header", "missing a value"),
+        (Record(png(), [*HEADERS, *[("n", b"")] * 1000]), "bad_header", "1004 headers"),
+        (Record(b"x" * 20_000, HEADERS), "too_large", "exceeds the limit of 10000"),
     ],
 )
-def test_bad_records_name_the_reason(record: Record, reason: str) -> None:
+def test_bad_records_name_the_reason(record: Record, code: str, detail: str) -> None:
     with pytest.raises(BadFrame) as info:
         parse_record(record, max_bytes=10_000)
-    assert reason in info.value.reason
+    assert info.value.reason == code and code in REASONS
+    assert detail in info.value.detail
 
 
 def test_decode_refuses_content_type_mismatch_and_bombs() -> None:

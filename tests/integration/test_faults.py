@@ -1,0 +1,302 @@
+"""Faults that must not stop or corrupt the line (real Tansu, real Redis, `inspectd run` as a subprocess).
+
+Each bad record is followed, in the same partition, by a valid frame. After each: the worker is alive,
+the bad record is in the DLQ with its reason code (and source `topic:partition:offset`), the valid frame
+behind it got its verdict, and no frame got two verdicts. One worker serves the whole parametrised
+suite (a worker start costs seconds); should a case kill it, the next case starts another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+from kafka import KafkaProducer
+from PIL import Image, PngImagePlugin
+from worker_line import ROOT, Line, frame_headers, get, make_model_dir, png, wait_ready
+
+from daemon.config import load_settings
+from daemon.drift_watch import DriftWatch
+from daemon.worker import Worker
+from lab.services import LocalKafka, LocalRedis
+
+LINGER_MS = 5000  # keeps a test producer's batch open until flush()
+BATCH_BYTES = 1024 * 1024
+SETTLE_S = 1.0
+DOWNTIME_S = 1.0  # after the last verdict: anything redelivered would show up as a duplicate by now
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[LocalKafka]:
+    with LocalKafka() as kafka:
+        yield kafka
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@dataclass
+class Shop:
+    """The suite's line and its one worker (restarted if a case killed it)."""
+
+    line: Line
+    proc: Any = None
+    port: int = 0
+    good_ids: list[str] = field(default_factory=list)
+
+    def worker(self) -> tuple[Any, int]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc, self.port = self.line.start_worker()
+            wait_ready(self.port)
+        return self.proc, self.port
+
+
+@pytest.fixture(scope="module")
+def shop(broker: LocalKafka, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+    with LocalRedis() as server:
+        line = Line(broker, server.url, model_dir, tmp_path_factory.mktemp("faults"))
+        yield Shop(line)
+        line.close()
+
+
+# ---------------------------------------------------------------------------------------------- bad records
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def short_ihdr_png() -> bytes:
+    """37 bytes: Pillow raises a plain ValueError ("Truncated IHDR chunk"), not an image error."""
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", b"\x00\x00\x00\x10\x00") + _chunk(b"IEND", b"")
+
+
+def ztxt_bomb_png() -> bytes:
+    """A 3 KB PNG whose compressed text chunk inflates to 3 MB (over Pillow's MAX_TEXT_CHUNK)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("note", "a" * (3 * 1024 * 1024), zip=True)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class _NullValue(tuple):
+    """A header whose value is null on the wire: kafka-python's producer refuses None values, so this
+    passes its check with b"" and writes the real None."""
+
+    def __getitem__(self, i: Any) -> Any:
+        return b"" if i == 1 else tuple.__getitem__(self, i)
+
+
+class _RawName(str):
+    """A header name that is not UTF-8 on the wire (kafka-python encodes names with `.encode`)."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        return b"\xff\xfe-name"
+
+
+def _send(line: Line, camera: str, value: bytes | None, headers: list[Any]) -> tuple[int, int]:
+    """Send one record in a batch of its own; its partition and offset."""
+    if any(isinstance(h, _NullValue) for h in headers):
+        return _send_null_header(line, camera, value, headers)
+    future = line.producer.send(line.topic, key=camera.encode(), value=value, headers=headers)
+    line.producer.flush()
+    meta = future.get(timeout=10)
+    return meta.partition, meta.offset
+
+
+def _send_null_header(line: Line, camera: str, value: bytes | None, headers: list[Any]) -> tuple[int, int]:
+    """kafka-python's size bookkeeping raises on a null header value after the record is written into an
+    open batch: a valid frame (`lead-<camera>`, scored too) opens the batch, held open by linger_ms and
+    large enough for both (a batch opened for the bad record itself would be dropped with the error)."""
+    producer = KafkaProducer(bootstrap_servers=line.broker.bootstrap, linger_ms=LINGER_MS, batch_size=BATCH_BYTES)
+    try:
+        key = camera.encode()
+        lead = producer.send(line.topic, key=key, value=png(8), headers=frame_headers(f"lead-{camera}", camera))
+        with contextlib.suppress(TypeError):
+            producer.send(line.topic, key=key, value=value, headers=headers)
+        producer.flush()
+        meta = lead.get(timeout=10)
+    finally:
+        producer.close()
+    return meta.partition, meta.offset + 1
+
+
+def _headers(*extra: Any) -> Callable[[str], list[Any]]:
+    return lambda camera: [*frame_headers(f"bad-{camera}", camera), *extra]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    value: bytes | None
+    headers: Callable[[str], list[Any]]
+    reason: str
+    cut: bool = False  # the dead letter says that something was cut
+
+
+CASES = [
+    Case("short_ihdr_png", short_ihdr_png(), _headers(), "decode_error"),
+    Case("ztxt_bomb_png", ztxt_bomb_png(), _headers(), "decode_error"),
+    Case("null_header_value", png(1), _headers(_NullValue(("note", None))), "bad_header", cut=True),
+    Case("non_utf8_header_name", png(2), _headers((_RawName("n"), b"1")), "unreadable_record"),
+    Case("5mb_header", png(3), _headers(("note", b"x" * 5_000_000)), "bad_header", cut=True),
+    Case("1000_headers", png(4), _headers(*[(f"h{i}", b"v") for i in range(1000)]), "bad_header", cut=True),
+    Case("tombstone", None, lambda camera: [], "empty_frame"),
+]
+
+
+def _dead_letter(line: Line, source: str, timeout: float = 30.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in line.dead_records(10_000, timeout=2.0):
+            headers = {k: v.decode(errors="replace") for k, v in record.headers}
+            if headers.get("source") == source:
+                return headers
+    raise AssertionError(f"no dead letter from {source}\n{line.logs()}")
+
+
+def _wait_verdict(line: Line, frame_id: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if line.redis.exists(f"{line.prefix}verdict:{frame_id}"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no verdict for {frame_id} after {timeout} s\n{line.logs()}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_bad_record_is_dead_lettered_and_the_frame_behind_it_scored(shop: Shop, case: Case) -> None:
+    proc, port = shop.worker()
+    line = shop.line
+    camera = f"cam-{case.name}"
+    bad = _send(line, camera, case.value, case.headers(camera))
+    good_id = f"good-{case.name}"
+    meta = line.producer.send(line.topic, key=camera.encode(), value=png(7), headers=frame_headers(good_id, camera))
+    meta = meta.get(timeout=10)
+    shop.good_ids.append(good_id)
+    _wait_verdict(line, good_id)
+    letter = _dead_letter(line, "{}:{}:{}".format(line.topic, *bad))
+    assert letter["reason"] == case.reason, letter
+    assert ("cut" in letter) == case.cut, letter
+    assert proc.poll() is None and get(port, "/healthz")[0] == 200
+    _, metrics = get(port, "/metrics")
+    assert f'inspectd_bad_frames_total{{reason="{case.reason}"}}'.encode() in metrics
+
+
+def test_every_good_frame_got_exactly_one_verdict(shop: Shop) -> None:
+    assert shop.good_ids, "run with the parametrised cases"
+    time.sleep(SETTLE_S)
+    got = shop.line.verdict_ids()
+    assert len(got) == len(set(got))
+    assert set(shop.good_ids) <= set(got)
+
+
+# ---------------------------------------------------------------------------------------------- the DLQ refuses
+
+
+def test_a_dlq_that_refuses_for_good_fails_readiness_and_the_line_goes_on(
+    broker: LocalKafka, model_dir: Path, tmp_path: Path
+) -> None:
+    """A DLQ topic name over Kafka's 249 characters: every dead letter is refused, as one over the topic's
+    max.message.bytes or without WRITE permission would be on Apache Kafka (Tansu enforces neither)."""
+    with LocalRedis() as server:
+        topic = "f" * 240 + uuid.uuid4().hex[:6]  # + ".dlq": 250 characters
+        line = Line(broker, server.url, model_dir, tmp_path, topic=topic)
+        try:
+            proc, port = line.start_worker()
+            wait_ready(port)
+            bad = _send(line, "cam-1", b"not an image", frame_headers("bad", "cam-1"))
+            line.producer.send(line.topic, key=b"cam-1", value=png(1), headers=frame_headers("good", "cam-1"))
+            line.producer.flush()
+            _wait_verdict(line, "good")
+            deadline = time.monotonic() + 20
+            while get(port, "/readyz")[0] == 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            status, body = get(port, "/readyz")
+            assert status == 503 and b"dlq" in body and b"refuses" in body, body
+            _, metrics = get(port, "/metrics")
+            assert b'inspectd_dead_letters_refused_total{error="ValueError"} 1.0' in metrics
+            noted = line.redis.xrange(f"{line.prefix}dead-letters:refused")
+            assert [(f[b"source"], f[b"reason"]) for _, f in noted] == [
+                ("{}:{}:{}".format(topic, *bad).encode(), b"undecodable")
+            ]
+            assert proc.poll() is None
+        finally:
+            line.close()
+
+
+# ---------------------------------------------------------------------------------------------- Redis outages
+
+
+def test_redis_restart_during_a_cameras_first_batch(
+    broker: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis dies right when the worker reads a camera's saved drift state (its first batch) and comes back
+    a second later: the worker retries, it does not crash. The worker runs in this process so that the
+    kill lands at that exact call."""
+    with LocalRedis() as server:
+        line = Line(broker, server.url, model_dir, tmp_path)
+        for key, value in line.env.items():
+            if key.startswith("INSPECTD_"):
+                monkeypatch.setenv(key, value)
+        monkeypatch.setenv("INSPECTD_WORKER__HTTP_PORT", "0")
+        restore = DriftWatch._restore
+        killed = threading.Event()
+
+        def dying_restore(self: DriftWatch, camera: str, version: Any) -> Any:
+            if not killed.is_set():
+                server.stop(kill=True)
+                killed.set()
+            return restore(self, camera, version)
+
+        monkeypatch.setattr(DriftWatch, "_restore", dying_restore)
+        settings = load_settings(ROOT / "config.toml")
+        from csflow.artifacts import load_model
+
+        worker = Worker(settings, load_model(model_dir, "cpu"), torch.device("cpu"))
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["rc"] = worker.run()
+            except BaseException as exc:  # the fault under test: the loop must not raise
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            ids = line.send(8)
+            deadline = time.monotonic() + 60
+            got: list[str] = []
+            while time.monotonic() < deadline and "error" not in outcome and len(got) < 8:
+                if killed.is_set() and not server.running:
+                    time.sleep(DOWNTIME_S)
+                    server.start()  # from this thread: the server dies with the thread that started it
+                try:
+                    got = line.verdict_ids()
+                except redis.ConnectionError:
+                    pass
+                time.sleep(0.2)
+            assert killed.is_set(), "the fault was not injected"
+            assert "error" not in outcome, repr(outcome.get("error"))
+            assert sorted(got) == sorted(ids)
+        finally:
+            worker.request_stop()
+            thread.join(30)
+            line.close()
+        assert outcome.get("rc") == 0
