@@ -268,23 +268,6 @@ class RegistrySection(Section):
     refresh_s: float = Field(5.0, gt=0)
 
 
-class LogSection(Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
-
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True)
-
-    model: ModelSection = ModelSection()
-    flow: FlowSection = FlowSection()
-    train: TrainSection = TrainSection()
-    calibration: CalibrationSection = CalibrationSection()
-    adapt: AdaptSection = AdaptSection()
-    drift: DriftSection = DriftSection()
-    confirmations: ConfirmationsSection = ConfirmationsSection()
-    limits: LimitsSection = LimitsSection()
-    kafka: KafkaSection = KafkaSection()
 class ConsoleSection(Section):
     """The operator console (`inspectd console`): a separate web process on the same Redis."""
 
@@ -322,9 +305,27 @@ class ConsoleSection(Section):
         return redis.Redis.from_url(self.connection_url(fallback), socket_timeout=t, socket_connect_timeout=t)
 
 
+class LogSection(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INSPECTD_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    model: ModelSection = ModelSection()
+    flow: FlowSection = FlowSection()
+    train: TrainSection = TrainSection()
+    calibration: CalibrationSection = CalibrationSection()
+    adapt: AdaptSection = AdaptSection()
+    drift: DriftSection = DriftSection()
+    confirmations: ConfirmationsSection = ConfirmationsSection()
+    limits: LimitsSection = LimitsSection()
+    kafka: KafkaSection = KafkaSection()
     redis: RedisSection = RedisSection()
     worker: WorkerSection = WorkerSection()
     registry: RegistrySection = RegistrySection()
+    console: ConsoleSection = ConsoleSection()
     log: LogSection = LogSection()
 
     @classmethod
@@ -342,7 +343,6 @@ class ConsoleSection(Section):
 
 def read_secret(value: SecretStr, file: str, key: str) -> str:
     """A secret from its file when one is named, else from the setting (itself from the environment)."""
-    console: ConsoleSection = ConsoleSection()
     if not file:
         return value.get_secret_value()
     try:
