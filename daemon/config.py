@@ -109,6 +109,7 @@ class AdaptSection(Section):
     max_steps: int = Field(100, ge=1)
     batch_norm: Literal["frozen", "batch"] = "frozen"
     stop_quantile: float = Field(0.5, ge=0, le=1)
+    stop_on: Literal["nll", "score"] = "nll"
     seed: int = 0
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
     min_defect_detection: float = Field(0.8, ge=0, le=1)
@@ -140,6 +141,7 @@ class AdaptSection(Section):
             max_steps=self.max_steps,
             batch_norm=self.batch_norm,
             stop_quantile=self.stop_quantile,
+            stop_on=self.stop_on,
             seed=self.seed,
         )
         gate = GateConfig(

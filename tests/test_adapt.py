@@ -104,21 +104,81 @@ def test_shot_nll_decreases(run: tuple[AdaptResult, dict[str, Tensor], dict[str,
     assert summary["initial_nll"] == nll[0] and summary["final_nll"] == nll[-1] and summary["steps"] == 3
 
 
-def test_stops_at_the_source_calibration_level(parent: CSFlow, shots: Tensor) -> None:
-    """The target is a quantile of the calibration scores; reaching it stops the run before the cap."""
-    initial = adapt(parent, shots, AdaptConfig(max_steps=0)).history[0].score
-    target = 0.5 * initial
-    calibration = Calibration(threshold=2 * target, target_fpr=0.1, scores=[0.5 * target, target, 4 * target])
+def test_stops_at_the_source_calibration_nll(parent: CSFlow, shots: Tensor) -> None:
+    """The target is a quantile of the calibration NLLs; reaching it stops the run before the cap."""
+    initial = adapt(parent, shots, AdaptConfig(max_steps=0)).history[0]
+    target = 0.7 * initial.nll
+    scores = [initial.score] * 3  # irrelevant to the rule
+    calibration = Calibration(2 * initial.score, 0.1, scores, nll=[0.5 * target, target, 4 * target])
     result = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8), calibration=calibration)
-    assert result.target_score == pytest.approx(target)
+    assert result.target == pytest.approx(target) and result.summary()["target"] == result.target
+    assert result.summary()["stop_on"] == "nll"
     assert result.stop_reason == "target" and 0 < result.steps < 8
-    assert result.final.score <= target < result.history[-2].score
+    assert result.final.nll <= target < result.history[-2].nll
 
-    already = Calibration(threshold=4 * initial, target_fpr=0.1, scores=[2 * initial])
+    already = Calibration(4 * initial.score, 0.1, scores, nll=[2 * initial.nll])
     none = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8), calibration=already)
     assert (none.steps, none.stop_reason) == (0, "target")
     for key, tensor in none.model.extractor.state_dict().items():
         assert torch.equal(tensor, parent.extractor.state_dict()[key]), key
+
+
+def test_stop_rule_follows_the_nll_not_the_score(parent: CSFlow, shots: Tensor) -> None:
+    """Shots whose score is already below the calibration median but whose NLL is not keep adapting;
+    shots whose NLL is already there stop, whatever their score (the objective decides, not the score,
+    which leaves out the log-det)."""
+    initial = adapt(parent, shots, AdaptConfig(max_steps=0)).history[0]
+    score_reached = Calibration(10 * initial.score, 0.1, [2 * initial.score] * 3, nll=[0.7 * initial.nll] * 3)
+    result = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8), calibration=score_reached)
+    assert result.steps > 0 and result.stop_reason == "target"
+    assert result.history[0].score <= 2 * initial.score  # a score rule would have stopped at once
+
+    nll_reached = Calibration(10 * initial.score, 0.1, [0.1 * initial.score] * 3, nll=[2 * initial.nll] * 3)
+    stopped = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8), calibration=nll_reached)
+    assert (stopped.steps, stopped.stop_reason) == (0, "target")
+
+
+def test_stop_on_score_uses_the_calibration_scores(parent: CSFlow, shots: Tensor) -> None:
+    initial = adapt(parent, shots, AdaptConfig(max_steps=0)).history[0]
+    calibration = Calibration(10 * initial.score, 0.1, [0.8 * initial.score] * 3, nll=[2 * initial.nll] * 3)
+    result = adapt(parent, shots, AdaptConfig(lr=1e-3, max_steps=8, stop_on="score"), calibration=calibration)
+    assert result.target == pytest.approx(0.8 * initial.score) and result.stop_reason == "target"
+    assert result.steps > 0 and result.final.score <= result.target < result.history[-2].score
+
+
+def test_calibration_without_nll_cannot_set_a_target(parent: CSFlow, shots: Tensor) -> None:
+    scores_only = Calibration(1.0, 0.1, [0.5, 1.0])
+    with pytest.raises(ValueError, match="no stopping target"):
+        adapt(parent, shots, AdaptConfig(max_steps=2), calibration=scores_only)
+    adapt(parent, shots, AdaptConfig(max_steps=1, stop_quantile=None), calibration=scores_only)  # no target: fine
+
+
+@pytest.mark.parametrize(
+    ("config", "forwards"),
+    [
+        (FAST, FAST.max_steps + 1),  # one forward per update (stop check + gradient) and the final check
+        (AdaptConfig(lr=1e-3, max_steps=3, stop_quantile=None, augmentation=Augmentation(hflip=True)), 2 * 3 + 1),
+        (AdaptConfig(lr=1e-3, max_steps=3, stop_quantile=None, batch_norm="batch"), 2 * 3 + 1),
+    ],
+)
+def test_each_step_reuses_its_forward_for_the_stop_check(
+    parent: CSFlow, shots: Tensor, config: AdaptConfig, forwards: int
+) -> None:
+    """Without augmentation and with frozen BN the update's forward is the clean shots' forward, so it is
+    not run twice; otherwise the clean check needs its own pass."""
+    calls: list[int] = []
+    handle = parent.flow.register_forward_pre_hook(lambda *_: calls.append(1))  # the flow is shared
+    try:
+        result = adapt(parent, shots, config)
+    finally:
+        handle.remove()
+    assert result.steps == 3 and len(calls) == forwards
+
+
+def test_shared_forward_records_the_loss_it_stepped_on(parent: CSFlow, shots: Tensor) -> None:
+    result = adapt(parent, shots, FAST)
+    for record in result.history[:-1]:
+        assert record.train_nll == record.nll
 
 
 def test_non_finite_model_stops_as_diverged(make_tiny_model: Callable[..., CSFlow], shots: Tensor) -> None:
@@ -160,7 +220,13 @@ def test_rejects_bad_shots_and_config(parent: CSFlow, shots: Tensor) -> None:
     for bad in (shots[:, :1], shots[:, :, :64, :64], shots * 2, shots[:0]):
         with pytest.raises(ValueError):
             adapt(parent, bad, FAST)
-    for kwargs in ({"optimizer": "rmsprop"}, {"batch_norm": "train"}, {"lr": 0.0}, {"stop_quantile": 1.5}):
+    for kwargs in (
+        {"optimizer": "rmsprop"},
+        {"batch_norm": "train"},
+        {"lr": 0.0},
+        {"stop_quantile": 1.5},
+        {"stop_on": "loss"},
+    ):
         with pytest.raises(ValueError):
             AdaptConfig(**kwargs)
 
