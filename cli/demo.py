@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +17,8 @@ if TYPE_CHECKING:
     from daemon.config import Settings
 
 EXIT_INTERRUPTED = 130
+DEMO_USER = "demo"
+DEMO_PASSWORD_BYTES = 12
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,13 +40,41 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         hidden_channels=args.hidden_channels or defaults.hidden_channels,
         epochs=args.epochs or defaults.epochs,
         config=args.config,
+        person=args.console,
     )
+    console = partial(console_beside, settings, spec.out, spec.camera) if args.console else None
     try:
-        result = run_demo(spec, settings, lambda line: print(line, flush=True), progress)
+        result = run_demo(spec, settings, lambda line: print(line, flush=True), progress, console)
     except KeyboardInterrupt:
         print("inspectd demo: interrupted; everything it started has been stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0 if result.ok else EXIT_ERROR
+
+
+@contextmanager
+def console_beside(settings: Settings, out: Path, camera: str, redis_url: str, key_prefix: str) -> Iterator[str]:
+    """The operator console on the demo's Redis, with a user made for this run only (a fresh password in
+    OUT/console-users.json); yields the line that tells the person where to go and how to log in."""
+    import secrets
+
+    from pydantic import SecretStr
+
+    from console.app import serving
+    from console.users import add_user
+
+    users = out / "console-users.json"
+    users.unlink(missing_ok=True)
+    password = secrets.token_urlsafe(DEMO_PASSWORD_BYTES)
+    add_user(users, DEMO_USER, "admin", password)
+    redis = settings.redis.model_copy(update={"url": SecretStr(redis_url), "url_file": "", "key_prefix": key_prefix})
+    console = settings.console.model_copy(
+        update={"users_file": str(users), "redis_url": SecretStr(""), "redis_url_file": ""}
+    )
+    with serving(settings.model_copy(update={"redis": redis, "console": console})) as url:
+        yield (
+            f"console: {url}/cameras/{camera} — log in as {DEMO_USER} with password {password} (this run only); "
+            "when the drift alarm comes, select normal frames in the review queue and confirm them"
+        )
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,4 +105,10 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, help=f"model input size (default {d.image_size})")
     p.add_argument("--hidden-channels", type=int, help=f"flow hidden channels (default {d.hidden_channels})")
     p.add_argument("--epochs", type=int, help=f"training epochs (default {d.epochs})")
+    p.add_argument(
+        "--console",
+        action="store_true",
+        help="start the operator console beside the worker and let you confirm the frames (prints its URL and a "
+        f"one-time login; gives up {d.person_timeout_s:.0f} s after the alarm) instead of the simulated operator",
+    )
     p.set_defaults(handler=cmd_demo)

@@ -56,6 +56,7 @@ class Demo:
         self.story = Story(base=model.version)
         self._next_status = 0.0
         self._scored_at_status = 0
+        self._waiting_since: float | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -77,7 +78,10 @@ class Demo:
                 if shifted >= spec.max_shifted:
                     raise DemoFailed(f"no drift alarm after {shifted} shifted frames")
             elif len(story.confirmed) == 0 or (self._rejected_all() and len(story.confirmed) < spec.attempts):
-                self._confirm()
+                if spec.person:
+                    self._await_person()
+                else:
+                    self._confirm()
             elif story.accepted is None:
                 if self._rejected_all():
                     raise DemoFailed(
@@ -177,6 +181,12 @@ class Demo:
                 self._line(f"version {event.version} activated for scope '{event.scope}'")
         elif event.kind == EventKind.ROLLBACK:
             self._line(f"rollback in scope '{event.scope}' to version {event.version}")
+        elif event.kind == EventKind.FRAMES_CONFIRMED and event.scope == self.spec.camera:
+            frame_ids = [str(f) for f in d.get("frame_ids", [])]  # confirmed by a person in the console
+            story.confirmed.append(frame_ids)
+            story.confirmed_s.append(self.now())
+            story.confirmed_at_frame.append(self.camera.sent)
+            self._line(f"operator {d.get('operator')} (console): confirmed {len(frame_ids)} frames as normal")
 
     def _served(self) -> str:
         """The version that scored the camera's latest frame (the source version before any verdict)."""
@@ -192,6 +202,16 @@ class Demo:
         return len(self.story.rejected) >= len(self.story.confirmed) > 0
 
     # the operator --------------------------------------------------------------------------------
+    def _await_person(self) -> None:
+        """With --console a person confirms (their confirmations arrive as frames_confirmed events)."""
+        if self._waiting_since is None:
+            self._waiting_since = self.now()
+            self._line(
+                f"waiting for you: confirm at least {self.shots} normal frames of {self.spec.camera} in the console"
+            )
+        if self.now() - self._waiting_since > self.spec.person_timeout_s:
+            raise DemoFailed(f"nobody confirmed frames in the console within {self.spec.person_timeout_s:.0f} s")
+
     def _confirm(self) -> None:
         """Confirm the newest `shots` frames that are truly normal, shifted, still cached and not yet confirmed
         (distinct cells); waits for more verdicts when there are not enough yet."""

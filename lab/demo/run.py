@@ -6,7 +6,8 @@ import json
 import signal
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from lab.demo.worker import start_worker, wait_ready, worker_env
 from lab.plots import plot_timeline
 from lab.services import LocalKafka, LocalRedis, free_port, stop_process
 
+ConsoleStarter = Callable[[str, str], AbstractContextManager[str]]
+
 
 @dataclass
 class DemoResult:
@@ -44,8 +47,18 @@ class DemoResult:
     timeline_path: Path
 
 
-def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Progress = no_progress) -> DemoResult:
+def run_demo(
+    spec: DemoSpec,
+    settings: Settings,
+    say: Say = print,
+    progress: Progress = no_progress,
+    console: ConsoleStarter | None = None,
+) -> DemoResult:
     """The whole demo; returns the summary (also written to OUT/summary.json, with OUT/timeline.png).
+
+    `console(redis_url, key_prefix)`, when given, starts the operator console beside the worker for the
+    demo's lifetime (a context manager yielding the line to print: URL and login); the command line passes it
+    with --console, since the lab does not import the web stack.
 
     Raises on set-up errors (no data, a service or the worker that does not start); a loop that does not
     complete (no alarm, a rejected adaptation, ...) ends normally with `ok` False and the reason in the
@@ -84,13 +97,19 @@ def run_demo(spec: DemoSpec, settings: Settings, say: Say = print, progress: Pro
         )
         wait_ready(port, worker, spec.ready_timeout_s, worker_log)
         say(f"worker: ready (pid {worker.pid}, health on http://127.0.0.1:{port}/readyz, log {worker_log})")
+        if console is not None:
+            say(stack.enter_context(console(redis_server.url, prefix)))
 
         t0 = time.monotonic()
         camera = Camera(kafka.bootstrap, topic, spec.camera, test, spec, shift, settings.limits.to_limits(), t0)
         demo = Demo(spec, settings, say, camera, worker, worker_log, client, Keys(prefix), model, shots, t0)
         say(
             f"camera {spec.camera}: {spec.rate:g} frames/s, {spec.frames_before} frames before the '{spec.shift}' "
-            f"shift; the operator confirms {shots} normal frames when the drift alarm comes"
+            + (
+                f"shift; when the drift alarm comes, confirm at least {shots} normal frames in the console"
+                if spec.person
+                else f"shift; the operator confirms {shots} normal frames when the drift alarm comes"
+            )
         )
         stack.callback(camera.stop)
         camera.start()

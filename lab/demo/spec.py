@@ -30,6 +30,10 @@ class DemoSpec:
     defect_share: float = 0.08  # share of defective cells among the frames
     shots: int | None = None  # frames the operator confirms per attempt (None: [adapt] min_shots)
     attempts: int = 2  # adaptation attempts (the operator confirms more frames after a rejection)
+    # A person confirms frames in the operator console (`inspectd demo --console`) instead of the simulated
+    # operator; the demo gives up when nobody has confirmed within person_timeout_s of the drift alarm.
+    person: bool = False
+    person_timeout_s: float = 900.0
     seed: int = 0
     fresh: bool = False  # retrain even if OUT/model matches
     # The model (trained on data/train/good; cached in OUT/model while these match).
