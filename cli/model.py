@@ -103,11 +103,21 @@ def _load(args: argparse.Namespace, settings: Settings) -> ModelVersion:
     return load_model(args.model, str(resolve_device(settings.model.device)))
 
 
+def _load_served(args: argparse.Namespace, settings: Settings) -> ModelVersion:
+    """A version prepared to serve under the [model] serving settings (not for adapting: it may be folded)."""
+    from csflow.inference import prepare_for_serving
+
+    version = _load(args, settings)
+    prepare_for_serving(version.model, settings.model.serving_options())
+    return version
+
+
 def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     from csflow.data import ImageError, read_image, to_tensor
     from csflow.scoring import score_images
 
-    version = _load(args, settings)
+    version = _load_served(args, settings)
+    options = settings.model.serving_options()
     limits = settings.limits.to_limits()
     rows, failed = [], 0
     for path in args.images:
@@ -117,7 +127,7 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
             failed += 1
             rows.append({"image": str(path), "error": str(exc)})
             continue
-        score = float(score_images(version.model, image).image[0])
+        score = float(score_images(version.model, image, options=options).image[0])
         rows.append(
             {
                 "image": str(path),
@@ -146,7 +156,8 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from csflow.scoring import score_images
     from lab.plots import plot_evaluation
 
-    version = _load(args, settings)
+    version = _load_served(args, settings)
+    options = settings.model.serving_options()
     model, size = version.model, version.model.image_size
     dataset = load_dataset(args.data)
     if not dataset.test:
@@ -154,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     limits = settings.limits.to_limits()
     shift = get_shift(args.shift, limits) if args.shift else None
     result = evaluate_samples(
-        model, dataset.test, version.threshold, limits, settings.train.batch_size, progress, shift
+        model, dataset.test, version.threshold, limits, settings.train.batch_size, progress, shift, options
     )
     evaluation = result.evaluation
     op = evaluation.operating_point
@@ -174,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if args.plot:
         picks = _overlay_picks(result.scores, result.anomalous)
         images = load_batch([dataset.test[i].path for i in picks], size, limits, shift)
-        maps = score_images(model, images, maps=True).maps
+        maps = score_images(model, images, maps=True, options=options).maps
         overlays = [
             (
                 f"{'defective' if result.anomalous[i] else 'normal'}: {result.scores[i]:.3f}",

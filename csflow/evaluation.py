@@ -18,6 +18,7 @@ from csflow.data import ImageLimits, Sample, Transform, read_mask
 from csflow.fit import Progress, image_batches, no_progress
 from csflow.model import CSFlow
 from csflow.scoring import score_images
+from csflow.serving_options import FP32, ServingOptions
 
 PIXEL_EVAL_SIZE = 256  # maps and masks are compared at most at this side length, to bound memory
 
@@ -101,16 +102,17 @@ def evaluate_samples(
     batch_size: int,
     progress: Progress = no_progress,
     transform: Transform | None = None,
+    options: ServingOptions = FP32,
 ) -> ScoredTestSet:
     """Score a labelled test set (each image through `transform` first, e.g. a domain shift) and compute
-    its metrics (pixel AUROC where masks exist)."""
+    its metrics (pixel AUROC where masks exist); `options`: those `model` was prepared to serve with."""
     size = model.image_size
     has_masks = any(s.mask_path for s in samples)
     pixel_size = min(size, PIXEL_EVAL_SIZE)
     scores, maps = [], []
     batches = image_batches([s.path for s in samples], size, limits, batch_size, transform)
     for batch in progress(batches, "evaluate", -(-len(samples) // batch_size)):
-        scored = score_images(model, batch, maps=has_masks)
+        scored = score_images(model, batch, maps=has_masks, options=options)
         scores.append(scored.image)
         if scored.maps is not None:
             maps.append(F.adaptive_avg_pool2d(torch.from_numpy(scored.maps)[:, None], pixel_size)[:, 0].numpy())

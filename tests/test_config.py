@@ -46,6 +46,18 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert settings.model.image_size == 256
 
 
+def test_serving_settings_build_the_serving_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nprecision = 'bf16'\nfold_batch_norm = true\n")
+    monkeypatch.setenv("INSPECTD_WORKER__FORWARD_BATCH", "4")
+    settings = load_settings(cfg)
+    options = settings.model.serving_options()
+    assert (options.precision, options.channels_last, options.fold_batch_norm) == ("bf16", True, True)
+    assert settings.worker.forward_batch == 4
+    monkeypatch.delenv("INSPECTD_WORKER__FORWARD_BATCH")
+    assert load_settings(cfg).worker.forward_batch == "auto"
+
+
 @pytest.mark.parametrize(
     ("content", "env", "expected"),
     [
@@ -57,6 +69,8 @@ def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("", {"INSPECTD_TRAIN__LR": "fast"}, "train.lr"),
         ("", {"INSPECTD_LOG__LEVEL": "loud"}, "log.level"),
         ("[train\n", {}, "not valid TOML"),
+        ("[model]\nprecision = 'fp16'\n", {}, "model.precision"),
+        ("", {"INSPECTD_WORKER__FORWARD_BATCH": "0"}, "worker.forward_batch"),
     ],
 )
 def test_invalid_config_names_the_key(

@@ -1,0 +1,60 @@
+"""How a served model runs: precision, memory layout, batch-norm folding, and the forward batch.
+
+Kept free of torch so that settings validate these without loading it; `csflow.inference` applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+AUTO = "auto"
+# forward_batch = "auto": on a CPU, large images are scored a few at a time (a batch's activations outgrow
+# the caches: B5 at 768 px measured 1.6x slower per image at batch 8 than at batch 1), small ones in
+# batches; an accelerator takes the whole collected batch.
+CPU_LARGE_IMAGE_PX = 512
+CPU_LARGE_IMAGE_BATCH = 1
+CPU_SMALL_IMAGE_BATCH = 8
+# bf16 keeps 8 significant bits: each image's score stays within this share of its fp32 score (checked on
+# synthetic data by the tests; on ELPV by bench/bench_precision.py through AUROC and verdicts).
+BF16_SCORE_RTOL = 0.03
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """Defaults are plain fp32 with the trained model's layout: exactly its arithmetic."""
+
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    fold_batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+FP32 = ServingOptions()
+_FLAGS = {"cl": "channels_last", "fold": "fold_batch_norm"}
+
+
+def parse_options(mode: str) -> ServingOptions:
+    """`fp32` or `bf16`, optionally with `+cl` (channels-last) and `+fold` (batch norms folded): the
+    benchmarks' names for option sets."""
+    precision, *flags = mode.split("+")
+    unknown = [f for f in flags if f not in _FLAGS]
+    if unknown:
+        raise ValueError(f"unknown serving flags {unknown} in {mode!r}; known: {sorted(_FLAGS)}")
+    return ServingOptions(precision=precision, **{_FLAGS[f]: True for f in flags})  # type: ignore[arg-type]
+
+
+def forward_batch(setting: int | str, device_type: str, image_size: int, collected: int) -> int:
+    """Images per forward pass for a collected batch of `collected` frames: the setting when it is a
+    number, else chosen for the device and image size (see CPU_LARGE_IMAGE_PX)."""
+    if setting != AUTO:
+        return max(1, min(int(setting), collected))
+    if device_type != "cpu":
+        return max(1, collected)
+    cap = CPU_LARGE_IMAGE_BATCH if image_size >= CPU_LARGE_IMAGE_PX else CPU_SMALL_IMAGE_BATCH
+    return max(1, min(cap, collected))

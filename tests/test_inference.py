@@ -1,0 +1,91 @@
+"""The serving options: batch norms folded and channels-last give fp32's scores, bf16 stays within its
+stated tolerance, and the forward batch follows the device and image size."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from csflow.inference import fold_batch_norm, prepare_for_serving
+from csflow.model import CSFlow
+from csflow.scoring import score_images
+from csflow.serving_options import (
+    BF16_SCORE_RTOL,
+    CPU_LARGE_IMAGE_BATCH,
+    CPU_LARGE_IMAGE_PX,
+    CPU_SMALL_IMAGE_BATCH,
+    ServingOptions,
+    forward_batch,
+    parse_options,
+)
+
+
+@pytest.fixture(scope="module")
+def model(make_tiny_model: Callable[..., CSFlow]) -> CSFlow:
+    """Pretrained lite0 features (real batch-norm statistics to fold) and a flow whose couplings are open."""
+    return make_tiny_model(perturb=0.05)
+
+
+@pytest.fixture(scope="module")
+def images(make_images: Callable[..., Tensor]) -> Tensor:
+    return make_images(12, seed=3)
+
+
+def _served(model: CSFlow, images: Tensor, mode: str) -> np.ndarray:
+    options = parse_options(mode)
+    return score_images(prepare_for_serving(copy.deepcopy(model), options), images, options=options).image
+
+
+def test_folding_removes_every_batch_norm_and_keeps_the_features(model: CSFlow, images: Tensor) -> None:
+    extractor = copy.deepcopy(model.extractor)
+    n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in extractor.modules())
+    assert n_norms > 0
+    assert fold_batch_norm(extractor) == n_norms
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in extractor.modules())
+    with torch.no_grad():
+        for folded, plain in zip(extractor(images), model.extractor(images), strict=True):
+            torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)  # fp32 re-association
+
+
+@pytest.mark.parametrize("mode", ["fp32+fold", "fp32+cl", "fp32+cl+fold"])
+def test_layout_and_folding_keep_fp32_scores(model: CSFlow, images: Tensor, mode: str) -> None:
+    np.testing.assert_allclose(_served(model, images, mode), score_images(model, images).image, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "bf16+cl", "bf16+cl+fold"])
+def test_bf16_scores_stay_within_the_stated_tolerance(model: CSFlow, images: Tensor, mode: str) -> None:
+    reference = score_images(model, images).image
+    fast = _served(model, images, mode)
+    assert fast.dtype == np.float64
+    assert not np.array_equal(fast, reference)  # bf16 did run
+    np.testing.assert_allclose(fast, reference, rtol=BF16_SCORE_RTOL)
+
+
+def test_serving_leaves_no_gradients_and_fp32_latents(model: CSFlow, images: Tensor) -> None:
+    served = prepare_for_serving(copy.deepcopy(model), ServingOptions(precision="bf16", channels_last=True))
+    assert not any(p.requires_grad for p in served.parameters())
+    with torch.no_grad():
+        out = served(images[:2].contiguous(memory_format=torch.channels_last))
+    assert all(z.dtype == torch.float32 for z in out.z) and out.log_jac_det.dtype == torch.float32
+
+
+def test_unknown_serving_modes_are_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        ServingOptions(precision="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown serving flags"):
+        parse_options("bf16+fast")
+
+
+def test_forward_batch_fits_the_device_and_image_size() -> None:
+    assert forward_batch("auto", "cpu", CPU_LARGE_IMAGE_PX, 16) == CPU_LARGE_IMAGE_BATCH
+    assert forward_batch("auto", "cpu", CPU_LARGE_IMAGE_PX - 128, 16) == CPU_SMALL_IMAGE_BATCH
+    assert forward_batch("auto", "cpu", 256, 3) == 3
+    assert forward_batch("auto", "cuda", 768, 16) == 16
+    assert forward_batch(4, "cpu", 768, 16) == 4
+    assert forward_batch(32, "cuda", 768, 5) == 5
+    assert forward_batch("auto", "cpu", 768, 0) == 1
