@@ -7,6 +7,14 @@ so one worker per scope adapts), and a background thread decodes the newest [ada
 same image limits as Kafka frames) and runs `adapt_and_gate` on the version the camera is served. The
 result is taken up between later batches:
 
+- accepted by the offline gate: the candidate is served in shadow ([adapt] shadow_frames > 0): the worker
+  scores the camera's next shadow_frames frames with it beside the parent (verdicts still come from the
+  parent), and `adapters.shadow` decides on those frames, setting the candidate's own threshold and
+  drift reference for the new domain (event adaptation_shadow, then accepted or rejected with both flag
+  rates, the drift statistic and the frames seen). The lock is held, and renewed, until then; a shadow
+  that does not get its frames within shadow_timeout_s (the camera's partition moved) is rejected. With
+  shadow_frames = 0 a candidate adapted on one shot is never activated (its offline evidence is
+  perturbed copies of its own training frame).
 - accepted: the adapter is saved into [registry] cache_dir (next to its materialised parent), published,
   and activated in the camera's own scope (the scope is the camera id: the shift was seen on this camera;
   an operator can widen it with `inspectd models activate VERSION --scope LINE`). A camera scope with no
@@ -41,8 +49,11 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from adapters.gate import GatedAdaptation, adapt_and_gate
+from adapters.shadow import ShadowEvaluation
 from csflow.artifacts import ArtifactError, ModelVersion, save_adapter
+from csflow.calibration import Calibration
 from csflow.data import ImageError, decode_image, to_tensor
+from csflow.model import CSFlow
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, BufferedFrame
 from daemon.events import Event, EventKind, EventLog, now_ms
@@ -75,6 +86,7 @@ class _Run:
         self.error: str | None = None
         self.skipped: list[str] = []  # frames that could not be decoded
         self._done = threading.Event()
+        self._released = threading.Event()
         self._thread = threading.Thread(target=self._adapt, name=f"adapt-{camera}", daemon=True)
         self._renewer = threading.Thread(target=self._renew, name=f"adapt-lock-{camera}", daemon=True)
         self._log = structlog.get_logger()
@@ -105,13 +117,28 @@ class _Run:
         finally:
             self._done.set()
 
+    def release(self) -> None:
+        """Stop renewing and free the scope (the lock outlives the adaptation while the shadow runs)."""
+        self._released.set()
+        _release_quietly(self.lock)
+
     def _renew(self) -> None:
         ttl = self.settings.adapt.lock_ttl_s
-        while not self._done.wait(ttl / RENEWALS_PER_TTL):
+        while not self._released.wait(ttl / RENEWALS_PER_TTL):
             try:
                 self.lock.extend(ttl, replace_ttl=True)
             except (LockError, redis.RedisError) as exc:
                 self._log.warning("adaptation lock not renewed", camera_id=self.camera, error=str(exc))
+
+
+@dataclass
+class _Shadow:
+    """A candidate that passed the offline gate, scored beside its parent on the camera's live frames."""
+
+    run: _Run
+    gated: GatedAdaptation
+    evaluation: ShadowEvaluation
+    deadline: float
 
 
 class AdaptationController:
@@ -127,15 +154,36 @@ class AdaptationController:
         self.events = events
         self.cache_dir = Path(settings.registry.cache_dir)
         self._run: _Run | None = None
+        self._shadow: _Shadow | None = None
         self._next_check = 0.0
         self._log = structlog.get_logger()
 
+    @property
+    def shadow(self) -> tuple[str, CSFlow] | None:
+        """The camera whose frames the worker must also score with the candidate, and the candidate."""
+        if self._shadow is None:
+            return None
+        return self._shadow.run.camera, self._shadow.gated.result.model
+
+    def observe_shadow(self, parent_scores: list[float], candidate_scores: list[float], nll: list[float]) -> None:
+        """The shadow camera's frames of one batch, in stream order: parent and candidate scores, candidate NLLs."""
+        if self._shadow is not None:
+            for p, c, n in zip(parent_scores, candidate_scores, nll, strict=True):
+                self._shadow.evaluation.update(p, c, n)
+
     def step(self, alarms: Mapping[str, ModelVersion]) -> None:
-        """Take up a finished run, or start one for a camera in alarm (`alarms`: camera -> its version)."""
+        """Take up a finished run or shadow, or start a run for a camera in alarm (`alarms`: camera -> its
+        version)."""
+        if self._shadow is not None:
+            shadow = self._shadow
+            if shadow.evaluation.done or time.monotonic() > shadow.deadline:
+                self._conclude(shadow.run, self._shadow_outcome(shadow))
+                self._shadow = None
+            return
         if self._run is not None:
             if self._run.done:
-                self._finish(self._run)
-                self._run = None
+                run, self._run = self._run, None
+                self._finish(run)
             return
         now = time.monotonic()
         if now < self._next_check:
@@ -147,9 +195,10 @@ class AdaptationController:
 
     def close(self) -> None:
         """On shutdown: a run still going is abandoned (its thread dies with the process); free the scope."""
-        if self._run is not None:
-            _release_quietly(self._run.lock)
-            self._run = None
+        for run in (self._run, self._shadow.run if self._shadow else None):
+            if run is not None:
+                run.release()
+        self._run, self._shadow = None, None
 
     # -------------------------------------------------------------------------------------------- start
 
@@ -194,8 +243,13 @@ class AdaptationController:
     # -------------------------------------------------------------------------------------------- finish
 
     def _finish(self, run: _Run) -> None:
-        """Publish or record the outcome; a Redis error leaves the run (and its lock) to the worker's retry."""
+        """The offline gate's outcome: a shadow starts, or the outcome is published or recorded."""
         outcome = self._outcome(run)
+        if outcome is not None:
+            self._conclude(run, outcome)
+
+    def _conclude(self, run: _Run, outcome: Outcome) -> None:
+        """Record the attempt and free the scope."""
         attempt = {
             "newest_frame_id": run.frames[0].frame_id,
             "shots": len(run.frames),
@@ -205,7 +259,7 @@ class AdaptationController:
             "ts": now_ms(),
         }
         self.client.set(self.keys.adapt_attempt(run.camera), json.dumps(attempt))
-        _release_quietly(run.lock)
+        run.release()
         log = self._log.info if outcome.accepted else self._log.warning
         log(
             "adaptation accepted" if outcome.accepted else "adaptation rejected",
@@ -215,8 +269,8 @@ class AdaptationController:
             reasons=outcome.reasons,
         )
 
-    def _outcome(self, run: _Run) -> Outcome:
-        camera, parent = run.camera, run.parent.version
+    def _outcome(self, run: _Run) -> Outcome | None:
+        """The offline gate's verdict; None when the candidate goes into shadow first."""
         gated = run.result
         if gated is None:
             return self._rejected(run, [f"FAIL error: {run.error}"], {})
@@ -224,8 +278,51 @@ class AdaptationController:
         reasons = [*gated.decision.reasons, *(f"skipped frame: {s}" for s in run.skipped)]
         if not gated.accepted:
             return self._rejected(run, reasons, figures)
+        cfg = self.settings.adapt
+        if cfg.shadow_frames > 0:
+            evaluation = ShadowEvaluation(
+                run.parent.manifest.threshold_calibration,
+                list(gated.decision.figures.get("defect_scores", [])),
+                cfg.shadow_config(),
+                self.settings.drift.to_config(),
+            )
+            self._shadow = _Shadow(run, gated, evaluation, time.monotonic() + cfg.shadow_timeout_s)
+            detail = {
+                "figures": figures,
+                "reasons": reasons,
+                "frames": cfg.shadow_frames,
+                "adaptation": _json_safe(gated.result.summary()),
+            }
+            self.events.append(Event(EventKind.ADAPTATION_SHADOW, run.camera, run.parent.version, detail))
+            self._log.info("candidate in shadow", camera_id=run.camera, parent=run.parent.version)
+            return None
+        if gated.split.heldout_kind == "views":
+            reason = "FAIL shadow: a candidate adapted on one shot is never activated without shadow evidence"
+            return self._rejected(run, [*reasons, f"{reason} ([adapt] shadow_frames is 0)"], figures)
+        return self._activate(run, gated, reasons, figures, None)
+
+    def _shadow_outcome(self, shadow: _Shadow) -> Outcome:
+        run, gated = shadow.run, shadow.gated
+        decision = shadow.evaluation.decide()
+        figures = _json_safe({**gated.decision.figures, "shadow": decision.figures})
+        reasons = [*gated.decision.reasons, *decision.reasons]
+        if not decision.accepted:
+            return self._rejected(run, reasons, figures)
+        return self._activate(run, gated, reasons, figures, decision.calibration)
+
+    def _activate(
+        self,
+        run: _Run,
+        gated: GatedAdaptation,
+        reasons: list[str],
+        figures: dict[str, Any],
+        calibration: Calibration | None,
+    ) -> Outcome:
+        """Save, publish and activate the candidate in the camera's scope (`calibration`: its own operating
+        point for the new domain, None to inherit the parent's)."""
+        camera, parent = run.camera, run.parent.version
         try:
-            version = self._save(run, gated)
+            version = self._save(run, gated, calibration)
             self.registry.publish(self.cache_dir / version)
         except (ArtifactError, RegistryError, OSError, ValueError) as exc:
             return self._rejected(run, [*reasons, f"FAIL publish: {type(exc).__name__}: {exc}"], figures)
@@ -241,7 +338,7 @@ class AdaptationController:
         self.events.append(Event(EventKind.ADAPTATION_REJECTED, run.camera, run.parent.version, detail))
         return Outcome(False, None, reasons)
 
-    def _save(self, run: _Run, gated: GatedAdaptation) -> str:
+    def _save(self, run: _Run, gated: GatedAdaptation, calibration: Calibration | None) -> str:
         """The adapter as `cache_dir/{version}`, beside its parent's materialised directory (whose relative
         path it records); written to a temporary directory and renamed, so a directory there is complete."""
         parent_dir = self.registry.materialise(run.parent.version, self.cache_dir)
@@ -250,7 +347,14 @@ class AdaptationController:
             result = gated.result
             summary = {**result.summary(), "gate": _json_safe(gated.decision.figures), "camera_id": run.camera}
             manifest = save_adapter(
-                tmp, result.model, run.parent, result.block_names, summary, domain=run.camera, parent_dir=parent_dir
+                tmp,
+                result.model,
+                run.parent,
+                result.block_names,
+                summary,
+                domain=run.camera,
+                parent_dir=parent_dir,
+                calibration=calibration,
             )
             target = self.cache_dir / manifest.version
             if not target.is_dir():

@@ -49,6 +49,12 @@ class WorkerMetrics:
             ["error"],
             registry=r,
         )
+        self.shadow_frames = Counter(
+            "inspectd_shadow_frames", "Frames also scored by an adaptation candidate in shadow", registry=r
+        )
+        self.shadow_seconds = Counter(
+            "inspectd_shadow_seconds", "Time spent scoring frames with a candidate in shadow", registry=r
+        )
         self.confirmations = Counter(
             "inspectd_confirmations", "Operator confirmations handled, by outcome", ["outcome"], registry=r
         )

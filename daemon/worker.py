@@ -31,6 +31,7 @@ from kafka.errors import CommitFailedError, CorruptRecordError, InvalidRecordErr
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.model import image_scores
+from csflow.scoring import score_images
 from daemon import dead_letters
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
@@ -256,6 +257,7 @@ class Worker:
         cameras = {f.camera_id: served[f.camera_id] for f, _ in good}
         self._retry("redis", lambda: self.drift.prepare(cameras))
         drift_states = self._observe_drift(good, versions, scores)
+        self._score_shadow(good, scores)
         t2 = time.perf_counter()
         now_ms = time.time() * 1000
         verdicts = [
@@ -332,6 +334,27 @@ class Worker:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return image_scores(version.model(batch).z).cpu().numpy()
+
+    def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray) -> None:
+        """A candidate in shadow scores its camera's frames of this batch beside the parent, whose scores
+        are the verdicts; the controller decides once it has seen enough (adapters/shadow.py)."""
+        shadow = self.controller.shadow
+        if shadow is None:
+            return
+        camera, candidate = shadow
+        idx = [i for i, (frame, _) in enumerate(good) if frame.camera_id == camera and np.isfinite(scores[i])]
+        if not idx:
+            return
+        t0 = time.perf_counter()
+        try:
+            out = score_images(candidate, torch.stack([good[i][1] for i in idx]), nll=True)
+            candidate_scores, nll = out.image.tolist(), np.asarray(out.nll).tolist()
+        except Exception as exc:  # a broken candidate must not cost the batch: it fails its shadow instead
+            self._log.warning("shadow candidate failed", camera_id=camera, error=_describe(exc))
+            candidate_scores = nll = [float("nan")] * len(idx)
+        self.metrics.shadow_frames.inc(len(idx))
+        self.metrics.shadow_seconds.inc(time.perf_counter() - t0)
+        self.controller.observe_shadow([float(scores[i]) for i in idx], candidate_scores, nll)
 
     def _observe_drift(
         self, good: list[tuple[Frame, torch.Tensor]], versions: list[ModelVersion], scores: np.ndarray

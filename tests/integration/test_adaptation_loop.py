@@ -26,7 +26,7 @@ import pytest
 import test_worker
 import torch
 from PIL import Image
-from test_worker import PARTITIONS, Line, frame_headers, get, wait_ready
+from worker_line import PARTITIONS, Line, frame_headers, get, wait_ready
 from torch import Tensor
 
 from adapters.shifts import SHIFTS
@@ -51,6 +51,8 @@ LOOP_ENV = {
     "INSPECTD_DRIFT__ERT": "400",
     "INSPECTD_ADAPT__MIN_SHOTS": str(SHOTS),
     "INSPECTD_ADAPT__CHECK_INTERVAL_S": "0.5",
+    # The shadow: the adapting worker sees half of the camera's frames here (two workers share its partitions).
+    "INSPECTD_ADAPT__SHADOW_FRAMES": "16",
     # An 8-channel flow trained for seconds misses some of the gate's synthetic defects even before adapting.
     "INSPECTD_ADAPT__MIN_DEFECT_DETECTION": "0.5",
     # On this toy flow the noise-shifted shots reach the calibration median NLL after ~8 steps while their
@@ -141,6 +143,14 @@ class Loop:
             time.sleep(0.2)
         raise AssertionError(f"no {kind} event #{count} within {TIMEOUT_S} s: {self.events()}\n{self.line.logs()}")
 
+    def send_until(self, *kinds: EventKind, chunk: int = 8, max_frames: int = 160) -> list[str]:
+        """Shifted frames, a chunk at a time, until an event of one of `kinds` appears."""
+        ids: list[str] = []
+        while not any(self.events(kind) for kind in kinds):
+            assert len(ids) < max_frames, f"no {kinds} event after {len(ids)} frames\n{self.line.logs()}"
+            ids += self.send(chunk, shifted=True)
+        return ids
+
     def shift_until_alarm(self, chunk: int = 16, max_frames: int = 160) -> list[str]:
         ids: list[str] = []
         while not self.events(EventKind.DRIFT_ALARM):
@@ -202,8 +212,20 @@ def test_shift_is_adapted_to_by_every_worker_and_rolled_back(loop: Loop, trained
     assert main(["confirm", *confirmed, "--operator", "qa", "--note", "new sensor"]) == 0
     started = loop.wait_event(EventKind.ADAPTATION_STARTED)
     assert started.scope == CAMERA and sorted(started.detail["frame_ids"]) == sorted(confirmed)
+    shadow = loop.wait_event(EventKind.ADAPTATION_SHADOW)
+    assert shadow.scope == CAMERA and shadow.version == base and shadow.detail["frames"] == 16
+    # The candidate earns its activation on the camera's own frames, scored beside the parent, whose verdicts
+    # stand meanwhile; it gets its own threshold there.
+    in_shadow = loop.verdicts(loop.send_until(EventKind.ADAPTATION_ACCEPTED, EventKind.ADAPTATION_REJECTED))
+    assert in_shadow[0]["model_version"] == base and len(in_shadow) >= 16  # the parent's verdicts stand meanwhile
     accepted = loop.wait_event(EventKind.ADAPTATION_ACCEPTED)
     adapted = accepted.version
+    on_line = accepted.detail["figures"]["shadow"]
+    assert on_line["frames_seen"] == 16 and on_line["candidate_flag_rate"] <= on_line["parent_flag_rate"]
+    assert any(r.startswith("ok shadow stable") for r in accepted.detail["reasons"])
+    manifest = read_manifest(next(loop.line.tmp_path.glob(f"cache-*/{adapted}")))
+    assert manifest.calibration["threshold"] == on_line["threshold"]  # its own operating point, not the parent's
+    assert len(manifest.calibration["scores"]) >= 12  # its drift reference: the live frames it did not flag
     assert accepted.detail["parent"] == base and accepted.detail["figures"]["candidate_false_reject_rate"] == 0.0
     activated = [e for e in loop.events(EventKind.VERSION_ACTIVATED) if e.scope == CAMERA]
     assert [e.version for e in activated] == [base, adapted]  # the camera pinned to its parent, then switched
