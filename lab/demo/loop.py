@@ -165,6 +165,11 @@ class Demo:
         elif event.kind == EventKind.ADAPTATION_STARTED:
             story.started.append(event)
             self._line(f"adaptation started on {event.scope} from version {event.version} with {d.get('shots')} shots")
+        elif event.kind == EventKind.ADAPTATION_SHADOW:
+            self._line(
+                f"candidate passed the offline gate ({gate_line(d)}); scoring the next {d.get('frames')} frames "
+                "beside the source version (shadow) before deciding"
+            )
         elif event.kind == EventKind.ADAPTATION_ACCEPTED:
             story.accepted, story.adapted = event, event.version
             self._line(f"adaptation ACCEPTED: new version {event.version} — {gate_line(d)}")

@@ -27,6 +27,13 @@ def gate_line(detail: Mapping[str, Any]) -> str:
         f"synthetic defects caught {pct(f.get('defect_detection_rate'))}",
         f"{a.get('steps', '?')} steps in {num(a.get('seconds'))} s",
     ]
+    shadow = f.get("shadow")
+    if isinstance(shadow, dict) and "threshold" in shadow:
+        parts.append(
+            f"shadow on {shadow.get('frames_seen')} live frames: flagged {pct(shadow.get('parent_flag_rate'))} by "
+            f"the source version, {pct(shadow.get('candidate_flag_rate'))} by the candidate at its own threshold "
+            f"{num(shadow.get('threshold'))}"
+        )
     return ", ".join(parts)
 
 
