@@ -26,8 +26,8 @@ import pytest
 import test_worker
 import torch
 from PIL import Image
-from worker_line import PARTITIONS, Line, frame_headers, get, wait_ready
 from torch import Tensor
+from worker_line import PARTITIONS, Line, frame_headers, get, wait_ready
 
 from adapters.shifts import SHIFTS
 from cli.main import main
