@@ -137,7 +137,7 @@ class DriftWatch:
             thresholds = self._thresholds[version.version]
             return None if thresholds is None else DriftMonitor(calibration.scores, self.config, thresholds)
         try:
-            monitor = DriftMonitor.from_calibration(calibration, self.config)
+            monitor = DriftMonitor(calibration.scores, self.config)
         except ValueError as exc:
             self._thresholds[version.version] = None
             self._log.warning("drift monitoring off for this version", version=version.version, reason=str(exc))

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from csflow.calibration import Calibration
 from drift.config import DriftConfig
 from drift.detectors import Cusum, LowerWindowTest
 from drift.reference import Reference
@@ -33,12 +32,12 @@ class DriftMonitor:
     A sequential detector (CUSUM) catches large shifts within a few frames; a windowed two-sample test
     catches moderate ones. Both look at the bulk and lower part of the score distribution, so a burst of
     defects (scores far above the threshold) is not taken for a domain shift. The alarm is latched until
-    `reset()`; a new model version gets a new monitor (`from_calibration`).
+    `reset()`; a new model version gets a new monitor, on its own calibration scores.
 
     Parameters
     ----------
     reference
-        Held-out normal scores of the active model version (`Calibration.scores`).
+        Held-out normal scores of the active model version (its calibration scores).
     config
         Detector settings.
     thresholds
@@ -71,11 +70,6 @@ class DriftMonitor:
         self.cusum = Cusum(self.reference, self.config.cap, self.config.slack, self.thresholds.cusum)
         self.window = LowerWindowTest(self.reference, self.config.window, self.config.quantile, self.thresholds.window)
         self._reset()
-
-    @classmethod
-    def from_calibration(cls, calibration: Calibration, config: DriftConfig | None = None) -> DriftMonitor:
-        """A monitor for a model version, from the calibration stored in its manifest."""
-        return cls(calibration.scores, config)
 
     def _reset(self) -> None:
         self._frames_seen = 0

@@ -211,7 +211,7 @@ def test_alarm_is_latched_until_reset(reference: np.ndarray, thresholds: Thresho
 
 
 def test_new_model_version_gets_its_own_reference(reference: np.ndarray, thresholds: Thresholds) -> None:
-    mon = DriftMonitor.from_calibration(calibrate(reference, 0.01), CONFIG)
+    mon = DriftMonitor(calibrate(reference, 0.01).scores, CONFIG)
     np.testing.assert_array_equal(mon.reference.scores, np.sort(reference))
     assert mon.thresholds == thresholds
 
