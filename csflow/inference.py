@@ -3,9 +3,10 @@
 A served model is frozen, so its extractor's batch norms can be folded into the convolutions before them
 (one pass over the activations less per layer), its tensors can be laid out channels-last (what oneDNN's
 convolutions prefer on a CPU), and on hardware with bf16 units (AMX / AVX-512 BF16, or a GPU) its
-convolutions can run in bf16: the extractor's trunk and the couplings' subnets, while the couplings' affine
-arithmetic and the scores stay fp32. How far bf16 moves the scores is checked by `tests/test_inference.py`
-(synthetic) and `bench/bench_precision.py` (ELPV: AUROC and verdicts against fp32).
+convolutions can run in bf16: the couplings' subnets (`bf16-flow`), or those and the extractor's trunk
+(`bf16`), while the couplings' affine arithmetic and the scores stay fp32. How far bf16 moves the scores
+is checked by `tests/test_inference.py` (synthetic) and `bench/bench_precision.py` (ELPV: AUROC and
+verdicts against fp32).
 
 `prepare_for_serving` changes a model in place: an adaptation needs the unfolded model, so it is applied
 to a model that is only served (the CLI's `score`/`evaluate`, the worker's loaded versions).
@@ -100,6 +101,7 @@ def prepare_for_serving(model: CSFlow, options: ServingOptions) -> CSFlow:
         extractor.conv_stem = _InPrecision(extractor.conv_stem, torch.bfloat16, float_out=False)
         extractor.bn1.to(torch.bfloat16)
         extractor.blocks = _InPrecision(extractor.blocks, torch.bfloat16)  # type: ignore[assignment]
+    if options.precision in ("bf16", "bf16-flow"):
         for module in model.flow.modules():
             if isinstance(module, ParallelAffineCoupling):
                 module.subnet_a = _InPrecision(module.subnet_a, torch.bfloat16)  # type: ignore[assignment]

@@ -15,10 +15,10 @@ from csflow.inference import fold_batch_norm, prepare_for_serving
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from csflow.serving_options import (
-    BF16_SCORE_RTOL,
     CPU_LARGE_IMAGE_BATCH,
     CPU_LARGE_IMAGE_PX,
     CPU_SMALL_IMAGE_BATCH,
+    SCORE_RTOL,
     ServingOptions,
     forward_batch,
     parse_options,
@@ -54,20 +54,21 @@ def test_folding_removes_every_batch_norm_and_keeps_the_features(model: CSFlow, 
 
 @pytest.mark.parametrize("mode", ["fp32+fold", "fp32+cl", "fp32+cl+fold"])
 def test_layout_and_folding_keep_fp32_scores(model: CSFlow, images: Tensor, mode: str) -> None:
-    np.testing.assert_allclose(_served(model, images, mode), score_images(model, images).image, rtol=1e-5)
+    reference = score_images(model, images).image
+    np.testing.assert_allclose(_served(model, images, mode), reference, rtol=SCORE_RTOL["fp32"])
 
 
-@pytest.mark.parametrize("mode", ["bf16", "bf16+cl", "bf16+cl+fold"])
+@pytest.mark.parametrize("mode", ["bf16-flow", "bf16-flow+cl", "bf16", "bf16+cl+fold"])
 def test_bf16_scores_stay_within_the_stated_tolerance(model: CSFlow, images: Tensor, mode: str) -> None:
     reference = score_images(model, images).image
     fast = _served(model, images, mode)
     assert fast.dtype == np.float64
     assert not np.array_equal(fast, reference)  # bf16 did run
-    np.testing.assert_allclose(fast, reference, rtol=BF16_SCORE_RTOL)
+    np.testing.assert_allclose(fast, reference, rtol=SCORE_RTOL[parse_options(mode).precision])
 
 
 def test_serving_leaves_no_gradients_and_fp32_latents(model: CSFlow, images: Tensor) -> None:
-    served = prepare_for_serving(copy.deepcopy(model), ServingOptions(precision="bf16", channels_last=True))
+    served = prepare_for_serving(copy.deepcopy(model), parse_options("bf16+cl"))
     assert not any(p.requires_grad for p in served.parameters())
     with torch.no_grad():
         out = served(images[:2].contiguous(memory_format=torch.channels_last))
