@@ -275,6 +275,7 @@ class WorkerSection(Section):
     retry_backoff_max_s: float = Field(10.0, gt=0)
     drain_timeout_s: float = Field(30.0, gt=0)
     lag_interval_s: float = Field(5.0, gt=0)
+    max_camera_series: int = Field(1000, ge=1)
     model_dir: str = "models/latest"
 
 

@@ -7,7 +7,10 @@ dead-letter topic and goes on.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -16,6 +19,8 @@ from csflow.data import ImageError, ImageLimits, decode_image
 CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 MAX_HEADER_BYTES = 256
 MAX_HEADERS = 32  # a camera sends four; a record with hundreds is not a camera's
+# Camera and frame ids end up in Redis key names, metric labels and logs: letters, digits, ".", "_", "-".
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 # Dead-letter reason codes. Every dead letter carries exactly one of these in its `reason` header.
 REASONS = (
@@ -32,6 +37,9 @@ REASONS = (
     "decode_error",  # an unexpected exception while decoding the image
     "score_error",  # the model raised on this frame
     "unreadable_record",  # the Kafka client could not deserialise the record: a stub names its offset
+    "bad_id",  # a camera or frame id outside ID_PATTERN
+    "camera_mismatch",  # the Kafka key and the camera_id header name different cameras
+    "duplicate_frame_id",  # a frame id that already has a verdict for other bytes
 )
 
 
@@ -61,6 +69,12 @@ class Frame:
     def source(self) -> str:
         return f"{self.topic}:{self.partition}:{self.offset}"
 
+    @cached_property
+    def sha256(self) -> str:
+        """Of the frame's bytes: the verdict carries it, so a frame id reused for other bytes is told apart
+        from a redelivery of the same frame."""
+        return hashlib.sha256(self.data).hexdigest()
+
 
 def _headers(raw: list[tuple[str, bytes]] | None) -> dict[str, str]:
     raw = raw or []
@@ -80,7 +94,13 @@ def _headers(raw: list[tuple[str, bytes]] | None) -> dict[str, str]:
 
 
 def parse_record(record: object, max_bytes: int) -> Frame:
-    """A Kafka ConsumerRecord as a `Frame`; `frame_id` defaults to topic:partition:offset."""
+    """A Kafka ConsumerRecord as a `Frame`; `frame_id` defaults to topic:partition:offset.
+
+    The camera is the Kafka key (which the partitioner used) and the `camera_id` header; either may be
+    absent, but when both are present they must be equal, else the frame is dead-lettered
+    (`camera_mismatch`) rather than silently served under one of the two. Ids must match `ID_PATTERN`
+    (`bad_id`); the default frame id is built from the topic name (Kafka allows the same characters) and
+    numbers, with ":" between them."""
     topic, partition, offset = record.topic, record.partition, record.offset
     headers = _headers(record.headers)
     value: bytes | None = record.value
@@ -88,7 +108,13 @@ def parse_record(record: object, max_bytes: int) -> Frame:
         raise BadFrame("empty_frame", "empty frame (no value)")
     if len(value) > max_bytes:
         raise BadFrame("too_large", f"frame of {len(value)} bytes exceeds the limit of {max_bytes}")
-    camera_id = headers.get("camera_id") or (record.key.decode(errors="replace") if record.key else "")
+    key_camera = record.key.decode(errors="replace") if record.key else ""
+    header_camera = headers.get("camera_id", "")
+    if key_camera and header_camera and key_camera != header_camera:
+        raise BadFrame(
+            "camera_mismatch", f"Kafka key {key_camera[:64]!r} and camera_id header {header_camera[:64]!r} differ"
+        )
+    camera_id = header_camera or key_camera
     missing = [
         name
         for name, v in (
@@ -109,6 +135,9 @@ def parse_record(record: object, max_bytes: int) -> Frame:
         raise BadFrame(
             "bad_content_type", f"content_type {content_type[:64]!r} is not one of {', '.join(CONTENT_TYPES)}"
         )
+    for name, ident in (("camera_id", camera_id), ("frame_id", headers.get("frame_id"))):
+        if ident and not ID_PATTERN.fullmatch(ident):
+            raise BadFrame("bad_id", f"{name} {ident[:64]!r} is not 1-128 of A-Z a-z 0-9 . _ -")
     frame_id = headers.get("frame_id") or f"{topic}:{partition}:{offset}"
     return Frame(frame_id, camera_id, ts_ms, content_type, value, topic, partition, offset)
 

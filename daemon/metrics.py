@@ -7,8 +7,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+OTHER_CAMERAS = "_other"  # the label of cameras past the cap (not a valid camera id: no underscore start)
+
+
 class WorkerMetrics:
-    def __init__(self) -> None:
+    """`max_camera_series` bounds the per-camera series: the first cameras seen get their own label, the
+    rest share `_other`, so that a flood of camera ids cannot grow the scrape without bound."""
+
+    def __init__(self, max_camera_series: int = 1000) -> None:
+        self.max_camera_series = max_camera_series
+        self._cameras: set[str] = set()
         self.registry = CollectorRegistry()
         r = self.registry
         self.frames = Counter("inspectd_frames", "Frames handled, by outcome", ["outcome"], registry=r)
@@ -27,6 +35,14 @@ class WorkerMetrics:
         )
         self.scores = Histogram(
             "inspectd_score", "Anomaly scores", buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 100), registry=r
+        )
+        self.non_finite_scores = Counter(
+            "inspectd_non_finite_scores", "Frames whose score was NaN or infinite (judged anomalous)", registry=r
+        )
+        self.model_load_failures = Counter(
+            "inspectd_model_load_failures",
+            "Model versions that could not be loaded (the camera kept what it served)",
+            registry=r,
         )
         self.anomalous = Counter("inspectd_anomalous_frames", "Frames judged anomalous", ["camera_id"], registry=r)
         self.consumer_lag = Gauge(
@@ -58,3 +74,12 @@ class WorkerMetrics:
         self.confirmations = Counter(
             "inspectd_confirmations", "Operator confirmations handled, by outcome", ["outcome"], registry=r
         )
+
+    def camera(self, camera_id: str) -> str:
+        """The label for a camera: its id while under the cap, else `_other`."""
+        if camera_id in self._cameras:
+            return camera_id
+        if len(self._cameras) < self.max_camera_series:
+            self._cameras.add(camera_id)
+            return camera_id
+        return OTHER_CAMERAS

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import uuid
@@ -126,6 +127,7 @@ class ModelRegistry:
         base version's path. An adapted version's parent must be registered already."""
         directory = Path(directory).resolve()
         manifest = read_manifest(directory)
+        _check_threshold(manifest)
         if manifest.parent is None:
             verify_files(directory, manifest)  # once here; workers' load_model verifies again on each load
             fields = {PATH_FIELD: str(directory).encode()}
@@ -353,3 +355,13 @@ def _check_sha256(manifest: Manifest, name: str, data: bytes) -> None:
 def _check_scope(scope: str) -> None:
     if not scope or not scope.isprintable() or any(c.isspace() or c in "*?[]" for c in scope):
         raise RegistryError(f"scope {scope!r} must be a camera id, a line or {DEFAULT_SCOPE!r} (no spaces or globs)")
+
+
+def _check_threshold(manifest: Manifest) -> None:
+    """A threshold that is not a finite number would pass every frame as normal (`score > nan` is False)."""
+    try:
+        threshold = float(manifest.calibration["threshold"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"version {manifest.version}: no numeric threshold in its calibration") from exc
+    if not math.isfinite(threshold):
+        raise RegistryError(f"version {manifest.version}: threshold {threshold} is not a finite number")

@@ -8,12 +8,16 @@ Announcements on the models channel are cues to re-resolve every known camera. P
 Versions are materialised into [registry] cache_dir and loaded once, cached by version id. An adapted
 version shares its base's flow module when the base is loaded too: both are the same verified tensors
 (the base's version id is the hash of its flow file), the flow is frozen, and at B5 it is hundreds of MB.
-A version that cannot be loaded (a missing base path, a corrupt blob) is logged and the camera keeps what
-it served; a camera with nothing yet falls back to the worker's configured version ([worker] model_dir).
+A version that cannot be loaded (a missing base path, a corrupt blob, a threshold that is not a finite
+number, or any exception while loading) is logged, reported to `on_load_failed`, and the camera keeps
+what it served; a camera with nothing yet falls back to the worker's configured version ([worker]
+model_dir). The registry refuses a non-finite threshold at publish; a version written by other means is
+checked here again, since `nan > threshold` and `score > nan` are both False: every frame would pass.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ import torch
 from redis.client import PubSub
 
 from csflow.artifacts import ArtifactError, ModelVersion, load_model
-from daemon.registry import DEFAULT_SCOPE, Announcement, ModelRegistry, RegistryError
+from daemon.registry import DEFAULT_SCOPE, Announcement, ModelRegistry
 
 MAX_MESSAGES = 1000  # announcements taken per call, so a flood cannot hold the loop
 
@@ -50,6 +54,7 @@ class ServedModels:
         refresh_s: float,
         fallback: ModelVersion,
         on_swap: Callable[[Swap], None],
+        on_load_failed: Callable[[str, str], None] | None = None,
     ) -> None:
         self.registry = registry
         self.cache_dir = Path(cache_dir)
@@ -57,6 +62,7 @@ class ServedModels:
         self.refresh_s = refresh_s
         self.fallback = fallback
         self.on_swap = on_swap
+        self.on_load_failed = on_load_failed
         self._loaded: dict[str, ModelVersion] = {fallback.version: fallback}
         self._served: dict[str, str] = {}  # camera -> version id
         self._pubsub: PubSub | None = None
@@ -145,8 +151,14 @@ class ServedModels:
             return self._loaded[version]
         try:
             loaded = load_model(self.registry.materialise(version, self.cache_dir), str(self.device))
-        except (ArtifactError, RegistryError, OSError) as exc:
-            self._log.error("cannot load model version", version=version, error=str(exc))
+            if not math.isfinite(loaded.threshold):
+                raise ArtifactError(f"version {version}: threshold {loaded.threshold} is not a finite number")
+        except redis.RedisError:
+            raise  # an outage: the worker retries the whole resolution
+        except Exception as exc:  # whatever the artifact does, the camera keeps serving what works
+            self._log.error("cannot load model version", version=version, error=f"{type(exc).__name__}: {exc}")
+            if self.on_load_failed is not None:
+                self.on_load_failed(version, f"{type(exc).__name__}: {exc}")
             return None
         base = self._loaded.get(loaded.lineage[-1])
         if base is not None and base is not loaded:

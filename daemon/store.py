@@ -2,7 +2,10 @@
 
 One Lua script per verdict sets `verdict:{frame_id}` only if absent and, only then, appends to the
 `verdicts` stream: a frame redelivered after a crash gets no second verdict, and the two writes
-cannot be separated by a crash because a script runs atomically.
+cannot be separated by a crash because a script runs atomically. A verdict carries the sha256 of its
+frame's bytes: when the key exists with another hash, the frame id was reused for another frame, and
+the script says so (the worker dead-letters it as `duplicate_frame_id`) instead of dropping it
+silently. Frame bytes are cached only if absent, so a reused id never replaces the first frame's bytes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(flat))
   return 1
 end
+local ok, old = pcall(cjson.decode, redis.call('GET', KEYS[1]) or '{}')
+local new = cjson.decode(ARGV[1])['frame_sha256']
+if ok and type(old) == 'table' and type(old['frame_sha256']) == 'string' and old['frame_sha256'] ~= ''
+    and new ~= '' and old['frame_sha256'] ~= new then
+  return 2
+end
 return 0
 """
+NEW, DUPLICATE = 1, 2
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,8 @@ class Verdict:
     model_version: str
     latency_ms: float
     drift_state: str = ""  # the camera's drift monitor after this frame: warmup, ok, alarm, or off (none)
+    flag: str = ""  # why the frame is anomalous when the score cannot say: "non_finite_score" (NaN/inf)
+    frame_sha256: str = ""  # of the frame's bytes ("" when unknown: then a reused id cannot be detected)
 
     @classmethod
     def from_entry(cls, fields: Mapping[str, str]) -> Verdict:
@@ -55,6 +67,8 @@ class Verdict:
             model_version=fields["model_version"],
             latency_ms=float(fields["latency_ms"]),
             drift_state=fields.get("drift_state", ""),
+            flag=fields.get("flag", ""),
+            frame_sha256=fields.get("frame_sha256", ""),
         )
 
 
@@ -145,17 +159,22 @@ class VerdictStore:
 
     def write(self, verdicts: Sequence[Verdict], frames: Sequence[Frame]) -> int:
         """Cache the frames and write the verdicts; returns how many verdicts were new."""
+        return self.write_all(verdicts, frames)[0]
+
+    def write_all(self, verdicts: Sequence[Verdict], frames: Sequence[Frame]) -> tuple[int, list[int]]:
+        """Cache the frames (only where absent) and write the verdicts; returns how many verdicts were new
+        and the positions of those whose frame id already has a verdict for other bytes."""
         pipe = self.client.pipeline(transaction=False)
         for frame in frames:
-            pipe.set(self.keys.frame(frame.frame_id), frame.data, ex=self.frame_ttl_s)
+            pipe.set(self.keys.frame(frame.frame_id), frame.data, ex=self.frame_ttl_s, nx=True)
         for v in verdicts:
             self._script(
                 keys=[self.keys.verdict(v.frame_id), self.keys.verdicts],
                 args=[json.dumps(asdict(v)), self.verdict_ttl_s, self.stream_max_len, json.dumps(VERDICT_FIELDS)],
                 client=pipe,
             )
-        results = pipe.execute()
-        return int(sum(results[len(frames) :]))
+        outcomes = [int(r) for r in pipe.execute()[len(frames) :]]
+        return outcomes.count(NEW), [i for i, outcome in enumerate(outcomes) if outcome == DUPLICATE]
 
     def verdict(self, frame_id: str) -> Verdict | None:
         raw = self.client.get(self.keys.verdict(frame_id))

@@ -11,6 +11,7 @@ point only causes redelivery, and idempotent verdict writes turn that into exact
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -64,6 +65,9 @@ TRANSIENT_REDIS_ERRORS = (
 # Out of poll(), these concern one record (kafka-python wraps a header it cannot decode as corrupt).
 RECORD_ERRORS = (CorruptRecordError, InvalidRecordError)
 MAX_DETAIL_CHARS = 500
+# A NaN or infinite score is a broken model or input, never "normal": the frame is judged anomalous and
+# its verdict says why (`nan > threshold` is False, so a plain comparison would pass it).
+NON_FINITE = "non_finite_score"
 REBALANCE_ERRORS = (CommitFailedError, RebalanceInProgressError)
 STATUS_INTERVAL_S = 1.0
 KAFKA_CALL_TIMEOUT_MS = 10_000  # a blocking broker call never holds the loop (and SIGTERM) longer
@@ -73,6 +77,10 @@ class DrainTimeout(RuntimeError):
     """Stopping was requested but Kafka or Redis stayed unreachable past the drain timeout."""
 
 
+class Stopped(Exception):
+    """Stopping was requested while retrying with no batch in flight: nothing to finish, exit now."""
+
+
 class Worker:
     def __init__(self, settings: Settings, model: ModelVersion, device: torch.device) -> None:
         """`model` is the configured version ([worker] model_dir): the registry's default when it has none,
@@ -80,13 +88,15 @@ class Worker:
         self.settings = settings
         self.model = model
         self.device = device
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(settings.worker.max_camera_series)
         self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
         self.status = {"model": True, "kafka": False, "redis": False, "dlq": True}
         self.reasons: dict[str, str] = {}  # why a service is not ready, when known
         self._stubs: list[DeadLetter] = []  # records poll() could not deserialise, skipped by offset
         self.http_port: int | None = None
         self._stop = threading.Event()
+        self._in_flight = False  # a batch is between fetch and commit: a stop finishes it first
+        self._client: redis.Redis | None = None
         self._stop_deadline: float | None = None
         self._next_lag_check = 0.0
         self._next_status_check = 0.0
@@ -119,54 +129,72 @@ class Worker:
             health.start()
             stack.callback(health.stop)
             self.http_port = health.port
-            self.consumer: KafkaConsumer = self._retry("kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size))
-            stack.callback(self.consumer.close)
-            self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))
-            stack.callback(self.producer.close)
-            client = cfg.redis.client()
-            stack.callback(client.close)
-            self.store = VerdictStore(
-                client,
-                Keys(cfg.redis.key_prefix),
-                cfg.redis.verdict_ttl_s,
-                cfg.redis.frame_ttl_s,
-                cfg.redis.stream_max_len,
-            )
-            self._retry("redis", client.ping)
-            self.confirmations = ConfirmationProcessor(
-                self.store, cfg.confirmations, consumer=f"{socket.gethostname()}-{os.getpid()}"
-            )
-            registry = ModelRegistry.from_settings(client, cfg)
-            events = EventLog(client, self.store.keys, cfg.redis.events_max_len)
-            self.drift = DriftWatch(client, self.store.keys, events, cfg.drift.to_config())
-            self.models = ServedModels(
-                registry, cfg.registry.cache_dir, self.device, cfg.registry.refresh_s, self.model, self._swapped
-            )
-            stack.callback(self.models.close)
-            self._retry("redis", lambda: self.models.bootstrap(cfg.worker.model_dir))
-            self.controller = AdaptationController(cfg, registry, AdaptationBuffer(client, self.store.keys), events)
-            stack.callback(self.controller.close)
-            pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
-            self._log.info(
-                "worker started",
-                topic=cfg.kafka.topic,
-                group=cfg.kafka.group_id,
-                configured_version=self.model.version,
-                device=str(self.device),
-                http_port=self.http_port,
-            )
             try:
-                while not self._stop.is_set():
-                    records = self._collect()
-                    if records or self._stubs:
-                        self._handle(records, pool)
-                    self._confirm()
-                    self._follow_models()
-                    self._check_kafka()
+                return self._serve(stack)
+            except Stopped as exc:
+                self._log.info("worker stopped while waiting", reason=str(exc))
+                return 0
             except DrainTimeout as exc:
                 self._log.error("drain timed out, exiting without commit", reason=str(exc))
                 return 1
-            self._log.info("worker stopped")
+
+    def _serve(self, stack: ExitStack) -> int:
+        """Connect (retrying), then score until stopped; `stack` closes what was opened."""
+        cfg = self.settings
+        client = self._client = cfg.redis.client()  # first: its readiness is probed while Kafka is awaited
+        stack.callback(client.close)
+        self.consumer: KafkaConsumer = self._retry("kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size))
+        stack.callback(self.consumer.close)
+        self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))
+        stack.callback(self.producer.close)
+        self.store = VerdictStore(
+            client,
+            Keys(cfg.redis.key_prefix),
+            cfg.redis.verdict_ttl_s,
+            cfg.redis.frame_ttl_s,
+            cfg.redis.stream_max_len,
+        )
+        self._retry("redis", client.ping)
+        self.confirmations = ConfirmationProcessor(
+            self.store, cfg.confirmations, consumer=f"{socket.gethostname()}-{os.getpid()}"
+        )
+        registry = ModelRegistry.from_settings(client, cfg)
+        events = EventLog(client, self.store.keys, cfg.redis.events_max_len)
+        self.drift = DriftWatch(client, self.store.keys, events, cfg.drift.to_config())
+        self.models = ServedModels(
+            registry,
+            cfg.registry.cache_dir,
+            self.device,
+            cfg.registry.refresh_s,
+            self.model,
+            self._swapped,
+            on_load_failed=lambda version, error: self.metrics.model_load_failures.inc(),
+        )
+        stack.callback(self.models.close)
+        self._retry("redis", lambda: self.models.bootstrap(cfg.worker.model_dir))
+        self.controller = AdaptationController(cfg, registry, AdaptationBuffer(client, self.store.keys), events)
+        stack.callback(self.controller.close)
+        pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
+        self._log.info(
+            "worker started",
+            topic=cfg.kafka.topic,
+            group=cfg.kafka.group_id,
+            configured_version=self.model.version,
+            device=str(self.device),
+            http_port=self.http_port,
+        )
+        while not self._stop.is_set():
+            records = self._collect()
+            if records or self._stubs:
+                self._in_flight = True
+                try:
+                    self._handle(records, pool)
+                finally:
+                    self._in_flight = False
+            self._confirm()
+            self._follow_models()
+            self._check_kafka()
+        self._log.info("worker stopped")
         return 0
 
     # one iteration -----------------------------------------------------------------------------
@@ -244,6 +272,7 @@ class Worker:
                 decoded_ok.append((record, frame, image))
         t1 = time.perf_counter()
         scores, failed = self._score([served[f.camera_id] for _, f, _ in decoded_ok], [i for _, _, i in decoded_ok])
+        records_by_source = {frame.source: record for record, frame, _ in decoded_ok}
         good: list[tuple[Frame, torch.Tensor]] = []
         kept: list[float] = []
         for i, (record, frame, image) in enumerate(decoded_ok):
@@ -267,14 +296,22 @@ class Worker:
                 f.ts_ms,
                 float(s),
                 v.threshold,
-                bool(s > v.threshold),
+                not math.isfinite(s) or bool(s > v.threshold),
                 v.version,
                 round(now_ms - f.ts_ms, 1),
                 d,
+                "" if math.isfinite(s) else NON_FINITE,
+                f.sha256,
             )
             for (f, _), v, s, d in zip(good, versions, scores, drift_states, strict=True)
         ]
-        new = self._retry("redis", lambda: self.store.write(verdicts, [f for f, _ in good])) if good else 0
+        new, duplicates = self._retry("redis", lambda: self.store.write_all(verdicts, [f for f, _ in good]))
+        for i in duplicates:  # the id has a verdict for other bytes: never a silent drop
+            frame = good[i][0]
+            dead.append(
+                DeadLetter.of(records_by_source[frame.source], "duplicate_frame_id", f"frame_id {frame.frame_id}")
+            )
+        verdicts = [v for i, v in enumerate(verdicts) if i not in set(duplicates)] if duplicates else verdicts
         for camera, summary in self._retry("redis", self.drift.save).items():
             self._log.warning("drift alarm", camera_id=camera, model_version=served[camera].version, **summary)
         t3 = time.perf_counter()
@@ -365,7 +402,7 @@ class Worker:
             observed = self.drift.observe(camera, versions[idx[0]], [float(scores[i]) for i in idx])
             for i, state in zip(idx, observed, strict=True):
                 states[i] = state
-            self.metrics.drift_alarm.labels(camera).set(observed[-1] == "alarm")
+            self.metrics.drift_alarm.labels(self.metrics.camera(camera)).set(observed[-1] == "alarm")
         return states
 
     def _dead_letter(self, dead: list[DeadLetter]) -> None:
@@ -423,9 +460,12 @@ class Worker:
         now_ms = time.time() * 1000
         for v in verdicts:
             m.e2e_latency.observe(max(0.0, now_ms - v.ts) / 1000)
-            m.scores.observe(v.score)
+            if v.flag == NON_FINITE:
+                m.non_finite_scores.inc()
+            else:
+                m.scores.observe(v.score)
             if v.anomalous:
-                m.anomalous.labels(v.camera_id).inc()
+                m.anomalous.labels(m.camera(v.camera_id)).inc()
 
     def _confirm(self) -> None:
         """Operator confirmations, between batches: a non-blocking read, so an idle stream costs two calls."""
@@ -448,7 +488,7 @@ class Worker:
     def _swapped(self, swap: Swap) -> None:
         """A camera is served another version from its next frame on: a new drift reference too."""
         self.drift.forget(swap.camera)
-        self.metrics.model.labels(swap.camera).info({"version": swap.current.version})
+        self.metrics.model.labels(self.metrics.camera(swap.camera)).info({"version": swap.current.version})
         self._log.info("camera model", camera_id=swap.camera, version=swap.current.version, previous=swap.previous)
 
     def _check_kafka(self) -> None:
@@ -493,13 +533,29 @@ class Worker:
                     backoff = cfg.retry_backoff_max_s
                 else:
                     self.metrics.retries.labels(target).inc()
+                if target == "kafka":
+                    self._probe_redis()  # its readiness is its own, also while Kafka is awaited
                 if self._stop.is_set():
+                    if not self._in_flight:
+                        raise Stopped(f"{target} unreachable: {exc}") from exc
                     self._stop_deadline = self._stop_deadline or time.monotonic() + cfg.drain_timeout_s
                     if time.monotonic() > self._stop_deadline:
                         raise DrainTimeout(f"{target} unreachable: {exc}") from exc
                 self._log.warning("retrying", target=target, attempt=attempt, backoff_s=backoff, error=str(exc))
-                time.sleep(backoff)
+                if self._stop.is_set():
+                    time.sleep(backoff)  # draining a batch: keep the backoff
+                elif self._stop.wait(backoff) and not self._in_flight:
+                    raise Stopped(f"{target} unreachable: {exc}") from exc
                 backoff = min(backoff * 2, cfg.retry_backoff_max_s)
+
+    def _probe_redis(self) -> None:
+        if self._client is None:
+            return
+        try:
+            self._client.ping()
+            self._set_status("redis", True)
+        except redis.RedisError as exc:
+            self._set_status("redis", False, _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:

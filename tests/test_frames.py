@@ -15,7 +15,7 @@ from daemon.frames import REASONS, BadFrame, decode_frame, parse_record
 class Record:
     value: bytes | None
     headers: list[tuple[str, bytes]]
-    key: bytes | None = b"cam-7"
+    key: bytes | None = b"cam-1"
     topic: str = "frames"
     partition: int = 2
     offset: int = 41
@@ -43,8 +43,10 @@ def test_parse_complete_record() -> None:
 
 def test_frame_id_and_camera_fall_back_to_position_and_key() -> None:
     headers = [h for h in HEADERS if h[0] not in ("frame_id", "camera_id")]
-    frame = parse_record(Record(png(), headers), max_bytes=10_000)
+    frame = parse_record(Record(png(), headers, key=b"cam-7"), max_bytes=10_000)
     assert frame.frame_id == "frames:2:41" and frame.camera_id == "cam-7"
+    frame = parse_record(Record(png(), HEADERS, key=None), max_bytes=10_000)
+    assert frame.camera_id == "cam-1"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,11 @@ def test_frame_id_and_camera_fall_back_to_position_and_key() -> None:
         (Record(png(), [*HEADERS, ("note", None)]), "bad_header", "missing a value"),
         (Record(png(), [*HEADERS, *[("n", b"")] * 1000]), "bad_header", "1004 headers"),
         (Record(b"x" * 20_000, HEADERS), "too_large", "exceeds the limit of 10000"),
+        (Record(png(), HEADERS, key=b"cam-2"), "camera_mismatch", "'cam-2' and camera_id header 'cam-1' differ"),
+        (Record(png(), [("camera_id", b"c*:\nc*"), *HEADERS[2:]], key=None), "bad_id", "camera_id 'c*:\\nc*'"),
+        (Record(png(), HEADERS[2:], key=b"cam 1"), "bad_id", "camera_id 'cam 1'"),
+        (Record(png(), [("frame_id", b"f" * 129), *HEADERS[1:]]), "bad_id", "frame_id"),
+        (Record(png(), [("frame_id", b"a/b"), *HEADERS[1:]]), "bad_id", "frame_id 'a/b'"),
     ],
 )
 def test_bad_records_name_the_reason(record: Record, code: str, detail: str) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from worker_line import make_model_dir
 
 from lab.services import LocalKafka, LocalRedis, ServiceError, find_redis_server, find_tansu
 
@@ -33,6 +35,12 @@ def kafka() -> Iterator[LocalKafka]:
     _require(find_tansu)
     with LocalKafka() as broker:
         yield broker
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model for the worker tests (tests/integration/worker_line.py), one per test module."""
+    return make_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

@@ -33,9 +33,9 @@ PREFIX = "t:"
 KEYS = Keys(PREFIX)
 CFG = ConfirmationsSection(buffer_max_frames=3, claim_min_idle_ms=100)
 
-# The worker test reuses test_worker's broker, tiny model and `Line` (topic, group, prefix, worker processes).
+# The worker test reuses test_worker's broker and `Line` (topic, group, prefix, worker processes);
+# the tiny model is conftest's.
 broker = test_worker.broker
-model_dir = test_worker.model_dir
 line = test_worker.line
 
 

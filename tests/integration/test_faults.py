@@ -9,7 +9,12 @@ suite (a worker start costs seconds); should a case kill it, the next case start
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
+import math
+import shutil
+import signal
 import struct
 import threading
 import time
@@ -27,26 +32,22 @@ from kafka import KafkaProducer
 from PIL import Image, PngImagePlugin
 from worker_line import ROOT, Line, frame_headers, get, make_model_dir, png, wait_ready
 
+from csflow.artifacts import ArtifactError, Manifest
 from daemon.config import load_settings
 from daemon.drift_watch import DriftWatch
+from daemon.events import EventLog
+from daemon.registry import ModelRegistry, RegistryError
+from daemon.store import Keys
 from daemon.worker import Worker
 from lab.services import LocalKafka, LocalRedis
 
 LINGER_MS = 5000  # keeps a test producer's batch open until flush()
 BATCH_BYTES = 1024 * 1024
 SETTLE_S = 1.0
+DEAD_BROKER = "127.0.0.1:9"  # discard port: nothing listens
+STOP_WITHIN_S = 10.0
+BAD_CAMERA = "c*:\n" * 15  # measured: became the Redis key inspectd:drift:c*:\nc*:\n...
 DOWNTIME_S = 1.0  # after the last verdict: anything redelivered would show up as a duplicate by now
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[LocalKafka]:
-    with LocalKafka() as kafka:
-        yield kafka
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @dataclass
@@ -66,9 +67,9 @@ class Shop:
 
 
 @pytest.fixture(scope="module")
-def shop(broker: LocalKafka, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
+def shop(kafka: LocalKafka, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     with LocalRedis() as server:
-        line = Line(broker, server.url, model_dir, tmp_path_factory.mktemp("faults"))
+        line = Line(kafka, server.url, model_dir, tmp_path_factory.mktemp("faults"))
         yield Shop(line)
         line.close()
 
@@ -147,6 +148,7 @@ class Case:
     headers: Callable[[str], list[Any]]
     reason: str
     cut: bool = False  # the dead letter says that something was cut
+    key: str | None = None  # the bad record's Kafka key (default: the case's camera)
 
 
 CASES = [
@@ -157,6 +159,10 @@ CASES = [
     Case("5mb_header", png(3), _headers(("note", b"x" * 5_000_000)), "bad_header", cut=True),
     Case("1000_headers", png(4), _headers(*[(f"h{i}", b"v") for i in range(1000)]), "bad_header", cut=True),
     Case("tombstone", None, lambda camera: [], "empty_frame"),
+    Case("bad_camera_id", png(5), lambda c: frame_headers(f"bad-{c}", BAD_CAMERA), "bad_id", key=BAD_CAMERA),
+    Case("frame_id_too_long", png(5), lambda c: frame_headers("f" * 129, c), "bad_id"),
+    Case("frame_id_with_slash", png(5), lambda c: frame_headers("a/b*", c), "bad_id"),
+    Case("key_header_mismatch", png(5), lambda c: frame_headers(f"bad-{c}", "cam-other"), "camera_mismatch"),
 ]
 
 
@@ -184,7 +190,7 @@ def test_a_bad_record_is_dead_lettered_and_the_frame_behind_it_scored(shop: Shop
     proc, port = shop.worker()
     line = shop.line
     camera = f"cam-{case.name}"
-    bad = _send(line, camera, case.value, case.headers(camera))
+    bad = _send(line, case.key or camera, case.value, case.headers(camera))
     good_id = f"good-{case.name}"
     meta = line.producer.send(line.topic, key=camera.encode(), value=png(7), headers=frame_headers(good_id, camera))
     meta = meta.get(timeout=10)
@@ -194,8 +200,119 @@ def test_a_bad_record_is_dead_lettered_and_the_frame_behind_it_scored(shop: Shop
     assert letter["reason"] == case.reason, letter
     assert ("cut" in letter) == case.cut, letter
     assert proc.poll() is None and get(port, "/healthz")[0] == 200
-    _, metrics = get(port, "/metrics")
-    assert f'inspectd_bad_frames_total{{reason="{case.reason}"}}'.encode() in metrics
+    assert _wait_metric(port, f'inspectd_bad_frames_total{{reason="{case.reason}"}}', 1.0) >= 1.0
+
+
+def test_a_reused_frame_id_with_other_bytes_is_dead_lettered_and_the_first_kept(shop: Shop) -> None:
+    proc, port = shop.worker()
+    line = shop.line
+    first, second = png(11), png(12)
+    _send(line, "cam-reuse", first, frame_headers("reused-1", "cam-reuse"))
+    shop.good_ids.append("reused-1")
+    verdict = _verdict(line, "reused-1")
+    again = _send(line, "cam-reuse", second, frame_headers("reused-1", "cam-reuse"))
+    _send(line, "cam-reuse", png(13), frame_headers("reused-next", "cam-reuse"))
+    shop.good_ids.append("reused-next")
+    _wait_verdict(line, "reused-next")
+    letter = _dead_letter(line, "{}:{}:{}".format(line.topic, *again))
+    assert letter["reason"] == "duplicate_frame_id" and letter["frame_id"] == "reused-1"
+    assert _verdict(line, "reused-1") == verdict and verdict["frame_sha256"] == hashlib.sha256(first).hexdigest()
+    assert line.redis.get(f"{line.prefix}frame:reused-1") == first
+    assert line.verdict_ids().count("reused-1") == 1
+    assert proc.poll() is None
+    assert _wait_metric(port, 'inspectd_bad_frames_total{reason="duplicate_frame_id"}', 1.0) == 1.0
+
+
+def _registry(line: Line) -> ModelRegistry:
+    keys = Keys(line.prefix)
+    return ModelRegistry(line.redis, keys, EventLog(line.redis, keys, 1000), 1 << 20, 10, {})
+
+
+def _verdict(line: Line, frame_id: str) -> dict[str, Any]:
+    _wait_verdict(line, frame_id)
+    return json.loads(line.redis.get(f"{line.prefix}verdict:{frame_id}"))
+
+
+def test_a_model_that_outputs_nan_judges_every_frame_anomalous(
+    shop: Shop, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`nan > threshold` is False: without a check, a broken model passes every part as normal."""
+    _, port = shop.worker()
+    line = shop.line
+    registry = _registry(line)
+    broken = registry.publish(make_model_dir(tmp_path_factory.mktemp("nan-model"), nan_weights=True))
+    registry.activate("cam-nan", broken.version)
+    line.producer.send(line.topic, key=b"cam-nan", value=png(9), headers=frame_headers("nan-1", "cam-nan"))
+    line.producer.flush()
+    shop.good_ids.append("nan-1")
+    verdict = _verdict(line, "nan-1")
+    assert verdict["model_version"] == broken.version
+    assert verdict["anomalous"] is True and verdict["flag"] == "non_finite_score", verdict
+    assert _wait_metric(port, "inspectd_non_finite_scores_total", 1.0) == 1.0
+
+
+def _version_with_threshold(model_dir: Path, out_dir: Path, threshold: str) -> tuple[str, str]:
+    """A copy of `model_dir` whose manifest's threshold is `threshold` (JSON text); its id and manifest."""
+    shutil.copytree(model_dir, out_dir)
+    data = json.loads((out_dir / "manifest.json").read_text())
+    try:
+        data["calibration"]["threshold"] = "NaN"  # a string: hashes, and float() of it is nan
+        data["version"] = Manifest(**data).content_hash()
+    finally:
+        text = json.dumps(data).replace('"threshold": "NaN"', f'"threshold": {threshold}')
+    (out_dir / "manifest.json").write_text(text)
+    return data["version"], text
+
+
+@pytest.mark.parametrize("threshold", ['"NaN"', "1e999"], ids=["nan_string", "json_infinity"])
+def test_a_version_with_a_non_finite_threshold_is_refused_and_never_served(
+    shop: Shop, model_dir: Path, tmp_path: Path, threshold: str
+) -> None:
+    """Publishing refuses it; one written into the registry by other means and activated in `default` is
+    not loaded (counted), and every camera keeps its version."""
+    proc, port = shop.worker()
+    line = shop.line
+    registry = _registry(line)
+    version, manifest = _version_with_threshold(model_dir, tmp_path / "bad-threshold", threshold)
+    with pytest.raises((RegistryError, ArtifactError, ValueError)):
+        registry.publish(tmp_path / "bad-threshold")
+    line.redis.hset(
+        f"{line.prefix}model:{version}", mapping={"manifest": manifest, "path": str(tmp_path / "bad-threshold")}
+    )
+    line.redis.zadd(f"{line.prefix}model-versions", {version: 0})
+    failures = _metric(port, "inspectd_model_load_failures_total")
+    registry.activate("default", version)
+    try:
+        deadline = time.monotonic() + 30
+        while _metric(port, "inspectd_model_load_failures_total") <= failures and time.monotonic() < deadline:
+            assert proc.poll() is None, line.logs()
+            time.sleep(0.2)
+        assert _metric(port, "inspectd_model_load_failures_total") > failures, line.logs()
+        tag = threshold.strip('"')
+        for frame_id, camera in ((f"served-{tag}", "cam-tombstone"), (f"new-{tag}", f"cam-new-{tag}")):
+            line.producer.send(line.topic, key=camera.encode(), value=png(5), headers=frame_headers(frame_id, camera))
+            line.producer.flush()
+            shop.good_ids.append(frame_id)
+            verdict = _verdict(line, frame_id)
+            assert verdict["model_version"] != version and math.isfinite(verdict["threshold"]), verdict
+        assert proc.poll() is None
+    finally:
+        registry.rollback("default")
+
+
+def _wait_metric(port: int, name: str, at_least: float, timeout: float = 10.0) -> float:
+    """The metric once it reaches `at_least` (metrics are updated after the batch's verdicts are written)."""
+    deadline = time.monotonic() + timeout
+    while (value := _metric(port, name)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return value
+
+
+def _metric(port: int, name: str) -> float:
+    for line in get(port, "/metrics")[1].decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def test_every_good_frame_got_exactly_one_verdict(shop: Shop) -> None:
@@ -210,13 +327,13 @@ def test_every_good_frame_got_exactly_one_verdict(shop: Shop) -> None:
 
 
 def test_a_dlq_that_refuses_for_good_fails_readiness_and_the_line_goes_on(
-    broker: LocalKafka, model_dir: Path, tmp_path: Path
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path
 ) -> None:
     """A DLQ topic name over Kafka's 249 characters: every dead letter is refused, as one over the topic's
     max.message.bytes or without WRITE permission would be on Apache Kafka (Tansu enforces neither)."""
     with LocalRedis() as server:
         topic = "f" * 240 + uuid.uuid4().hex[:6]  # + ".dlq": 250 characters
-        line = Line(broker, server.url, model_dir, tmp_path, topic=topic)
+        line = Line(kafka, server.url, model_dir, tmp_path, topic=topic)
         try:
             proc, port = line.start_worker()
             wait_ready(port)
@@ -231,7 +348,11 @@ def test_a_dlq_that_refuses_for_good_fails_readiness_and_the_line_goes_on(
             assert status == 503 and b"dlq" in body and b"refuses" in body, body
             _, metrics = get(port, "/metrics")
             assert b'inspectd_dead_letters_refused_total{error="ValueError"} 1.0' in metrics
-            noted = line.redis.xrange(f"{line.prefix}dead-letters:refused")
+            deadline = time.monotonic() + 10  # noted in Redis right after /readyz turns
+            while (
+                not (noted := line.redis.xrange(f"{line.prefix}dead-letters:refused")) and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
             assert [(f[b"source"], f[b"reason"]) for _, f in noted] == [
                 ("{}:{}:{}".format(topic, *bad).encode(), b"undecodable")
             ]
@@ -244,13 +365,13 @@ def test_a_dlq_that_refuses_for_good_fails_readiness_and_the_line_goes_on(
 
 
 def test_redis_restart_during_a_cameras_first_batch(
-    broker: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis dies right when the worker reads a camera's saved drift state (its first batch) and comes back
     a second later: the worker retries, it does not crash. The worker runs in this process so that the
     kill lands at that exact call."""
     with LocalRedis() as server:
-        line = Line(broker, server.url, model_dir, tmp_path)
+        line = Line(kafka, server.url, model_dir, tmp_path)
         for key, value in line.env.items():
             if key.startswith("INSPECTD_"):
                 monkeypatch.setenv(key, value)
@@ -281,7 +402,7 @@ def test_redis_restart_during_a_cameras_first_batch(
         thread.start()
         try:
             ids = line.send(8)
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 90
             got: list[str] = []
             while time.monotonic() < deadline and "error" not in outcome and len(got) < 8:
                 if killed.is_set() and not server.running:
@@ -300,3 +421,60 @@ def test_redis_restart_during_a_cameras_first_batch(
             thread.join(30)
             line.close()
         assert outcome.get("rc") == 0
+
+
+# ---------------------------------------------------------------------------------------------- health
+
+
+def test_kafka_down_redis_up_reports_only_kafka_and_a_stop_exits_at_once(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path
+) -> None:
+    """Each service's readiness is its own (Redis was only pinged after Kafka connected), and SIGTERM while
+    the worker waits for a broker, with nothing in flight, exits 0 at once (it took the drain timeout and
+    exited 1)."""
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path, env={"INSPECTD_KAFKA__BOOTSTRAP_SERVERS": DEAD_BROKER})
+        try:
+            proc, port = line.start_worker()
+            deadline = time.monotonic() + 60
+            reasons: dict[str, str] = {}
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    status, body = get(port, "/readyz")
+                    reasons = json.loads(body)["reasons"] if status == 503 else {}
+                    if set(reasons) == {"kafka"}:
+                        break
+                time.sleep(0.2)
+            assert set(reasons) == {"kafka"} and reasons["kafka"], f"{reasons}\n{line.logs()}"
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=STOP_WITHIN_S) == 0
+            assert time.monotonic() - started < STOP_WITHIN_S
+        finally:
+            line.close()
+
+
+def test_per_camera_metric_series_are_capped(kafka: LocalKafka, model_dir: Path, tmp_path: Path) -> None:
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path, env={"INSPECTD_WORKER__MAX_CAMERA_SERIES": "3"})
+        try:
+            _, port = line.start_worker()
+            wait_ready(port)
+            cameras = [f"cam-s{i}" for i in range(12)]
+            for i, camera in enumerate(cameras):
+                line.producer.send(
+                    line.topic, key=camera.encode(), value=png(i), headers=frame_headers(f"s{i}", camera)
+                )
+            line.producer.flush()
+            line.wait_verdicts(len(cameras))
+            metrics = get(port, "/metrics")[1].decode()
+            labels = {
+                part.split('"')[1]
+                for row in metrics.splitlines()
+                if row.startswith(("inspectd_model_info", "inspectd_drift_alarm"))
+                for part in row.split(",")
+                if 'camera_id="' in part
+            }
+            assert len(labels) == 4 and "_other" in labels, labels
+        finally:
+            line.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from worker_line import Line, frame_headers, get, make_model_dir, png, wait_ready
+from worker_line import Line, frame_headers, get, png, wait_ready
 
 from lab.services import LocalKafka, LocalRedis
 
@@ -24,11 +24,6 @@ from lab.services import LocalKafka, LocalRedis
 def broker() -> Iterator[LocalKafka]:
     with LocalKafka() as kafka:
         yield kafka
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

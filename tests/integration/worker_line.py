@@ -34,12 +34,15 @@ PARTITIONS = 4
 PRODUCER_MAX_REQUEST = 32 * 1024 * 1024  # tests send records larger than kafka-python's default 1 MB
 
 
-def make_model_dir(out_dir: Path) -> Path:
-    """A tiny lite0 model at 128 px, calibrated on random images (accuracy is not the point here)."""
+def make_model_dir(out_dir: Path, nan_weights: bool = False) -> Path:
+    """A tiny lite0 model at 128 px, calibrated on random images (accuracy is not the point here);
+    `nan_weights`: one flow parameter is NaN after calibration, so the model scores every frame NaN."""
     torch.manual_seed(0)
     model = build_model(LITE0, LITE0_PACKAGE, 128, FlowConfig(hidden_channels=8))
     with torch.no_grad():
         scores = image_scores(model(torch.rand(8, 3, 128, 128)).z)
+        if nan_weights:
+            next(model.flow.parameters()).fill_(float("nan"))
     save_model(out_dir, model, LITE0_PACKAGE, calibrate(scores.numpy(), 0.1), {"purpose": "worker tests"})
     return out_dir
 
