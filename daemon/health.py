@@ -1,5 +1,5 @@
-"""The HTTP endpoint: /healthz (alive), /readyz (model loaded, Kafka and Redis reachable, the DLQ
-accepting dead letters; each not-ready part with its reason), /metrics."""
+"""The HTTP endpoint: /healthz (alive: the loop makes progress), /readyz (model loaded, Kafka and Redis
+reachable, the DLQ accepting dead letters; each not-ready part with its reason), /metrics."""
 
 from __future__ import annotations
 
@@ -15,14 +15,22 @@ class HealthServer:
     """Serves in a daemon thread; `readiness()` returns what is not ready, by name, with the reason."""
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, readiness: Callable[[], dict[str, str]]
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        readiness: Callable[[], dict[str, str]],
+        liveness: Callable[[], str | None] = lambda: None,
     ) -> None:
-        registry_, readiness_ = registry, readiness
+        """`liveness()` returns why the process is stuck, or None."""
+        registry_, readiness_, liveness_ = registry, readiness, liveness
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/healthz":
-                    self._send(200, "application/json", b'{"status": "ok"}')
+                    stuck = liveness_()
+                    body = json.dumps({"status": "stalled", "reason": stuck} if stuck else {"status": "ok"})
+                    self._send(503 if stuck else 200, "application/json", body.encode())
                 elif self.path == "/readyz":
                     problems = readiness_()
                     body = json.dumps(

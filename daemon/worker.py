@@ -100,6 +100,7 @@ class Worker:
         self._stop_deadline: float | None = None
         self._next_lag_check = 0.0
         self._next_status_check = 0.0
+        self._beat = time.monotonic()  # the loop's last sign of progress (an iteration or a retry)
         self._log = structlog.get_logger()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -115,6 +116,13 @@ class Worker:
         """What is not ready, with the reason when one is known."""
         return {name: self.reasons.get(name, "") for name, ok in self.status.items() if not ok}
 
+    def stalled(self) -> str | None:
+        """Why the loop is not alive: no iteration and no retry for [kafka] max_poll_interval_ms (a decode
+        or a forward pass that hangs, a deadlock). Waiting out an outage is progress: a retry beats."""
+        idle = time.monotonic() - self._beat
+        limit = self.settings.kafka.max_poll_interval_ms / 1000
+        return f"no progress for {idle:.0f} s (limit {limit:.0f} s)" if idle > limit else None
+
     def _set_status(self, target: str, ok: bool, reason: str = "") -> None:
         self.status[target] = ok
         if ok:
@@ -125,7 +133,9 @@ class Worker:
     def run(self) -> int:
         cfg = self.settings
         with ExitStack() as stack:
-            health = HealthServer(cfg.worker.http_host, cfg.worker.http_port, self.metrics.registry, self.not_ready)
+            health = HealthServer(
+                cfg.worker.http_host, cfg.worker.http_port, self.metrics.registry, self.not_ready, self.stalled
+            )
             health.start()
             stack.callback(health.stop)
             self.http_port = health.port
@@ -184,6 +194,7 @@ class Worker:
             http_port=self.http_port,
         )
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             records = self._collect()
             if records or self._stubs:
                 self._in_flight = True
@@ -526,6 +537,7 @@ class Worker:
             except REBALANCE_ERRORS:
                 raise
             except OUTAGE_ERRORS as exc:
+                self._beat = time.monotonic()
                 attempt += 1
                 self._set_status(target, False, _describe(exc))
                 if isinstance(exc, redis.RedisError) and not isinstance(exc, TRANSIENT_REDIS_ERRORS):

@@ -32,7 +32,7 @@ from kafka import KafkaProducer
 from PIL import Image, PngImagePlugin
 from worker_line import ROOT, Line, frame_headers, get, make_model_dir, png, wait_ready
 
-from csflow.artifacts import ArtifactError, Manifest
+from csflow.artifacts import ArtifactError, Manifest, load_model
 from daemon.config import load_settings
 from daemon.drift_watch import DriftWatch
 from daemon.events import EventLog
@@ -43,11 +43,12 @@ from lab.services import LocalKafka, LocalRedis
 
 LINGER_MS = 5000  # keeps a test producer's batch open until flush()
 BATCH_BYTES = 1024 * 1024
-SETTLE_S = 1.0
+SETTLE_S = 1.0  # after the last verdict: anything redelivered would show up as a duplicate by now
 DEAD_BROKER = "127.0.0.1:9"  # discard port: nothing listens
 STOP_WITHIN_S = 10.0
 BAD_CAMERA = "c*:\n" * 15  # measured: became the Redis key inspectd:drift:c*:\nc*:\n...
-DOWNTIME_S = 1.0  # after the last verdict: anything redelivered would show up as a duplicate by now
+DOWNTIME_S = 1.0
+HANG_S = 6.0  # a decode hang, longer than the 2 s max_poll_interval_ms of its test
 
 
 @dataclass
@@ -364,6 +365,45 @@ def test_a_dlq_that_refuses_for_good_fails_readiness_and_the_line_goes_on(
 # ---------------------------------------------------------------------------------------------- Redis outages
 
 
+@dataclass
+class InProcess:
+    """A worker running in a thread of the test process (so that a fault can be injected at an exact call)."""
+
+    worker: Worker
+    outcome: dict[str, Any] = field(default_factory=dict)  # "rc", or "error": what run() raised
+
+    @property
+    def port(self) -> int:
+        deadline = time.monotonic() + 60
+        while self.worker.http_port is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.worker.http_port is not None
+        return self.worker.http_port
+
+
+@contextlib.contextmanager
+def in_process(line: Line, model_dir: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Iterator[InProcess]:
+    """The worker of `line` in a thread; stopped (and its exit status checked by the caller) on leaving."""
+    for key, value in {**line.env, "INSPECTD_WORKER__HTTP_PORT": "0", **env}.items():
+        if key.startswith("INSPECTD_"):
+            monkeypatch.setenv(key, value)
+    running = InProcess(Worker(load_settings(ROOT / "config.toml"), load_model(model_dir, "cpu"), torch.device("cpu")))
+
+    def run() -> None:
+        try:
+            running.outcome["rc"] = running.worker.run()
+        except BaseException as exc:  # the fault under test: the loop must not raise
+            running.outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield running
+    finally:
+        running.worker.request_stop()
+        thread.join(30)
+
+
 def test_redis_restart_during_a_cameras_first_batch(
     kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -372,10 +412,6 @@ def test_redis_restart_during_a_cameras_first_batch(
     kill lands at that exact call."""
     with LocalRedis() as server:
         line = Line(kafka, server.url, model_dir, tmp_path)
-        for key, value in line.env.items():
-            if key.startswith("INSPECTD_"):
-                monkeypatch.setenv(key, value)
-        monkeypatch.setenv("INSPECTD_WORKER__HTTP_PORT", "0")
         restore = DriftWatch._restore
         killed = threading.Event()
 
@@ -386,41 +422,57 @@ def test_redis_restart_during_a_cameras_first_batch(
             return restore(self, camera, version)
 
         monkeypatch.setattr(DriftWatch, "_restore", dying_restore)
-        settings = load_settings(ROOT / "config.toml")
-        from csflow.artifacts import load_model
-
-        worker = Worker(settings, load_model(model_dir, "cpu"), torch.device("cpu"))
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                outcome["rc"] = worker.run()
-            except BaseException as exc:  # the fault under test: the loop must not raise
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
         try:
-            ids = line.send(8)
-            deadline = time.monotonic() + 90
-            got: list[str] = []
-            while time.monotonic() < deadline and "error" not in outcome and len(got) < 8:
-                if killed.is_set() and not server.running:
-                    time.sleep(DOWNTIME_S)
-                    server.start()  # from this thread: the server dies with the thread that started it
-                try:
-                    got = line.verdict_ids()
-                except redis.ConnectionError:
-                    pass
-                time.sleep(0.2)
-            assert killed.is_set(), "the fault was not injected"
-            assert "error" not in outcome, repr(outcome.get("error"))
-            assert sorted(got) == sorted(ids)
+            with in_process(line, model_dir, monkeypatch) as running:
+                ids = line.send(8)
+                deadline = time.monotonic() + 90
+                got: list[str] = []
+                while time.monotonic() < deadline and "error" not in running.outcome and len(got) < 8:
+                    if killed.is_set() and not server.running:
+                        time.sleep(DOWNTIME_S)
+                        server.start()  # from this thread: the server dies with the thread that started it
+                    with contextlib.suppress(redis.ConnectionError):
+                        got = line.verdict_ids()
+                    time.sleep(0.2)
+                assert killed.is_set(), "the fault was not injected"
+                assert "error" not in running.outcome, repr(running.outcome.get("error"))
+                assert sorted(got) == sorted(ids)
         finally:
-            worker.request_stop()
-            thread.join(30)
             line.close()
-        assert outcome.get("rc") == 0
+        assert running.outcome.get("rc") == 0
+
+
+def test_healthz_fails_while_the_loop_makes_no_progress(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode that hangs (longer than max_poll_interval_ms) makes /healthz fail until the loop moves."""
+    decode = Worker._decode
+
+    def hanging_decode(self: Worker, frame: Any, size: int) -> Any:
+        if frame.frame_id == "hang":
+            time.sleep(HANG_S)
+        return decode(self, frame, size)
+
+    monkeypatch.setattr(Worker, "_decode", hanging_decode)
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        try:
+            with in_process(line, model_dir, monkeypatch, INSPECTD_KAFKA__MAX_POLL_INTERVAL_MS="2000") as running:
+                wait_ready(running.port)
+                assert get(running.port, "/healthz")[0] == 200
+                line.producer.send(line.topic, key=b"cam-1", value=png(1), headers=frame_headers("hang", "cam-1"))
+                line.producer.flush()
+                seen = set()
+                deadline = time.monotonic() + 60
+                while not line.redis.exists(f"{line.prefix}verdict:hang") and time.monotonic() < deadline:
+                    seen.add(get(running.port, "/healthz")[0])
+                    time.sleep(0.2)
+                assert seen >= {503}, seen
+                _wait_verdict(line, "hang")
+                assert get(running.port, "/healthz")[0] == 200
+        finally:
+            line.close()
+        assert running.outcome.get("rc") == 0
 
 
 # ---------------------------------------------------------------------------------------------- health
