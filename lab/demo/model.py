@@ -43,7 +43,7 @@ def cached_model(model_dir: Path, fit_spec: FitSpec, data: str, n_train: int) ->
 
 def demo_fit_spec(spec: DemoSpec, settings: Settings) -> FitSpec:
     model_cfg = override(settings.model, "model", image_size=spec.image_size)
-    train_cfg = override(settings.train, "train", epochs=spec.epochs)
+    train_cfg = override(settings.train, "train", epochs=spec.epochs, lr=spec.lr)
     return FitSpec(
         backbone=model_cfg.backbone,
         weights=model_cfg.weights_source,
