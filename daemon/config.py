@@ -210,6 +210,7 @@ class KafkaSection(Section):
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
+    bootstrap_timeout_ms: int = Field(3_000, ge=100)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     # Dead letters are capped so that the DLQ topic accepts them (daemon/dead_letters.py).
     dlq_max_value_bytes: int = Field(1_000_000, ge=0)

@@ -46,6 +46,7 @@ def make_consumer(cfg: KafkaSection, max_poll_records: int) -> KafkaConsumer:
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_interval_ms=cfg.max_poll_interval_ms,
         max_poll_records=max_poll_records,
+        bootstrap_timeout_ms=cfg.bootstrap_timeout_ms,
         max_partition_fetch_bytes=cfg.max_message_bytes + FETCH_HEADROOM,
         fetch_max_bytes=max(52_428_800, cfg.max_message_bytes + FETCH_HEADROOM),
     )
@@ -57,6 +58,7 @@ def make_producer(cfg: KafkaSection) -> KafkaProducer:
     return KafkaProducer(
         **security_config(cfg),
         client_id="inspectd",
+        bootstrap_timeout_ms=cfg.bootstrap_timeout_ms,
         acks="all",
         # Dead letters are at-least-once anyway; an idempotent producer can get stuck for good on
         # UnknownProducerId after a broker loses its state, which would stall the worker.

@@ -91,7 +91,7 @@ class Worker:
         self.metrics = WorkerMetrics(settings.worker.max_camera_series)
         self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
         self.status = {"model": True, "kafka": False, "redis": False, "dlq": True}
-        self.reasons: dict[str, str] = {}  # why a service is not ready, when known
+        self.reasons: dict[str, str] = {"kafka": "not connected yet", "redis": "not connected yet"}
         self._stubs: list[DeadLetter] = []  # records poll() could not deserialise, skipped by offset
         self.http_port: int | None = None
         self._stop = threading.Event()
@@ -153,6 +153,7 @@ class Worker:
         cfg = self.settings
         client = self._client = cfg.redis.client()  # first: its readiness is probed while Kafka is awaited
         stack.callback(client.close)
+        self._probe_redis()
         self.consumer: KafkaConsumer = self._retry("kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size))
         stack.callback(self.consumer.close)
         self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))

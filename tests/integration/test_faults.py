@@ -45,7 +45,8 @@ LINGER_MS = 5000  # keeps a test producer's batch open until flush()
 BATCH_BYTES = 1024 * 1024
 SETTLE_S = 1.0  # after the last verdict: anything redelivered would show up as a duplicate by now
 DEAD_BROKER = "127.0.0.1:9"  # discard port: nothing listens
-STOP_WITHIN_S = 10.0
+STOP_WITHIN_S = 20.0  # SIGTERM to exit, interpreter teardown included (seconds under load), < the drain timeout
+DRAIN_TIMEOUT_S = "60"
 BAD_CAMERA = "c*:\n" * 15  # measured: became the Redis key inspectd:drift:c*:\nc*:\n...
 DOWNTIME_S = 1.0
 HANG_S = 6.0  # a decode hang, longer than the 2 s max_poll_interval_ms of its test
@@ -177,7 +178,7 @@ def _dead_letter(line: Line, source: str, timeout: float = 30.0) -> dict[str, st
     raise AssertionError(f"no dead letter from {source}\n{line.logs()}")
 
 
-def _wait_verdict(line: Line, frame_id: str, timeout: float = 60.0) -> None:
+def _wait_verdict(line: Line, frame_id: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if line.redis.exists(f"{line.prefix}verdict:{frame_id}"):
@@ -485,7 +486,8 @@ def test_kafka_down_redis_up_reports_only_kafka_and_a_stop_exits_at_once(
     the worker waits for a broker, with nothing in flight, exits 0 at once (it took the drain timeout and
     exited 1)."""
     with LocalRedis() as server:
-        line = Line(kafka, server.url, model_dir, tmp_path, env={"INSPECTD_KAFKA__BOOTSTRAP_SERVERS": DEAD_BROKER})
+        env = {"INSPECTD_KAFKA__BOOTSTRAP_SERVERS": DEAD_BROKER, "INSPECTD_WORKER__DRAIN_TIMEOUT_S": DRAIN_TIMEOUT_S}
+        line = Line(kafka, server.url, model_dir, tmp_path, env=env)
         try:
             proc, port = line.start_worker()
             deadline = time.monotonic() + 60
@@ -494,10 +496,10 @@ def test_kafka_down_redis_up_reports_only_kafka_and_a_stop_exits_at_once(
                 with contextlib.suppress(OSError):
                     status, body = get(port, "/readyz")
                     reasons = json.loads(body)["reasons"] if status == 503 else {}
-                    if set(reasons) == {"kafka"}:
+                    if set(reasons) == {"kafka"} and "bootstrap" in reasons["kafka"]:
                         break
                 time.sleep(0.2)
-            assert set(reasons) == {"kafka"} and reasons["kafka"], f"{reasons}\n{line.logs()}"
+            assert set(reasons) == {"kafka"} and "bootstrap" in reasons["kafka"], f"{reasons}\n{line.logs()}"
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=STOP_WITHIN_S) == 0
