@@ -44,7 +44,8 @@ from adapters.adapt import AdaptConfig, AdaptResult, adapt, check_shots
 from adapters.augment import Augmentation, DefectConfig, augment, synthetic_defects
 from csflow.artifacts import ModelVersion
 from csflow.calibration import Calibration
-from csflow.model import CSFlow, image_scores
+from csflow.model import CSFlow
+from csflow.scoring import score_images
 
 HeldoutKind = Literal["shots", "views"]
 
@@ -111,17 +112,6 @@ def split_shots(shots: Tensor, config: GateConfig) -> ShotSplit:
     perm = torch.randperm(k, generator=_generator(config.seed)).tolist()
     out_idx, in_idx = sorted(perm[:n_out]), sorted(perm[n_out:])
     return ShotSplit(shots[in_idx], shots[out_idx], "shots", in_idx, out_idx)
-
-
-@torch.no_grad()
-def score_images(model: CSFlow, images: Tensor, batch_size: int = 16) -> np.ndarray:
-    """Image scores of `images` under `model` (eval mode), as float64 on the CPU."""
-    model.eval()
-    device = next(model.extractor.parameters()).device
-    parts = [
-        image_scores(model(images[i : i + batch_size].to(device)).z).cpu() for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(parts).double().numpy()
 
 
 def decide(
@@ -236,9 +226,9 @@ def gate(
     base = heldout if defect_base is None else defect_base
     defects = synthetic_defects(base.cpu(), config.defects, _generator(config.seed))
     return decide(
-        score_images(parent_model, heldout, config.batch_size),
-        score_images(candidate, heldout, config.batch_size),
-        score_images(candidate, defects, config.batch_size),
+        score_images(parent_model, heldout, config.batch_size).image,
+        score_images(candidate, heldout, config.batch_size).image,
+        score_images(candidate, defects, config.batch_size).image,
         calibration,
         config,
         heldout_kind,

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -17,7 +16,7 @@ from csflow.calibration import Calibration, calibrate
 from csflow.data import ImageLimits, Transform, load_batch
 from csflow.extractor import FeatureExtractor
 from csflow.flow import FlowConfig
-from csflow.model import CSFlow, anomaly_maps, image_scores
+from csflow.model import CSFlow
 from csflow.training import (
     EpochRecord,
     TrainConfig,
@@ -127,10 +126,3 @@ def fit(
     cal_scores, cal_nll = features_scores_and_nll(model, cal_feats, bs, device)
     calibration = calibrate(cal_scores.numpy(), spec.target_fpr, cal_nll.numpy())
     return FitResult(model, calibration, result, extract_seconds, len(train_idx), len(val_idx))
-
-
-@torch.no_grad()
-def score_batch(model: CSFlow, images: Tensor, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and anomaly maps for a batch of (B, 3, S, S) images in [0, 1]."""
-    out = model(images.to(device))
-    return image_scores(out.z).cpu().numpy(), anomaly_maps(out.z, model.image_size).cpu().numpy()

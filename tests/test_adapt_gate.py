@@ -13,11 +13,12 @@ from torch import Tensor
 
 from adapters.adapt import AdaptConfig, adapt
 from adapters.augment import DefectConfig
-from adapters.gate import GateConfig, adapt_and_gate, decide, gate, score_images, split_shots
+from adapters.gate import GateConfig, adapt_and_gate, decide, gate, split_shots
 from csflow.artifacts import load_model, save_model
 from csflow.backbones import LITE0_PACKAGE
 from csflow.calibration import Calibration, calibrate
 from csflow.model import CSFlow
+from csflow.scoring import score_images
 from csflow.training import TrainConfig, extract_features, features_scores_and_nll, train_flow
 
 CALIBRATION = Calibration(threshold=1.0, target_fpr=0.1, scores=list(np.linspace(0.5, 1.0, 11)))
@@ -106,7 +107,7 @@ def test_floor_check_can_be_disabled() -> None:
 def source(make_tiny_model: Callable[..., CSFlow], make_images: Callable[..., Tensor]) -> tuple[CSFlow, Calibration]:
     """A parent and a calibration from its own scores on 'source' images (threshold: their maximum)."""
     model = make_tiny_model(seed=3)
-    return model, calibrate(score_images(model, make_images(8, seed=20)), 0.01)
+    return model, calibrate(score_images(model, make_images(8, seed=20)).image, 0.01)
 
 
 def broken(model: CSFlow, how: str) -> CSFlow:
@@ -152,7 +153,9 @@ def test_adapt_and_gate_wiring(
     make_tiny_model: Callable[..., CSFlow], make_images: Callable[..., Tensor], tmp_path: Path
 ) -> None:
     model = make_tiny_model(seed=8)
-    save_model(tmp_path / "v", model, LITE0_PACKAGE, calibrate(score_images(model, make_images(4, seed=5)), 0.2), {})
+    save_model(
+        tmp_path / "v", model, LITE0_PACKAGE, calibrate(score_images(model, make_images(4, seed=5)).image, 0.2), {}
+    )
     parent = load_model(tmp_path / "v")
     shot = make_images(1, seed=6)
     fast = AdaptConfig(lr=1e-3, max_steps=1, stop_quantile=None)
@@ -184,7 +187,7 @@ def test_adaptation_to_a_darker_domain_is_accepted(
     scores, nll = features_scores_and_nll(model, [f[32:] for f in features], 8, device)
     calibration = calibrate(scores.numpy(), 0.1, nll.numpy())
     target = (make_images(8, seed=99) * 0.5) ** 1.2  # darker lighting
-    assert (score_images(model, target) > calibration.threshold).mean() > 0
+    assert (score_images(model, target).image > calibration.threshold).mean() > 0
     config = GateConfig(defects=DefectConfig(kinds=("scratch",)))
     # A fixed budget: on this toy both stop rules end too early for the held-out frames (measured: stopped
     # at the calibration median NLL after 6 steps, 75 % of them still above the threshold and their mean
