@@ -18,8 +18,8 @@ see, or (a) is trivially true: the adaptation minimised exactly those frames' sc
   std 0.005 raised the median score 1.4-1.5x and pushed half of the normal frames over the threshold),
   under parent and candidate alike. So the candidate must remove at least `min_view_recovery` of the
   parent's excess over the calibration median on the views ("recovery"), and lower their mean.
-- (b) No over-adaptation, two ways, since DESIGN.md measured it (shots scoring well below the source
-  calibration level; defect TPR 0.95 -> 0.73): synthetic defects (scratches and cut-paste patches,
+- (b) No over-adaptation, two ways, since it was measured on real photographs (shots scoring well below
+  the source calibration level; defect TPR 0.95 -> 0.73): synthetic defects (scratches and cut-paste patches,
   `adapters.augment`) pasted onto the held-out frames (with one shot: onto copies of the shot itself,
   unperturbed, so the views' inflation does not help them over the threshold) must still score above the
   threshold in at least `min_defect_detection` of cases, and the held-out frames' median score must not
@@ -27,7 +27,8 @@ see, or (a) is trivially true: the adaptation minimised exactly those frames' sc
   features) fails (b); a blown-up one fails (a); non-finite scores fail outright.
 
 Every number used is returned in `GateDecision.figures`, for the record of accepted and rejected
-candidates.
+candidates. On a line, a candidate this gate accepts is not activated yet: it is served in shadow on the
+camera's live frames first (`adapters.shadow`), since these checks rest on a handful of frames.
 """
 
 from __future__ import annotations
