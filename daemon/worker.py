@@ -31,8 +31,8 @@ from kafka.errors import CommitFailedError, CorruptRecordError, InvalidRecordErr
 
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
-from csflow.model import image_scores
 from csflow.scoring import score_images
+from csflow.serving_options import forward_batch
 from daemon import dead_letters
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
@@ -379,10 +379,14 @@ class Worker:
 
     @torch.inference_mode()
     def _forward(self, version: ModelVersion, images: list[torch.Tensor]) -> np.ndarray:
+        """Scores of one version's frames, `[worker] forward_batch` at a time (on a CPU, large images one
+        by one: a batch's activations outgrow the caches)."""
         batch = torch.stack(images)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return image_scores(version.model(batch).z).cpu().numpy()
+        size = version.model.image_size
+        step = forward_batch(self.settings.worker.forward_batch, self.device.type, size, len(images))
+        return score_images(version.model, batch, batch_size=step).image
 
     def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray) -> None:
         """A candidate in shadow scores its camera's frames of this batch beside the parent, whose scores
