@@ -26,7 +26,7 @@ and the decision rests on those frames:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -204,6 +204,26 @@ class ShadowEvaluation:
             sorted(np.asarray(self.candidate_nll)[keep].tolist()),
         )
         return ShadowDecision(True, reasons, figures, calibration)
+
+
+def shadow_stream(
+    parent_scores: np.ndarray,
+    candidate_scores: np.ndarray,
+    candidate_nll: np.ndarray,
+    parent_calibration: Calibration,
+    defect_scores: list[float],
+    config: ShadowConfig,
+    drift: DriftConfig,
+) -> ShadowDecision:
+    """The shadow's decision on a recorded stream of live frames (in stream order), all of them used:
+    for `inspectd adapt --live` and the protocol, which have the frames at hand rather than one batch at
+    a time."""
+    evaluation = ShadowEvaluation(
+        parent_calibration, defect_scores, replace(config, frames=max(len(candidate_scores), 1)), drift
+    )
+    for p, c, n in zip(parent_scores, candidate_scores, candidate_nll, strict=True):
+        evaluation.update(p, c, n)
+    return evaluation.decide()
 
 
 def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:

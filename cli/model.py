@@ -210,9 +210,13 @@ def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
 
 
 def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+
     from adapters.gate import adapt_and_gate
+    from adapters.shadow import ShadowDecision, shadow_stream
     from csflow.artifacts import save_adapter
     from csflow.data import load_batch
+    from csflow.scoring import score_images
     from daemon.config import override
 
     parent = _load(args, settings)
@@ -222,21 +226,39 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     shots = load_batch(args.images, parent.model.image_size, settings.limits.to_limits())
     gated = adapt_and_gate(parent, shots, adapt_config, gate_config)
     decision, result = gated.decision, gated.result
+    shadow: ShadowDecision | None = None
+    if decision.accepted and args.live:
+        live = load_batch(args.live, parent.model.image_size, settings.limits.to_limits())
+        candidate = score_images(result.model, live, settings.train.batch_size, nll=True)
+        shadow = shadow_stream(
+            score_images(parent.model, live, settings.train.batch_size).image,
+            candidate.image,
+            np.asarray(candidate.nll),
+            parent.manifest.threshold_calibration,
+            list(decision.figures.get("defect_scores", [])),
+            settings.adapt.shadow_config(),
+            settings.drift.to_config(),
+        )
+    reasons = [*decision.reasons, *(shadow.reasons if shadow else [])]
+    if decision.accepted and shadow is None and gated.split.heldout_kind == "views":
+        reasons.append("FAIL shadow: a candidate adapted on one image needs --live frames of the new domain")
+    accepted = decision.accepted and not any(r.startswith("FAIL") for r in reasons)
     report = {
-        "accepted": decision.accepted,
-        "reasons": decision.reasons,
-        "figures": decision.figures,
+        "accepted": accepted,
+        "reasons": reasons,
+        "figures": {**decision.figures, **({"shadow": shadow.figures} if shadow else {})},
         "adaptation": result.summary(),
     }
-    if decision.accepted:
+    if accepted:
         manifest = save_adapter(
             args.out,
             result.model,
             parent,
             result.block_names,
-            {**result.summary(), "gate": decision.figures},
+            {**result.summary(), "gate": report["figures"]},
             domain=args.domain,
             parent_dir=args.model,
+            calibration=shadow.calibration if shadow else None,
         )
         report["version"] = manifest.version
     if args.json:
@@ -246,12 +268,12 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
             f"adaptation: {result.steps} steps ({result.stop_reason}), {len(shots)} shots, "
             f"blocks {', '.join(result.block_names)}"
         )
-        for key, value in decision.figures.items():
+        for key, value in report["figures"].items():
             print(f"  {key}: {value}")
-        verdict = f"ACCEPTED as version {report['version']} in {args.out}" if decision.accepted else "REJECTED"
-        failed = [reason for reason in decision.reasons if not reason.startswith("ok")]
-        print(f"candidate {verdict}" + ("" if decision.accepted else ": " + "; ".join(failed)))
-    return 0 if decision.accepted else EXIT_REJECTED
+        verdict = f"ACCEPTED as version {report['version']} in {args.out}" if accepted else "REJECTED"
+        failed = [reason for reason in reasons if not reason.startswith("ok")]
+        print(f"candidate {verdict}" + ("" if accepted else ": " + "; ".join(failed)))
+    return 0 if accepted else EXIT_REJECTED
 
 
 def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:
@@ -355,12 +377,20 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
         "adapt",
         help="adapt a model to a new domain from a few normal images",
         description="Tune the first extractor blocks on the images through the frozen flow, check the candidate "
-        "on held-out shots and synthetic defects, and write it as a new version if it passes. "
-        "Exit 0 accepted, 3 rejected.",
+        "on held-out shots and synthetic defects, then (with --live) on live frames of the new domain beside the "
+        "parent, and write it as a new version if it passes. Exit 0 accepted, 3 rejected.",
     )
     p.add_argument("--model", required=True, type=Path, help="parent model directory")
     p.add_argument("--images", required=True, nargs="+", type=Path, metavar="IMG", help="normal target-domain images")
     p.add_argument("--out", required=True, type=Path, help="directory for the adapted version")
+    p.add_argument(
+        "--live",
+        nargs="+",
+        type=Path,
+        metavar="FRAME",
+        help="unlabelled frames of the new domain in stream order (mostly normal, may hold defects): the shadow "
+        "evaluation, which sets the candidate's own threshold and drift reference; needed to accept one image",
+    )
     p.add_argument("--domain", default="adapted", help="domain tag for the manifest")
     p.add_argument("--steps", type=int, help="maximum adaptation steps (default from [adapt])")
     p.add_argument("--blocks", type=int, help="number of early blocks to adapt (default from [adapt])")

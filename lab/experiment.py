@@ -42,7 +42,7 @@ from adapters.protocol import (
     shots_epochs,
     summarise,
 )
-from adapters.shadow import ShadowConfig, ShadowEvaluation, operating_point
+from adapters.shadow import ShadowConfig, operating_point, shadow_stream
 from adapters.shifts import get_shift
 from csflow.artifacts import ModelVersion, load_model, save_model
 from csflow.calibration import calibrate
@@ -290,16 +290,16 @@ class _Runner:
         candidate = score_images(gated.result.model, test, spec.fit.train.batch_size, nll=True)
         stream, judged = self._stream_split(k, fold)
         calibration = version.manifest.threshold_calibration
-        shadow = ShadowEvaluation(
+        live = stream[: spec.shadow.frames]
+        decision = shadow_stream(
+            parent[live],
+            candidate.image[live],
+            np.asarray(candidate.nll)[live],
             calibration,
             list(gated.decision.figures.get("defect_scores", [])),
-            replace(spec.shadow, frames=min(spec.shadow.frames, len(stream))),
+            spec.shadow,
             spec.drift,
         )
-        assert candidate.nll is not None
-        for i in stream:
-            shadow.update(parent[i], candidate.image[i], candidate.nll[i])
-        decision = shadow.decide()
         try:  # the candidate's own threshold, also for a refused one (to judge the refusal)
             threshold = operating_point(candidate.image[stream], calibration, spec.shadow.lower).threshold
         except ValueError:

@@ -160,6 +160,43 @@ def test_adapt_reports_the_gate_and_writes_only_an_accepted_candidate(
         assert not (out / "manifest.json").exists()
 
 
+def test_one_image_is_never_accepted_without_live_frames_and_live_frames_decide(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offline gate made permissive, so that only the shadow can refuse."""
+    monkeypatch.setenv("INSPECTD_ADAPT__MIN_VIEW_RECOVERY", "0")
+    monkeypatch.setenv("INSPECTD_ADAPT__MIN_DEFECT_DETECTION", "0")
+    from PIL import Image
+
+    from adapters.shifts import get_shift
+
+    def shifted(path: Path) -> str:  # a frame of the new domain: lamp light (higher scores than the source)
+        target = tmp_path / "new" / path.parent.name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(get_shift("lamp")(np.asarray(Image.open(path).convert("RGB")))).save(target)
+        return str(target)
+
+    out = tmp_path / "adapted"
+    shot = shifted(dataset / "test/good/000.png")
+    args = ["adapt", "--model", str(model_dir), "--images", shot, "--out", str(out), "--steps", "3", "--json"]
+    assert main(args) == 3
+    report = json.loads(capsys.readouterr().out)
+    offline = [r for r in report["reasons"] if not r.startswith(("ok", "FAIL shadow"))]
+    assert offline == [], f"the offline gate must pass for this test to mean anything: {offline}"
+    assert not report["accepted"] and not (out / "manifest.json").exists()
+    assert "FAIL shadow: a candidate adapted on one image needs --live frames of the new domain" in report["reasons"]
+
+    live = [shifted(p) for p in sorted((dataset / "test").glob("*/*.png"))]  # stream order, defects included
+    code = main([*args, "--live", *live])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if report["accepted"] else 3)
+    assert report["figures"]["shadow"]["frames_seen"] == len(live)
+    assert any(r.startswith(("ok shadow", "FAIL shadow")) for r in report["reasons"])
+    if report["accepted"]:  # its own operating point, set on the live frames
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["calibration"]["threshold"] == report["figures"]["shadow"]["threshold"]
+
+
 def test_adapt_rejects_a_broken_candidate_with_exit_3(
     model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
