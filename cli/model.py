@@ -335,6 +335,14 @@ def cmd_export_elpv(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _add_fit_options(p: argparse.ArgumentParser, epochs: str, seed: str) -> None:
+    """The training options that `fit_spec` reads."""
+    p.add_argument("--backbone", help="timm backbone name (default from config)")
+    p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
+    p.add_argument("--epochs", type=int, help=epochs)
+    p.add_argument("--seed", type=int, help=seed)
+
+
 def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -343,10 +351,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
         "a share is held out to select weights and calibrate the threshold.",
     )
     p.add_argument("--data", required=True, type=Path, help="dataset folder")
-    p.add_argument("--backbone", help="timm backbone name (default from config)")
-    p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
-    p.add_argument("--epochs", type=int, help="training epochs")
-    p.add_argument("--seed", type=int, help="seed for the held-out split and training")
+    _add_fit_options(p, epochs="training epochs", seed="seed for the held-out split and training")
     p.add_argument("--out", type=Path, default=Path("models/latest"), help="model directory to write")
     p.set_defaults(handler=cmd_train)
 
@@ -412,10 +417,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=3, help="draws of the k shots per k (default 3)")
     p.add_argument("--out", required=True, type=Path, help="folder for results (resumed if it holds some)")
     p.add_argument("--source", type=Path, help="source model directory (default: trained into OUT/source)")
-    p.add_argument("--backbone", help="timm backbone name (default from config)")
-    p.add_argument("--image-size", type=int, help="square input size, a multiple of 128")
-    p.add_argument("--epochs", type=int, help="epochs of every flow trained from scratch")
-    p.add_argument("--seed", type=int, help="seed for the shots drawn and the trainings")
+    _add_fit_options(p, epochs="epochs of every flow trained from scratch", seed="seed for the shots and the trainings")
     p.add_argument("--settings", help="comma-separated settings to compute (default all), e.g. adapted")
     p.add_argument("--report-only", action="store_true", help="write the table and chart from the cells done")
     p.set_defaults(handler=cmd_experiment)
