@@ -180,8 +180,9 @@ def gate_markdown(cells: Sequence[Cell]) -> str:
         groups.setdefault((cell.shift, int(cell.k or 0)), []).append(cell)
     lines = [
         "\n## Does the gate decide right?\n",
-        f"Adapted cells by the gate's decision (offline gate, then shadow on half of the shifted test set in "
-        f"stream order) and by the candidate's FPR and TPR at its own threshold on the other half: good = "
+        f"Adapted cells by the gate's decision (offline gate, then shadow on half of the shifted test normals "
+        f"with a few defects, in stream order) and by the candidate's FPR and TPR at its own threshold on the "
+        f"other normals and defects: good = "
         f"FPR <= {GOOD_MAX_FPR:.2f} and TPR within {GOOD_MAX_TPR_DROP:.2f} of the source model's on clean data.\n",
         "| shift | k | " + " | ".join(GATE_CLASSES) + " |",
         "|" + "---|" * (2 + len(GATE_CLASSES)),

@@ -7,10 +7,10 @@ computed once per image set and shared by every flow that uses them (source, tar
 shots); only the adapted models need full forward passes.
 
 The adapted setting runs what a worker runs: the offline gate (`adapters.gate.adapt_and_gate`, which holds
-shots out), then the shadow evaluation (`adapters.shadow`) on half of the shifted test set in a seeded
-stream order, which also sets the candidate's own threshold; its FPR and TPR are measured at that
-threshold on the other half, so the gate's decision can be scored against what it decided on
-(`adapters.protocol.gate_markdown`).
+shots out), then the shadow evaluation (`adapters.shadow`) on a stream like a line's (half of the shifted
+test normals with a few defects, in a seeded order), which also sets the candidate's own threshold; its
+FPR and TPR are measured at that threshold on the other normals and defects, so the gate's decision can
+be scored against what it decided on (`adapters.protocol.gate_markdown`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ from drift.config import DriftConfig
 from lab.plots import plot_protocol
 
 RESULTS = "results.json"
-PROTOCOL_REVISION = 2  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold
+PROTOCOL_REVISION = 3  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold;
+# 3: its shadow stream is mostly normal, as on a line (ELPV's test split is mostly defective)
+STREAM_DEFECT_SHARE = 0.05
 OperatingPoint = tuple[float | None, float | None]  # (FPR, TPR) at the setting's threshold, if it has one
 Outcome = tuple[float, OperatingPoint, dict[str, Any]]  # image AUROC, operating point, details
 
@@ -329,10 +331,14 @@ class _Runner:
         return auroc, (op.fpr, op.tpr), detail
 
     def _stream_split(self, k: int, fold: int) -> tuple[np.ndarray, np.ndarray]:
-        """Test indices in a seeded stream order: the first half feeds the shadow, the second is judged."""
-        order = np.random.default_rng([self.spec.seed, fold, k, len(self.anomalous)]).permutation(len(self.anomalous))
-        half = len(order) // 2
-        return order[:half], order[half:]
+        """Test indices as a line would show them: half of the normal cells with a few defects
+        (STREAM_DEFECT_SHARE) in a seeded order feed the shadow; the other normals and defects are judged."""
+        rng = np.random.default_rng([self.spec.seed, fold, k, len(self.anomalous)])
+        normal = rng.permutation(np.flatnonzero(~self.anomalous))
+        defective = rng.permutation(np.flatnonzero(self.anomalous))
+        half = len(normal) // 2
+        n_defects = max(1, round(STREAM_DEFECT_SHARE * half))
+        return rng.permutation(np.r_[normal[:half], defective[:n_defects]]), np.r_[normal[half:], defective[n_defects:]]
 
     def _source_clean_tpr(self) -> float:
         version = self.source_version()
