@@ -18,6 +18,10 @@ see, or (a) is trivially true: the adaptation minimised exactly those frames' sc
   std 0.005 raised the median score 1.4-1.5x and pushed half of the normal frames over the threshold),
   under parent and candidate alike. So the candidate must remove at least `min_view_recovery` of the
   parent's excess over the calibration median on the views ("recovery"), and lower their mean.
+  When a shadow follows (`GateConfig.shadowed`: the worker, `inspectd adapt --live`), held-out shots are
+  judged by recovery as well: the shadow sets the candidate's own threshold on live frames, and adaptation
+  stopped at the calibration NLL closes most of the gap to the source level but need not cross the
+  inherited threshold.
 - (b) No over-adaptation, two ways, since it was measured on real photographs (shots scoring well below
   the source calibration level; defect TPR 0.95 -> 0.73): synthetic defects (scratches and cut-paste patches,
   `adapters.augment`) pasted onto the held-out frames (with one shot: onto copies of the shot itself,
@@ -58,7 +62,10 @@ class GateConfig:
     views: Augmentation = field(default_factory=lambda: Augmentation(max_shift=0.02, noise_std=0.0))
     view_seed: int = 7919  # must differ from the adaptation seed
     max_false_reject_rate: float = 0.0
-    min_view_recovery: float = 0.5  # k == 1: share of the parent's excess score on the views to remove
+    min_view_recovery: float = 0.5  # share of the parent's excess score on the held-out frames to remove
+    # True when a shadow on live frames follows (adapters.shadow) and sets the candidate's own threshold: then
+    # held-out shots are judged by recovery too, not against the inherited threshold they need not reach.
+    shadowed: bool = False
     min_defect_detection: float = 0.8
     defects: DefectConfig = field(default_factory=DefectConfig)
     floor_quantile: float | None = 0.01
@@ -164,14 +171,14 @@ def decide(
         "defect_median": float(np.median(defect_s)),
         "defect_scores": defect_s.tolist(),
     }
-    if heldout_kind == "views":
+    if heldout_kind == "views" or config.shadowed:
         excess = figures["parent_median"] - figures["calibration_median"]
         recovery = (figures["parent_median"] - figures["candidate_median"]) / excess if excess > 0 else 1.0
         figures["view_recovery"] = recovery
         check(
             "recovery",
             recovery >= config.min_view_recovery,
-            f"views' median {figures['candidate_median']:.4g} vs parent {figures['parent_median']:.4g} and "
+            f"{heldout_kind}' median {figures['candidate_median']:.4g} vs parent {figures['parent_median']:.4g} and "
             f"calibration median {figures['calibration_median']:.4g}: {recovery:.0%} of the excess removed "
             f"(need {config.min_view_recovery:.0%})",
         )

@@ -210,6 +210,8 @@ def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
 
 
 def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
     import numpy as np
 
     from adapters.gate import adapt_and_gate
@@ -224,6 +226,7 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
         settings.adapt, "adapt", max_steps=args.steps, n_blocks=args.blocks, lr=args.lr
     ).to_configs()
     shots = load_batch(args.images, parent.model.image_size, settings.limits.to_limits())
+    gate_config = replace(gate_config, shadowed=bool(args.live))  # the live frames set the operating point
     gated = adapt_and_gate(parent, shots, adapt_config, gate_config)
     decision, result = gated.decision, gated.result
     shadow: ShadowDecision | None = None

@@ -156,6 +156,7 @@ class AdaptSection(Section):
             holdout_fraction=self.holdout_fraction,
             min_defect_detection=self.min_defect_detection,
             min_view_recovery=self.min_view_recovery,
+            shadowed=self.shadow_frames > 0,
         )
         return adapt, gate
 
@@ -269,6 +270,7 @@ class WorkerSection(Section):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be a positive number or auto")
         return value
+
     decode_threads: int = Field(2, ge=1, le=64)
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)

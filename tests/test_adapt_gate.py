@@ -97,6 +97,20 @@ def test_views_of_one_shot_are_judged_by_recovery_not_by_the_threshold(candidate
     assert decision.figures["view_recovery"] == pytest.approx((1.6 - np.median(candidate)) / 0.85)
 
 
+def test_shadowed_held_out_shots_are_judged_by_recovery_the_shadow_sets_the_threshold() -> None:
+    """A candidate that closed 65 % of the gap but left a held-out shot above the inherited threshold: refused
+    when the inherited threshold is its operating point, passed on to the shadow when one follows."""
+    args = (np.array([1.5, 1.7]), np.array([0.95, 1.15]), np.array([2.0] * 5), CALIBRATION)
+    plain = decide(*args, GateConfig())
+    assert not plain.accepted and plain.checks["false_rejects"] is False
+    shadowed = decide(*args, GateConfig(shadowed=True))
+    assert shadowed.accepted, shadowed.reasons
+    assert "false_rejects" not in shadowed.checks and shadowed.checks["recovery"]
+    assert not decide(
+        np.array([1.5, 1.7]), np.array([1.4, 1.5]), np.array([2.0] * 5), CALIBRATION, GateConfig(shadowed=True)
+    ).accepted
+
+
 def test_floor_check_can_be_disabled() -> None:
     config = GateConfig(floor_quantile=None)
     decision = decide(np.array([1.4]), np.array([0.3]), np.array([2.0]), CALIBRATION, config)
