@@ -25,7 +25,6 @@ and the decision rests on those frames:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -169,7 +168,7 @@ class ShadowEvaluation:
             "candidate_flag_rate": float(flagged.mean()),
             "defect_detection_rate": detection,
             "n_defects": int(defects.size),
-            "drift": _json_safe(monitor.summary()) if monitor is not None else None,
+            "drift": monitor.summary() if monitor is not None else None,
         }
         check(
             "flags",
@@ -224,8 +223,3 @@ def shadow_stream(
     for p, c, n in zip(parent_scores, candidate_scores, candidate_nll, strict=True):
         evaluation.update(p, c, n)
     return evaluation.decide()
-
-
-def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
-    """Drift summaries may hold inf or None (a statistic not computed yet); events are strict JSON."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
