@@ -203,6 +203,7 @@ class Worker:
                     self._handle(records, pool)
                 finally:
                     self._in_flight = False
+                    self._beat = time.monotonic()  # a finished batch is progress, before the next poll returns
             self._confirm()
             self._follow_models()
             self._check_kafka()

@@ -470,6 +470,10 @@ def test_healthz_fails_while_the_loop_makes_no_progress(
                     time.sleep(0.2)
                 assert seen >= {503}, seen
                 _wait_verdict(line, "hang")
+                # The verdict is written before the batch's commit and the loop's next beat: wait for the beat.
+                deadline = time.monotonic() + 30
+                while get(running.port, "/healthz")[0] != 200 and time.monotonic() < deadline:
+                    time.sleep(0.2)
                 assert get(running.port, "/healthz")[0] == 200
         finally:
             line.close()
