@@ -280,6 +280,8 @@ class WorkerSection(Section):
     lag_interval_s: float = Field(5.0, gt=0)
     max_camera_series: int = Field(1000, ge=1)
     model_dir: str = "models/latest"
+    # A /healthz, /readyz or /metrics client that sends nothing for this long is disconnected.
+    http_timeout_s: float = Field(5.0, gt=0)
 
 
 class RegistrySection(Section):

@@ -1,5 +1,9 @@
 """The HTTP endpoint: /healthz (alive: the loop makes progress), /readyz (model loaded, Kafka and Redis
-reachable, the DLQ accepting dead letters; each not-ready part with its reason), /metrics."""
+reachable, the DLQ accepting dead letters; each not-ready part with its reason), /metrics.
+
+Each connection has its own thread and a socket timeout (`[worker] http_timeout_s`): a client that opens a
+connection and sends nothing, or half a request, is disconnected after the timeout instead of holding its
+thread (and socket) for ever, and never delays other clients' probes."""
 
 from __future__ import annotations
 
@@ -21,11 +25,15 @@ class HealthServer:
         registry: CollectorRegistry,
         readiness: Callable[[], dict[str, str]],
         liveness: Callable[[], str | None] = lambda: None,
+        timeout_s: float = 5.0,
     ) -> None:
-        """`liveness()` returns why the process is stuck, or None."""
+        """`liveness()` returns why the process is stuck, or None; `timeout_s` bounds each socket read
+        and write of a connection."""
         registry_, readiness_, liveness_ = registry, readiness, liveness
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s  # StreamRequestHandler sets it on the socket: an idle client is dropped
+
             def do_GET(self) -> None:
                 if self.path == "/healthz":
                     stuck = liveness_()

@@ -134,7 +134,12 @@ class Worker:
         cfg = self.settings
         with ExitStack() as stack:
             health = HealthServer(
-                cfg.worker.http_host, cfg.worker.http_port, self.metrics.registry, self.not_ready, self.stalled
+                cfg.worker.http_host,
+                cfg.worker.http_port,
+                self.metrics.registry,
+                self.not_ready,
+                self.stalled,
+                cfg.worker.http_timeout_s,
             )
             health.start()
             stack.callback(health.stop)
