@@ -6,6 +6,7 @@ Every section forbids unknown keys, so a typo fails loudly instead of being igno
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
@@ -237,6 +238,9 @@ class KafkaSection(Section):
         return read_secret(self.sasl_password, self.sasl_password_file, "kafka.sasl_password_file")
 
 
+DURABILITY = re.compile(r"fsync|fsync-assume|waitaof|none|replicas:[1-9][0-9]*")
+
+
 class RedisSection(Section):
     # redis://[:password@]host:port/db or rediss:// for TLS. A password is better given through
     # INSPECTD_REDIS__URL or url_file than written here.
@@ -248,6 +252,26 @@ class RedisSection(Section):
     stream_max_len: int = Field(1_000_000, ge=1000)
     events_max_len: int = Field(100_000, ge=1000)
     timeout_s: float = Field(5.0, gt=0)
+    # What "written" means before offsets are committed (daemon/durability.py): fsync, fsync-assume,
+    # replicas:N, waitaof or none; the wait per batch (WAIT / WAITAOF) is bounded by durability_timeout_ms.
+    durability: str = "fsync"
+    durability_timeout_ms: int = Field(1000, ge=1)
+
+    @field_validator("durability")
+    @classmethod
+    def _known_durability(cls, value: str) -> str:
+        if not DURABILITY.fullmatch(value):
+            raise ValueError(f"{value!r}: must be fsync, fsync-assume, replicas:N (N >= 1), waitaof or none")
+        return value
+
+    @model_validator(mode="after")
+    def _wait_fits_timeout(self) -> RedisSection:
+        if self.durability_timeout_ms >= self.timeout_s * 1000:
+            raise ValueError(
+                f"durability_timeout_ms ({self.durability_timeout_ms}) must be below timeout_s ({self.timeout_s} s):"
+                " the client would give up on WAIT before Redis answers"
+            )
+        return self
 
     def connection_url(self) -> str:
         return read_secret(self.url, self.url_file, "redis.url_file")

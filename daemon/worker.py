@@ -39,6 +39,7 @@ from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
 from daemon.controller import AdaptationController
 from daemon.dead_letters import DeadLetter, DeadLetterRefused
 from daemon.drift_watch import DriftWatch
+from daemon.durability import Durability
 from daemon.events import EventLog
 from daemon.frames import BadFrame, Frame, decode_frame, parse_record
 from daemon.health import HealthServer
@@ -171,6 +172,7 @@ class Worker:
             cfg.redis.stream_max_len,
         )
         self._retry("redis", client.ping)
+        self.durability = self._retry("redis", lambda: Durability.checked(client, cfg.redis))  # or refuse to start
         self.confirmations = ConfirmationProcessor(
             self.store, cfg.confirmations, consumer=f"{socket.gethostname()}-{os.getpid()}"
         )
@@ -335,6 +337,7 @@ class Worker:
         t3 = time.perf_counter()
         if dead:
             self._dead_letter(dead)
+        self._retry("redis", self.durability.after_write)  # [redis] durability: the writes are safe to commit
         self._commit()
         t4 = time.perf_counter()
         self._observe(verdicts, dead, {"decode": t1 - t0, "score": t2 - t1, "redis": t3 - t2, "commit": t4 - t3})
