@@ -38,7 +38,7 @@ from console.thumbs import ThumbnailError, Thumbnails
 from console.users import ROLES, Role, User, Users
 from daemon.config import Settings
 from daemon.events import EventKind
-from daemon.registry import RegistryError
+from daemon.registry import UNPINNED, RegistryError
 
 HERE = Path(__file__).parent
 ADDRESS_FAILURES_FACTOR = 4  # a client address may fail this many times more than one user name (shared NAT)
@@ -353,17 +353,15 @@ async def version_confirm(console: Console, request: Request, session: Session, 
             request, 400, "say what to do: action=activate&scope=S&version=V or action=rollback&scope=S"
         )
     registry = console.data.registry
-    current = await run_in_threadpool(lambda: console.client.get(console.data.keys.active(scope)))
-    history = await run_in_threadpool(registry.history, scope)
+    try:  # a scope that is not typed (camera:ID, line:NAME, default) is refused here, before any read
+        current = await run_in_threadpool(registry.active_in, scope)
+        history = await run_in_threadpool(registry.history, scope)
+    except RegistryError as exc:
+        return console.refuse(request, 400, str(exc))
     target = version if what == "activate" else (history[1] if len(history) > 1 else "")
-    return console.render(
-        request,
-        "confirm_version.html",
-        what=what,
-        scope=scope,
-        target=target,
-        current=current.decode() if current else None,
-    )
+    if target == UNPINNED:  # rolling back an unpin
+        target = "nothing of its own (it falls back to its line's or the default's)"
+    return console.render(request, "confirm_version.html", what=what, scope=scope, target=target, current=current)
 
 
 @action("admin")

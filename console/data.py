@@ -21,11 +21,14 @@ from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ReviewFrame, review_queue
 from daemon.events import Event, EventKind, EventLog
 from daemon.registry import DEFAULT_SCOPE, ModelRegistry, RegistryError
+from daemon.scopes import ID_PATTERN, camera_scope, line_scope
 from daemon.store import Keys
 from drift.monitor import DriftMonitor
 
 Verdicts = Sequence[Mapping[str, str]]
 ADAPTATION_KINDS = (EventKind.ADAPTATION_STARTED, EventKind.ADAPTATION_ACCEPTED, EventKind.ADAPTATION_REJECTED)
+# Registry changes name a typed scope (camera:ID, line:NAME, default); every other event names the camera id.
+REGISTRY_KINDS = (EventKind.VERSION_ACTIVATED, EventKind.ROLLBACK, EventKind.VERSION_UNPINNED)
 EVENTS_PAGE = 500  # events read per round trip when filtering
 MAX_EVENTS_SCANNED = 20_000  # a filtered events page looks no further back than this
 RECENT_CONFIRMATIONS = 10  # buffered frames listed on a camera page
@@ -34,6 +37,12 @@ SVG_WIDTH, SVG_HEIGHT, SVG_PAD = 900, 240, 28
 
 class UnknownCamera(LookupError):
     pass
+
+
+def _concerns(event: Event, camera: str, scopes: set[str]) -> bool:
+    """Whether `event` is about `camera`: a registry change in one of `scopes` (its own and its line's), or
+    any other event that names the camera id (a camera called `default` is not the default scope)."""
+    return event.scope in scopes if event.kind in REGISTRY_KINDS else event.scope == camera
 
 
 def _decode(raw: bytes | None) -> str | None:
@@ -257,7 +266,7 @@ class ConsoleData:
                     seen=len(window),
                     last_frame=mine[0]["frame_id"] if mine else None,
                     last_ts=int(mine[0]["ts"]) if mine else None,
-                    event=next((e for e in events if e.scope in scopes), None),
+                    event=next((e for e in events if _concerns(e, camera, scopes)), None),
                 )
             )
         return tiles
@@ -309,7 +318,7 @@ class ConsoleData:
         if not mine and camera not in self.settings.registry.lines:
             raise UnknownCamera(camera)
         scopes = set(self.registry.scopes(camera)) - {DEFAULT_SCOPE}
-        events = [e for e in self.events.recent(self.cfg.events_shown) if e.scope in scopes]
+        events = [e for e in self.events.recent(self.cfg.events_shown) if _concerns(e, camera, scopes)]
         tile = self._tiles([camera], by_camera, events)[0]
         timeline = Timeline.build(list(reversed(mine[: self.cfg.timeline_frames])), events)
         queue = review_queue(self.client, self.keys, mine, camera, self.cfg.review_limit, confirmable_only=True)
@@ -364,7 +373,7 @@ class ConsoleData:
             gate = m.summary.get("gate", {}) if isinstance(m.summary.get("gate"), dict) else {}
             camera = str(m.summary.get("camera_id", ""))
             rows.append(VersionRow(version, m.parent, m.domain, m.created_at, camera, gate, active_in))
-        changes = [e for e in events if e.kind in (EventKind.VERSION_ACTIVATED, EventKind.ROLLBACK)]
+        changes = [e for e in events if e.kind in REGISTRY_KINDS]
         scopes = []
         for scope, active in actives.items():
             change = next((e for e in changes if e.scope == scope), None)
@@ -372,13 +381,19 @@ class ConsoleData:
             scopes.append(ScopeRow(scope, active, self.registry.history(scope), author, change and change.ts))
         cameras = {v["camera_id"] for v in self.recent()}
         lines = self.settings.registry.lines
-        choices = sorted({DEFAULT_SCOPE, *actives, *lines, *lines.values(), *cameras})
+        choices = sorted(
+            {DEFAULT_SCOPE, *actives, *map(camera_scope, {*lines, *cameras}), *map(line_scope, lines.values())}
+        )
         return VersionsView(rows, scopes, choices)
 
     # ------------------------------------------------------------------------------------------- events
 
     def event_list(self, scope: str | None, kind: str | None) -> list[Event]:
-        """The newest [console] events_shown events of the scope and kind (None: any)."""
+        """The newest [console] events_shown events of the scope and kind (None: any); a camera id also
+        finds the registry changes of its own scope (camera:ID)."""
+        scopes = None if scope is None else {scope}
+        if scope is not None and ID_PATTERN.fullmatch(scope):
+            scopes = {scope, camera_scope(scope)}
         found: list[Event] = []
         end, scanned = "+", 0
         while len(found) < self.cfg.events_shown and scanned < MAX_EVENTS_SCANNED:
@@ -388,7 +403,7 @@ class ConsoleData:
             scanned += len(page)
             for _, fields in page:
                 event = Event.from_fields(fields)
-                if (scope is None or event.scope == scope) and (kind is None or event.kind == kind):
+                if (scopes is None or event.scope in scopes) and (kind is None or event.kind == kind):
                     found.append(event)
             end = "(" + page[-1][0].decode()
         return found[: self.cfg.events_shown]

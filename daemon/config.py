@@ -304,6 +304,10 @@ class WorkerSection(Section):
     lag_interval_s: float = Field(5.0, gt=0)
     max_camera_series: int = Field(1000, ge=1)
     model_dir: str = "models/latest"
+    # A record in flight when the process died this many times is dead-lettered undecoded (crash_loop);
+    # its attempt counter in Redis expires after attempts_ttl_s (daemon/attempts.py).
+    max_attempts: int = Field(3, ge=1)
+    attempts_ttl_s: int = Field(86400, ge=60)
     # A /healthz, /readyz or /metrics client that sends nothing for this long is disconnected.
     http_timeout_s: float = Field(5.0, gt=0)
 
@@ -314,6 +318,19 @@ class RegistrySection(Section):
     history_len: int = Field(100, ge=2)
     lines: dict[str, str] = Field(default_factory=dict)
     refresh_s: float = Field(5.0, gt=0)
+    load_queue: int = Field(8, ge=1)  # versions waiting for the background loader (daemon/serving.py)
+    load_retry_s: float = Field(60.0, gt=0)  # before a version that failed to load is tried again
+
+    @field_validator("lines")
+    @classmethod
+    def _typed_names(cls, lines: dict[str, str]) -> dict[str, str]:
+        """Camera ids and line names become registry scopes (`camera:ID`, `line:NAME`): same characters."""
+        from daemon.scopes import ID_PATTERN
+
+        bad = [n for pair in lines.items() for n in pair if not ID_PATTERN.fullmatch(n)]
+        if bad:
+            raise ValueError(f"camera ids and line names are letters, digits, '.', '_', '-' (1 to 128): {bad[:3]}")
+        return lines
 
 
 class ConsoleSection(Section):

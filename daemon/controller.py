@@ -16,9 +16,9 @@ result is taken up between later batches:
   shadow_frames = 0 a candidate adapted on one shot is never activated (its offline evidence is
   perturbed copies of its own training frame).
 - accepted: the adapter is saved into [registry] cache_dir (next to its materialised parent), published,
-  and activated in the camera's own scope (the scope is the camera id: the shift was seen on this camera;
-  an operator can widen it with `inspectd models activate VERSION --scope LINE`). A camera scope with no
-  version of its own is first pinned to the parent, so that `inspectd models rollback --scope CAMERA`
+  and activated in the camera's own scope (`camera:ID`: the shift was seen on this camera; an operator
+  can widen it with `inspectd models activate VERSION --line LINE`). A camera scope with no
+  version of its own is first pinned to the parent, so that `inspectd models rollback --camera CAMERA`
   returns the camera to what it was served before. Events: adaptation_started, adaptation_accepted (gate
   figures), version_activated (by the registry).
 - rejected (or failed: undecodable frames, an error while adapting or saving): adaptation_rejected with
@@ -58,6 +58,7 @@ from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, BufferedFrame
 from daemon.events import Event, EventKind, EventLog, now_ms
 from daemon.registry import ModelRegistry, RegistryError
+from daemon.scopes import camera_scope
 
 RENEWALS_PER_TTL = 3  # the lock is extended this often per expiry period
 
@@ -328,9 +329,10 @@ class AdaptationController:
             return self._rejected(run, [*reasons, f"FAIL publish: {type(exc).__name__}: {exc}"], figures)
         detail = {"parent": parent, "figures": figures, "reasons": reasons, "adaptation": gated.result.summary()}
         self.events.append(Event(EventKind.ADAPTATION_ACCEPTED, camera, version, _json_safe(detail)))
-        if not self.registry.history(camera):
-            self.registry.activate(camera, parent)  # pin: a rollback in the camera's scope returns here
-        self.registry.activate(camera, version)
+        scope = camera_scope(camera)
+        if not self.registry.history(scope):
+            self.registry.activate(scope, parent)  # pin: a rollback in the camera's scope returns here
+        self.registry.activate(scope, version)
         return Outcome(True, version, reasons)
 
     def _rejected(self, run: _Run, reasons: list[str], figures: dict[str, Any]) -> Outcome:

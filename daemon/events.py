@@ -29,6 +29,7 @@ class EventKind(StrEnum):
     ADAPTATION_REJECTED = "adaptation_rejected"
     VERSION_ACTIVATED = "version_activated"
     ROLLBACK = "rollback"
+    VERSION_UNPINNED = "version_unpinned"  # a scope's own version removed: it falls back (registry unpin)
     FRAMES_CONFIRMED = "frames_confirmed"  # an operator confirmed frames as normal (console)
 
 
@@ -39,7 +40,7 @@ def now_ms() -> int:
 @dataclass(frozen=True)
 class Event:
     kind: str
-    scope: str  # a camera id, a line, or "default"
+    scope: str  # registry changes: a typed scope (daemon/scopes.py); the others: the camera id
     version: str = ""  # the model version concerned, "" when none
     detail: dict[str, Any] = field(default_factory=dict)
     ts: int = field(default_factory=now_ms)

@@ -10,12 +10,16 @@ Key layout (prefix [redis] key_prefix; `Keys` in daemon/store.py):
   `file:{name}` (tensor file bytes, sha256 in the manifest) for an adapted version, or `path` (its
   directory as workers mount it) for a base version.
 - `active:{scope}`: the version served in the scope; `history:{scope}`: activations, newest first (the
-  head is the active version), capped at [registry] history_len. Rollback pops the head.
+  head is the active version, or `UNPINNED` when the scope has none of its own since an unpin), capped
+  at [registry] history_len. Rollback pops the head.
 - pub/sub channel `models`: one JSON announcement per change, see `Announcement`. Pub/sub is at-most-once,
   so a worker reads `active()` when it (re)subscribes and takes an announcement as a cue to re-resolve.
 
-A scope is a camera id, a line or "default". A camera serves its own active version if it has one, else its
-line's ([registry] lines maps cameras to lines), else the default scope's.
+A scope is typed (daemon/scopes.py): `camera:ID`, `line:NAME` or `default`, so a camera called `default` or
+named like a line pins only itself. A camera serves its own active version if it has one, else its line's
+([registry] lines maps cameras to lines), else the default scope's. Unpinning a camera (or a line) removes
+its own pointer, so it falls back again. (Scope keys were bare camera ids and line names before the types:
+no deployment held data under them; a registry written then needs its activations made again.)
 
 The client must return bytes (redis-py's default, no `decode_responses`): blobs are binary. Nothing read
 from Redis is unpickled; every read is bounded in size, and every blob is checked against its sha256.
@@ -50,13 +54,14 @@ from csflow.artifacts import (
 )
 from daemon.config import Settings
 from daemon.events import Event, EventKind, EventLog, now_ms
-from daemon.scopes import DEFAULT_SCOPE
+from daemon.scopes import DEFAULT_SCOPE, ScopeError, check_scope, parse_scope, scope_chain
 from daemon.store import Keys
 
 MANIFEST_FIELD = "manifest"
 PATH_FIELD = "path"
 FILE_FIELD = "file:"  # + the file's name
 MAX_PATH_BYTES = 4096
+UNPINNED = "-"  # a history entry: the scope had no version of its own from then (never a version id)
 
 # A field's length first, so that an oversized value is refused without being transferred.
 _BOUNDED_HGET = """
@@ -78,12 +83,12 @@ class UnknownVersionError(RegistryError):
 
 @dataclass(frozen=True)
 class Announcement:
-    """Published on the `models` channel after each change: `version` is now active in `scope`, replacing
-    `previous` (None when the scope had none)."""
+    """Published on the `models` channel after each change: `version` is now active in `scope` (None: the
+    scope has none of its own, after an unpin), replacing `previous` (None when the scope had none)."""
 
-    action: Literal["activate", "rollback"]
+    action: Literal["activate", "rollback", "unpin"]
     scope: str
-    version: str
+    version: str | None
     previous: str | None
     ts: int
 
@@ -188,14 +193,19 @@ class ModelRegistry:
         return None if raw is None else Path(raw.decode())
 
     def scopes(self, camera: str) -> list[str]:
-        """The scopes whose active version `camera` may serve, most specific first."""
-        chain = [camera, self.lines[camera]] if camera in self.lines else [camera]
-        return list(dict.fromkeys([*chain, DEFAULT_SCOPE]))
+        """The scopes whose active version `camera` (an id) may serve, most specific first."""
+        return scope_chain(camera, self.lines)
 
     def active(self, camera: str) -> str | None:
-        """The version `camera` (or a line, or "default") serves: the first scope of `scopes()` with one."""
+        """The version `camera` (an id) serves: the first scope of `scopes()` with an active version."""
         pointers = self.client.mget([self.keys.active(s) for s in self.scopes(camera)])
         return next((p.decode() for p in pointers if p is not None), None)
+
+    def active_in(self, scope: str) -> str | None:
+        """The version active in `scope` itself (a typed scope), without falling back."""
+        _check_scope(scope)
+        pointer = self.client.get(self.keys.active(scope))
+        return None if pointer is None else pointer.decode()
 
     def actives(self) -> dict[str, str]:
         """Every scope with an active version (for operators: a SCAN, not for the hot path)."""
@@ -208,7 +218,8 @@ class ModelRegistry:
         return dict(sorted(found.items()))
 
     def history(self, scope: str) -> list[str]:
-        """Activations in `scope`, newest (the active one) first."""
+        """Activations in `scope`, newest (the active one) first; `UNPINNED` where the scope had none."""
+        _check_scope(scope)
         return [v.decode() for v in self.client.lrange(self.keys.history(scope), 0, -1)]
 
     # ---------------------------------------------------------------------------------------------- changes
@@ -240,7 +251,8 @@ class ModelRegistry:
         return self.client.transaction(change, active_key, history_key, value_from_callable=True)
 
     def rollback(self, scope: str, author: str | None = None) -> Announcement:
-        """Make the version active before the current one in `scope` active again (`author` as in activate)."""
+        """Make the version active before the current one in `scope` active again (`author` as in activate);
+        where the scope had none of its own before (an unpin), it has none again and falls back."""
         _check_scope(scope)
         active_key, history_key = self.keys.active(scope), self.keys.history(scope)
 
@@ -249,12 +261,37 @@ class ModelRegistry:
             if len(entries) < 2:
                 had = f"only {entries[0]} was ever activated" if entries else "no version was ever activated"
                 raise RegistryError(f"scope {scope!r} has no earlier version to roll back to ({had})")
-            current, previous = entries
+            current, previous = (None if e == UNPINNED else e for e in entries)
             announcement = Announcement("rollback", scope, previous, current, now_ms())
             pipe.multi()
             pipe.lpop(history_key)
-            pipe.set(active_key, previous)
+            if previous is None:
+                pipe.delete(active_key)
+            else:
+                pipe.set(active_key, previous)
             self._announce(pipe, announcement, EventKind.ROLLBACK, author)
+            return announcement
+
+        return self.client.transaction(change, active_key, history_key, value_from_callable=True)
+
+    def unpin(self, scope: str, author: str | None = None) -> Announcement:
+        """Remove the version of `scope` (a camera's or a line's) itself, so that it serves its line's or
+        the default's again: recorded in the history (`UNPINNED`, a rollback pins again), as an event, and
+        announced so that workers re-resolve. `author` as in activate."""
+        if parse_scope(_check_scope(scope)).kind == DEFAULT_SCOPE:
+            raise RegistryError(f"the {DEFAULT_SCOPE} scope cannot be unpinned: every camera falls back to it")
+        active_key, history_key = self.keys.active(scope), self.keys.history(scope)
+
+        def change(pipe: Pipeline) -> Announcement:
+            current = pipe.get(active_key)
+            if current is None:
+                raise RegistryError(f"scope {scope!r} has no version of its own to unpin (it already falls back)")
+            announcement = Announcement("unpin", scope, None, current.decode(), now_ms())
+            pipe.multi()
+            pipe.delete(active_key)
+            pipe.lpush(history_key, UNPINNED)
+            pipe.ltrim(history_key, 0, self.history_len - 1)
+            self._announce(pipe, announcement, EventKind.VERSION_UNPINNED, author)
             return announcement
 
         return self.client.transaction(change, active_key, history_key, value_from_callable=True)
@@ -265,7 +302,7 @@ class ModelRegistry:
         detail: dict[str, str | None] = {"previous": a.previous}
         if author is not None:
             detail["author"] = author
-        self.events.append(Event(kind, a.scope, a.version, detail, a.ts), pipe)
+        self.events.append(Event(kind, a.scope, a.version or "", detail, a.ts), pipe)
 
     # ---------------------------------------------------------------------------------------------- materialise
 
@@ -352,9 +389,12 @@ def _check_sha256(manifest: Manifest, name: str, data: bytes) -> None:
         )
 
 
-def _check_scope(scope: str) -> None:
-    if not scope or not scope.isprintable() or any(c.isspace() or c in "*?[]" for c in scope):
-        raise RegistryError(f"scope {scope!r} must be a camera id, a line or {DEFAULT_SCOPE!r} (no spaces or globs)")
+def _check_scope(scope: str) -> str:
+    """`scope` if it is typed (`camera:ID`, `line:NAME`, `default`), else a RegistryError saying so."""
+    try:
+        return check_scope(scope)
+    except ScopeError as exc:
+        raise RegistryError(str(exc)) from exc
 
 
 def _check_threshold(manifest: Manifest) -> None:

@@ -1,6 +1,7 @@
 """Which model version each camera is served, loaded once per worker and swapped only between batches.
 
-A camera serves what the registry resolves for it (camera -> line -> "default", `ModelRegistry.active`).
+A camera serves what the registry resolves for it (`camera:ID` -> `line:NAME` -> `default`,
+`ModelRegistry.active`).
 Announcements on the models channel are cues to re-resolve every known camera. Pub/sub is at-most-once
 (a reconnect or a slow reader loses messages), so the cameras are also re-resolved right after each
 (re)subscription and every [registry] refresh_s.
@@ -75,7 +76,7 @@ class ServedModels:
         Idempotent, and safe when several workers start together: publishing is, and the activation is a
         transaction that does nothing once any default is set (an operator's choice is never replaced).
         """
-        if self.registry.active(DEFAULT_SCOPE) is not None:
+        if self.registry.active_in(DEFAULT_SCOPE) is not None:
             return
         manifest = self.registry.publish(model_dir)
         if self.registry.activate(DEFAULT_SCOPE, manifest.version, if_unset=True) is not None:

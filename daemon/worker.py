@@ -26,14 +26,16 @@ import numpy as np
 import redis
 import structlog
 import torch
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, CorruptRecordError, InvalidRecordError, KafkaError, RebalanceInProgressError
+from kafka.structs import OffsetAndMetadata
 
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.scoring import score_images
 from csflow.serving_options import forward_batch
 from daemon import dead_letters
+from daemon.attempts import CRASH_LOOP, Attempts
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
 from daemon.controller import AdaptationController
@@ -102,6 +104,7 @@ class Worker:
         self._next_lag_check = 0.0
         self._next_status_check = 0.0
         self._beat = time.monotonic()  # the loop's last sign of progress (an iteration or a retry)
+        self._upto: Any = None  # a record handled by itself (after a crash): commit up to it only
         self._log = structlog.get_logger()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -172,6 +175,7 @@ class Worker:
             cfg.redis.stream_max_len,
         )
         self._retry("redis", client.ping)
+        self.attempts = Attempts(client, cfg.redis.key_prefix, cfg.worker.attempts_ttl_s)
         self.durability = self._retry("redis", lambda: Durability.checked(client, cfg.redis))  # or refuse to start
         self.confirmations = ConfirmationProcessor(
             self.store, cfg.confirmations, consumer=f"{socket.gethostname()}-{os.getpid()}"
@@ -207,13 +211,17 @@ class Worker:
             if records or self._stubs:
                 self._in_flight = True
                 try:
-                    self._handle(records, pool)
+                    self._attempt(records, pool)
                 finally:
                     self._in_flight = False
                     self._beat = time.monotonic()  # a finished batch is progress, before the next poll returns
+            elif self.attempts.pending:  # idle: clear the last batch's attempt counters now
+                self._retry("redis", self.attempts.flush)
             self._confirm()
             self._follow_models()
             self._check_kafka()
+        if self.attempts.pending:
+            self._retry("redis", self.attempts.flush)
         self._log.info("worker stopped")
         return 0
 
@@ -267,12 +275,41 @@ class Worker:
         self._log.warning("unreadable record skipped", source=f"{tp.topic}:{tp.partition}:{offset}", error=detail)
         return True
 
-    def _handle(self, records: list[Any], pool: ThreadPoolExecutor) -> None:
+    def _attempt(self, records: list[Any], pool: ThreadPoolExecutor) -> None:
+        """One batch, its attempt counted first (daemon/attempts.py). If one of its records was in flight
+        when a process died, the records are taken one at a time, each counted and committed on its own,
+        so that only the record that kills the process is counted again; one that has reached
+        [worker] max_attempts is dead-lettered (crash_loop) without being decoded."""
+        counts = self._retry("redis", lambda: self.attempts.begin(records)) if records else None
+        if counts is None:  # the hot path: nothing of this batch was in flight at a crash
+            self._handle(records, pool)
+            self.attempts.finish(records)
+            return
+        cap = self.settings.worker.max_attempts
+        self._log.warning(
+            "records in flight at a crash: one at a time",
+            sources=[f"{r.topic}:{r.partition}:{r.offset}" for r, n in zip(records, counts, strict=True) if n],
+        )
+        for record, count in zip(records, counts, strict=True):
+            self._upto = record  # each one committed by itself: a later death redelivers only the rest
+            try:
+                if count >= cap:
+                    detail = f"in flight when the process died {count} times ([worker] max_attempts {cap})"
+                    self._handle([], pool, [DeadLetter.of(record, CRASH_LOOP, detail)])
+                else:
+                    self._retry("redis", lambda record=record: self.attempts.start(record))
+                    self._handle([record], pool)
+            finally:
+                self._upto = None
+            self.attempts.finish([record])
+        self._commit()  # the positions: records poll() skipped are past the last one handled
+
+    def _handle(self, records: list[Any], pool: ThreadPoolExecutor, dead: list[DeadLetter] | None = None) -> None:
         """One batch. Whatever one frame does (unparsable, undecodable, the model raising on it) sends that
-        frame to the DLQ with a reason code; the others get their verdicts."""
+        frame to the DLQ with a reason code; the others get their verdicts. `dead`: letters decided before."""
         cfg = self.settings
         t0 = time.perf_counter()
-        dead, self._stubs = self._stubs, []
+        dead, self._stubs = [*self._stubs, *(dead or [])], []
         parsed: list[tuple[Any, Frame]] = []
         for record in records:
             try:
@@ -468,8 +505,15 @@ class Worker:
         pipe.execute()
 
     def _commit(self) -> None:
+        """The consumer's positions, or only up to the record `_attempt` is handling by itself."""
+        upto = self._upto
+        offsets = (
+            None
+            if upto is None
+            else {TopicPartition(upto.topic, upto.partition): OffsetAndMetadata(upto.offset + 1, "", -1)}
+        )
         try:
-            self._retry("kafka", lambda: self.consumer.commit(timeout_ms=KAFKA_CALL_TIMEOUT_MS))
+            self._retry("kafka", lambda: self.consumer.commit(offsets, timeout_ms=KAFKA_CALL_TIMEOUT_MS))
         except REBALANCE_ERRORS as exc:  # partitions moved to another worker: it re-scores, idempotently
             self._log.warning("commit failed after a rebalance", error=str(exc))
 

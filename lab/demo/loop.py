@@ -178,7 +178,7 @@ class Demo:
             story.rejected_at_frame.append(self.camera.sent)
             self._line(f"adaptation REJECTED: {'; '.join(failed_reasons(event)) or 'no reason given'}")
         elif event.kind == EventKind.VERSION_ACTIVATED:
-            if event.scope == self.spec.camera and event.version == self._served():
+            if event.scope == f"camera:{self.spec.camera}" and event.version == self._served():
                 self._line(
                     f"registry: {event.scope} pinned to the version it is served, {event.version} (rollback target)"
                 )

@@ -127,5 +127,5 @@ def publish_versions(registry: ModelRegistry, model: CSFlow, images: Tensor, roo
     registry.publish(root / "base")
     registry.publish(root / "adapted")
     registry.activate("default", base.version)
-    registry.activate("cam-1", base.version)  # pinned, as the controller pins a camera before adapting it
+    registry.activate("camera:cam-1", base.version)  # pinned, as the controller pins a camera before adapting it
     return Published(base.version, adapted.version)

@@ -227,7 +227,7 @@ def test_shift_is_adapted_to_by_every_worker_and_rolled_back(loop: Loop, trained
     assert manifest.calibration["threshold"] == on_line["threshold"]  # its own operating point, not the parent's
     assert len(manifest.calibration["scores"]) >= 12  # its drift reference: the live frames it did not flag
     assert accepted.detail["parent"] == base and accepted.detail["figures"]["candidate_false_reject_rate"] == 0.0
-    activated = [e for e in loop.events(EventKind.VERSION_ACTIVATED) if e.scope == CAMERA]
+    activated = [e for e in loop.events(EventKind.VERSION_ACTIVATED) if e.scope == f"camera:{CAMERA}"]
     assert [e.version for e in activated] == [base, adapted]  # the camera pinned to its parent, then switched
     loop.wait_served(ports, adapted)
 
@@ -244,7 +244,7 @@ def test_shift_is_adapted_to_by_every_worker_and_rolled_back(loop: Loop, trained
     assert fpr["adapted"] <= fpr["source"] + 0.2
     assert len(loop.events(EventKind.ADAPTATION_STARTED)) == 1, "adapted twice on the same frames"
 
-    assert main(["models", "rollback", "--scope", CAMERA]) == 0
+    assert main(["models", "rollback", "--camera", CAMERA]) == 0
     loop.wait_served(ports, base)
     rolled_back = loop.verdicts(loop.send(16, shifted=True))
     assert {v["model_version"] for v in rolled_back} == {base}

@@ -220,7 +220,9 @@ def test_only_an_admin_activates_and_rolls_back(
     assert published.adapted[:12] in page and "defect_detection 0.95" in page
     assert "Activate…" not in page and "Roll back…" not in page
     assert s.get(f"{console.base}/versions/confirm", params={"action": "rollback", "scope": "x"}).status_code == 403
-    r = s.post(f"{console.base}/versions/activate", data={"csrf": csrf, "scope": "cam-1", "version": published.adapted})
+    r = s.post(
+        f"{console.base}/versions/activate", data={"csrf": csrf, "scope": "camera:cam-1", "version": published.adapted}
+    )
     assert r.status_code == 403
     assert s.post(f"{console.base}/versions/rollback", data={"csrf": csrf, "scope": "default"}).status_code == 403
     assert registry.active("cam-1") == published.base and written(console.client) == before
@@ -228,23 +230,35 @@ def test_only_an_admin_activates_and_rolls_back(
     admin, admin_csrf = login(console.base, "ada")
     step = admin.get(
         f"{console.base}/versions/confirm",
-        params={"action": "activate", "scope": "cam-1", "version": published.adapted},
+        params={"action": "activate", "scope": "camera:cam-1", "version": published.adapted},
     )
     assert step.status_code == 200 and published.adapted in step.text
     assert registry.active("cam-1") == published.base  # the confirmation step changes nothing
     r = admin.post(
         f"{console.base}/versions/activate",
-        data={"csrf": csrf_of(step.text), "scope": "cam-1", "version": published.adapted},
+        data={"csrf": csrf_of(step.text), "scope": "camera:cam-1", "version": published.adapted},
     )
     assert r.status_code == 200 and registry.active("cam-1") == published.adapted
     event = console.client.xrevrange(KEYS.events, count=1)[0][1]
     assert event[b"kind"] == b"version_activated" and json.loads(event[b"detail"])["author"] == "ada"
     assert "by ada" in r.text
 
-    r = admin.post(f"{console.base}/versions/rollback", data={"csrf": admin_csrf, "scope": "cam-1"})
+    r = admin.post(f"{console.base}/versions/rollback", data={"csrf": admin_csrf, "scope": "camera:cam-1"})
     assert r.status_code == 200 and registry.active("cam-1") == published.base
     r = admin.post(f"{console.base}/versions/activate", data={"csrf": admin_csrf, "scope": "cam 1", "version": "x"})
     assert r.status_code == 400
+    # Scopes are typed: a bare camera id (or a camera called "default" as a bare name) is not a scope.
+    assert 'value="camera:cam-1"' in admin.get(f"{console.base}/versions").text
+    step = admin.get(f"{console.base}/versions/confirm", params={"action": "rollback", "scope": "cam-1"})
+    assert step.status_code == 400 and "did you mean camera:cam-1 or line:cam-1" in step.text
+    before = written(console.client)
+    for scope in ("cam-1", "line-3", "camera:cam 1"):
+        r = admin.post(
+            f"{console.base}/versions/activate",
+            data={"csrf": admin_csrf, "scope": scope, "version": published.adapted},
+        )
+        assert r.status_code == 400 and "scope" in r.text, scope
+    assert written(console.client) == before and registry.active("cam-1") == published.base
 
 
 def test_logins_are_rate_limited(console: Console) -> None:

@@ -109,14 +109,15 @@ def test_worker_and_console_work_under_the_documented_acl(
 
         admin, admin_csrf = login(base, "ada")
         step = admin.get(
-            f"{base}/versions/confirm", params={"action": "activate", "scope": "cam-1", "version": published.adapted}
+            f"{base}/versions/confirm",
+            params={"action": "activate", "scope": "camera:cam-1", "version": published.adapted},
         )
         r = admin.post(
             f"{base}/versions/activate",
-            data={"csrf": csrf_of(step.text), "scope": "cam-1", "version": published.adapted},
+            data={"csrf": csrf_of(step.text), "scope": "camera:cam-1", "version": published.adapted},
         )
         assert r.status_code == 200 and registry.active("cam-1") == published.adapted
-        r = admin.post(f"{base}/versions/rollback", data={"csrf": admin_csrf, "scope": "cam-1"})
+        r = admin.post(f"{base}/versions/rollback", data={"csrf": admin_csrf, "scope": "camera:cam-1"})
         assert r.status_code == 200 and registry.active("cam-1") == published.base
         assert requests.get(f"{base}/readyz").status_code == 200
 

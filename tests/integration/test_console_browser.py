@@ -139,7 +139,7 @@ def test_operator_confirms_five_frames_and_only_an_admin_activates(
         driver.get(f"{base}/versions")
         assert not driver.find_elements(By.CSS_SELECTOR, ".activate, .rollback")
         assert driver.find_element(By.ID, "admin-only").is_displayed()
-        fields = {"scope": "cam-1", "version": published.adapted}
+        fields = {"scope": "camera:cam-1", "version": published.adapted}
         assert driver.execute_async_script(POST_FROM_PAGE, "/versions/activate", fields) == 403
         assert registry.active("cam-1") == published.base
         steps.done("versions-operator")
@@ -149,14 +149,14 @@ def test_operator_confirms_five_frames_and_only_an_admin_activates(
         log_in(driver, base, "ada")
         driver.get(f"{base}/versions")
         row = driver.find_element(By.CSS_SELECTOR, f'tr[data-version="{published.adapted}"]')
-        Select(row.find_element(By.NAME, "scope")).select_by_value("cam-1")
+        Select(row.find_element(By.NAME, "scope")).select_by_value("camera:cam-1")
         steps.done("versions-admin")
         row.find_element(By.CSS_SELECTOR, "button.activate").click()
         assert published.adapted in wait.until(ec.presence_of_element_located((By.ID, "target"))).text
         assert registry.active("cam-1") == published.base  # nothing changes before the confirmation
         steps.done("activate-confirm")
         driver.find_element(By.ID, "do-it").click()
-        assert "active in cam-1" in wait.until(ec.presence_of_element_located((By.ID, "done"))).text
+        assert "active in camera:cam-1" in wait.until(ec.presence_of_element_located((By.ID, "done"))).text
         assert registry.active("cam-1") == published.adapted
         steps.done("activated")
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from daemon.durability import Durability, DurabilityRefused, NotDurable
 from lab.services import LocalKafka, LocalRedis
 
 COMPOSE = ROOT / "deploy" / "docker" / "compose.yaml"
+DEPLOY_README = ROOT / "deploy" / "README.md"
 EXIT_CONFIG = 2
 SHORT_WAIT_MS = "200"
 KILL_FRAMES = 400
@@ -106,6 +108,24 @@ def test_where_config_is_refused_fsync_needs_an_explicit_assume(how: str) -> Non
             assert "refuses CONFIG" in message and '"fsync-assume"' in message and "+config|get" in message
             assert "NoPermissionError" in message if how == "acl" else "unknown command" in message
             Durability.checked(client, section(server, "fsync-assume", url)).after_write()
+
+
+def test_the_documented_worker_acl_needs_assume_or_a_per_batch_wait() -> None:
+    """deploy/README.md's worker user has no CONFIG: `fsync` says so, `fsync-assume` and `replicas:N` run."""
+    block = re.search(r"<!-- acl:begin -->(.*?)<!-- acl:end -->", DEPLOY_README.read_text(), re.S)
+    assert block, "deploy/README.md has no ACL block"
+    line = next(x for x in block.group(1).splitlines() if x.startswith("ACL SETUSER inspectd-worker"))
+    with LocalRedis() as server, server.client() as admin:
+        admin.execute_command(*shlex.split(line.replace("WORKER_PASSWORD", "pw")))
+        url = f"redis://inspectd-worker:pw@{server.host}:{server.port}/0"
+        with redis.Redis.from_url(url) as client:
+            as_worker = RedisSection(url=url, durability="fsync", key_prefix="inspectd:")
+            with pytest.raises(DurabilityRefused, match="fsync-assume"):
+                Durability.checked(client, as_worker)
+            Durability.checked(client, as_worker.model_copy(update={"durability": "fsync-assume"})).after_write()
+            replicas = Durability.checked(client, as_worker.model_copy(update={"durability": "replicas:1"}))
+            with pytest.raises(NotDurable):  # WAIT and the barrier write are allowed; no replica acknowledges
+                replicas.after_write()
 
 
 def test_waitaof_needs_redis_7_2() -> None:

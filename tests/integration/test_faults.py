@@ -243,7 +243,7 @@ def test_a_model_that_outputs_nan_judges_every_frame_anomalous(
     line = shop.line
     registry = _registry(line)
     broken = registry.publish(make_model_dir(tmp_path_factory.mktemp("nan-model"), nan_weights=True))
-    registry.activate("cam-nan", broken.version)
+    registry.activate("camera:cam-nan", broken.version)
     line.producer.send(line.topic, key=b"cam-nan", value=png(9), headers=frame_headers("nan-1", "cam-nan"))
     line.producer.flush()
     shop.good_ids.append("nan-1")
@@ -536,3 +536,66 @@ def test_per_camera_metric_series_are_capped(kafka: LocalKafka, model_dir: Path,
             assert len(labels) == 4 and "_other" in labels, labels
         finally:
             line.close()
+
+
+# ---------------------------------------------------------------------------------------------- crash loops
+
+MAX_ATTEMPTS = 3
+
+
+class _Died(BaseException):
+    """The process dies here: an in-process stand-in for a native crash or an OOM kill while decoding (a
+    BaseException passes every `except Exception` of the loop, and nothing is committed)."""
+
+
+def _send_around(line: Line, camera: str, poison: str) -> tuple[list[str], tuple[int, int]]:
+    """Two frames, the poison, two frames, in one partition; the good ids and the poison's place."""
+    ids = [f"{poison}-before-0", f"{poison}-before-1", poison, f"{poison}-after-0", f"{poison}-after-1"]
+    futures = [
+        line.producer.send(line.topic, key=camera.encode(), value=png(i), headers=frame_headers(frame_id, camera))
+        for i, frame_id in enumerate(ids)
+    ]
+    line.producer.flush()
+    meta = futures[2].get(timeout=10)
+    return [i for i in ids if i != poison], (meta.partition, meta.offset)
+
+
+def test_a_record_that_kills_the_worker_is_dead_lettered_after_max_attempts(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker dies while decoding one record, every time it is tried: after max_attempts deaths the next
+    worker dead-letters it undecoded (crash_loop), and every frame around it gets exactly one verdict."""
+    decode = Worker._decode
+    deaths: list[int] = []
+
+    def dying_decode(self: Worker, frame: Any, size: int) -> Any:
+        if frame.frame_id == "poison":
+            deaths.append(frame.offset)
+            raise _Died(f"died decoding {frame.source}")
+        return decode(self, frame, size)
+
+    monkeypatch.setattr(Worker, "_decode", dying_decode)
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        try:
+            good, place = _send_around(line, "cam-crash", "poison")
+            for start in range(MAX_ATTEMPTS + 1):
+                with in_process(line, model_dir, monkeypatch) as running:
+                    deadline = time.monotonic() + 60
+                    while "error" not in running.outcome and time.monotonic() < deadline:
+                        if start == MAX_ATTEMPTS and set(good) <= set(line.verdict_ids()):
+                            break
+                        time.sleep(0.1)
+                    if start < MAX_ATTEMPTS:
+                        assert isinstance(running.outcome.get("error"), _Died), (start, running.outcome)
+                assert len(deaths) == min(start + 1, MAX_ATTEMPTS), deaths
+            assert "error" not in running.outcome, repr(running.outcome.get("error"))
+            letter = _dead_letter(line, "{}:{}:{}".format(line.topic, *place))
+            assert letter["reason"] == "crash_loop" and letter["frame_id"] == "poison", letter
+            time.sleep(SETTLE_S)
+            got = line.verdict_ids()
+            assert sorted(got) == sorted(good), got  # exactly one verdict each, none for the poison
+            assert not line.redis.keys(f"{line.prefix}attempts:*")  # cleared once done
+        finally:
+            line.close()
+        assert running.outcome.get("rc") == 0

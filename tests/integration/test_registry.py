@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +21,13 @@ from csflow.artifacts import DELTA_FILE, FLOW_FILE, ArtifactError, Manifest, loa
 from csflow.backbones import LITE0_PACKAGE
 from csflow.calibration import calibrate
 from csflow.model import CSFlow, image_scores
+from daemon.config import RegistrySection
 from daemon.events import EventKind, EventLog
-from daemon.registry import Announcement, ModelRegistry, RegistryError, UnknownVersionError
+from daemon.frames import ID_PATTERN as FRAME_ID_PATTERN
+from daemon.registry import UNPINNED, Announcement, ModelRegistry, RegistryError, UnknownVersionError
+from daemon.scopes import DEFAULT_SCOPE, camera_scope, line_scope
+from daemon.scopes import ID_PATTERN as SCOPE_ID_PATTERN
+from daemon.serving import ServedModels, Swap
 from daemon.store import Keys
 from lab.services import LocalRedis
 
@@ -118,30 +124,32 @@ def test_activate_resolve_history_rollback_announce(published: ModelRegistry, ve
     assert published.active("cam-1") is None
     published.activate("default", base)
     assert published.active("cam-1") == published.active("cam-9") == base
-    published.activate("line-3", adapter)
-    assert published.scopes("cam-1") == ["cam-1", "line-3", "default"]
-    assert [published.active(s) for s in ("cam-1", "line-3", "cam-9")] == [adapter, adapter, base]
-    assert published.activate("line-3", adapter) is None  # already active: nothing recorded
-    published.activate("cam-1", base)
-    published.activate("cam-1", adapter)
-    assert published.history("cam-1") == [adapter, base]
-    assert published.actives() == {"cam-1": adapter, "default": base, "line-3": adapter}
+    published.activate("line:line-3", adapter)
+    assert published.scopes("cam-1") == ["camera:cam-1", "line:line-3", "default"]
+    assert published.scopes("cam-9") == ["camera:cam-9", "default"]
+    assert [published.active(c) for c in ("cam-1", "cam-9")] == [adapter, base]
+    assert published.active_in("line:line-3") == adapter and published.active_in("camera:cam-1") is None
+    assert published.activate("line:line-3", adapter) is None  # already active: nothing recorded
+    published.activate("camera:cam-1", base)
+    published.activate("camera:cam-1", adapter)
+    assert published.history("camera:cam-1") == [adapter, base]
+    assert published.actives() == {"camera:cam-1": adapter, "default": base, "line:line-3": adapter}
 
-    back = published.rollback("cam-1")
+    back = published.rollback("camera:cam-1")
     assert (back.version, back.previous) == (base, adapter)
-    assert published.active("cam-1") == base and published.history("cam-1") == [base]
+    assert published.active("cam-1") == base and published.history("camera:cam-1") == [base]
     with pytest.raises(RegistryError, match=r"no earlier version.*only"):
-        published.rollback("cam-1")
+        published.rollback("camera:cam-1")
     with pytest.raises(RegistryError, match=r"no earlier version.*no version"):
-        published.rollback("line-9")
+        published.rollback("line:line-9")
 
     got = [(a.action, a.scope, a.version, a.previous) for a in announcements(pubsub)]
     assert got == [
         ("activate", "default", base, None),
-        ("activate", "line-3", adapter, None),
-        ("activate", "cam-1", base, None),
-        ("activate", "cam-1", adapter, base),
-        ("rollback", "cam-1", base, adapter),
+        ("activate", "line:line-3", adapter, None),
+        ("activate", "camera:cam-1", base, None),
+        ("activate", "camera:cam-1", adapter, base),
+        ("rollback", "camera:cam-1", base, adapter),
     ]
     events = published.events.recent()[::-1]
     assert [(e.kind, e.scope, e.version, e.detail["previous"]) for e in events] == [
@@ -167,6 +175,148 @@ def test_unknown_versions_and_bad_scopes(published: ModelRegistry, tmp_path: Pat
     with pytest.raises(RegistryError, match="scope"):
         published.activate("line *", published.versions()[0])
     assert published.actives() == {}
+
+
+@pytest.mark.parametrize(
+    "scope, message",
+    [
+        ("cam-1", r"'cam-1' is not one of camera:ID, line:NAME or default.*did you mean camera:cam-1 or line:cam-1"),
+        ("line-3", r"did you mean camera:line-3 or line:line-3"),
+        ("Default", r"'Default' is not one of"),
+        ("", r"'' is not one of"),
+        ("camera:", r"camera id '' must be"),
+        ("camera:a:b", r"camera id 'a:b' must be"),
+        ("line:l *", r"line name 'l \*' must be"),
+        ("line:" + "x" * 129, r"line name 'x+' must be"),
+        ("device:cam-1", r"'device:cam-1' is not one of"),
+        ("camera:cam-1\n", r"camera id 'cam-1\\n' must be"),
+    ],
+)
+def test_untyped_or_malformed_scopes_are_refused_with_the_form_expected(
+    published: ModelRegistry, versions: Versions, scope: str, message: str
+) -> None:
+    """Before the types, a bare name was a scope: `cam-1`, `line-3` and every other string were accepted."""
+    for call in (
+        lambda: published.activate(scope, versions.base.version),
+        lambda: published.rollback(scope),
+        lambda: published.unpin(scope),
+        lambda: published.history(scope),
+        lambda: published.active_in(scope),
+    ):
+        with pytest.raises(RegistryError, match=message):
+            call()
+    assert published.actives() == {} and published.events.recent() == []
+
+
+def test_a_camera_called_default_pins_only_itself(published: ModelRegistry, versions: Versions) -> None:
+    """Before the types, `activate("default", v)` for the camera called `default` changed the whole plant."""
+    base, adapter = versions.base.version, versions.adapter.version
+    published.activate(DEFAULT_SCOPE, base)
+    published.activate(camera_scope("default"), adapter)
+    assert published.active("default") == adapter  # the camera
+    assert published.active_in(DEFAULT_SCOPE) == base and published.history(DEFAULT_SCOPE) == [base]
+    assert published.active("cam-9") == base and published.active("cam-1") == base
+    assert published.actives() == {"camera:default": adapter, "default": base}
+    assert [(e.scope, e.version) for e in published.events.recent()] == [("camera:default", adapter), ("default", base)]
+
+
+def test_a_camera_named_like_a_line_does_not_change_the_line(
+    client: redis.Redis, published: ModelRegistry, versions: Versions
+) -> None:
+    """cam-1 is on line-3; a camera whose id is `line-3` pins itself, never the line's cameras."""
+    base, adapter = versions.base.version, versions.adapter.version
+    published.activate(DEFAULT_SCOPE, base)
+    published.activate(line_scope("line-3"), base)
+    published.activate(camera_scope("line-3"), adapter)
+    assert published.active("line-3") == adapter  # the camera called line-3
+    assert published.active("cam-1") == base and published.active_in("line:line-3") == base
+    assert client.get(KEYS.active("camera:line-3")) == adapter.encode()  # typed keys: no collision
+    assert client.get(KEYS.active("line:line-3")) == base.encode()
+    published.unpin(camera_scope("line-3"))
+    assert published.active("line-3") == base and published.active_in("line:line-3") == base
+
+
+def test_unpin_falls_back_to_the_line_then_the_default_and_is_recorded(
+    published: ModelRegistry, versions: Versions
+) -> None:
+    base, adapter = versions.base.version, versions.adapter.version
+    published.activate(DEFAULT_SCOPE, base)
+    published.activate(line_scope("line-3"), adapter)
+    published.activate(camera_scope("cam-1"), base)
+    published.activate(camera_scope("cam-9"), adapter)  # cam-9 has no line
+    pubsub = subscribe(published.client)
+
+    change = published.unpin(camera_scope("cam-1"), author="anna")
+    assert (change.action, change.scope, change.version, change.previous) == ("unpin", "camera:cam-1", None, base)
+    assert published.active("cam-1") == adapter  # its line's
+    assert published.active_in("camera:cam-1") is None and published.history("camera:cam-1") == [UNPINNED, base]
+    published.unpin(camera_scope("cam-9"))
+    assert published.active("cam-9") == base  # the default's
+    with pytest.raises(RegistryError, match="no version of its own to unpin"):
+        published.unpin(camera_scope("cam-1"))
+    with pytest.raises(RegistryError, match="default scope cannot be unpinned"):
+        published.unpin(DEFAULT_SCOPE)
+
+    back = published.rollback(camera_scope("cam-1"))  # undoes the unpin: pinned again
+    assert (back.version, back.previous) == (base, None) and published.active_in("camera:cam-1") == base
+    published.unpin(camera_scope("cam-1"))
+    published.activate(camera_scope("cam-1"), adapter)
+    back = published.rollback(camera_scope("cam-1"))  # back to falling back, not to the old pin
+    assert (back.version, back.previous) == (None, adapter) and published.active_in("camera:cam-1") is None
+    assert published.active("cam-1") == adapter and published.history("camera:cam-1") == [UNPINNED, base]
+
+    got = [(a.action, a.scope, a.version, a.previous) for a in announcements(pubsub)]
+    assert got == [
+        ("unpin", "camera:cam-1", None, base),
+        ("unpin", "camera:cam-9", None, adapter),
+        ("rollback", "camera:cam-1", base, None),
+        ("unpin", "camera:cam-1", None, base),
+        ("activate", "camera:cam-1", adapter, None),
+        ("rollback", "camera:cam-1", None, adapter),
+    ]
+    events = published.events.recent(len(got))[::-1]
+    assert [(e.kind, e.scope, e.version, e.detail["previous"]) for e in events[:2]] == [
+        (EventKind.VERSION_UNPINNED, "camera:cam-1", "", base),
+        (EventKind.VERSION_UNPINNED, "camera:cam-9", "", adapter),
+    ]
+    assert events[0].detail["author"] == "anna"
+
+
+def test_workers_follow_an_unpin_to_the_line_version(
+    published: ModelRegistry, versions: Versions, tmp_path: Path
+) -> None:
+    """A worker re-resolves on the unpin's announcement (its periodic re-read is an hour away here)."""
+    base, adapter = versions.base.version, versions.adapter.version
+    published.activate(DEFAULT_SCOPE, base)
+    published.activate(line_scope("line-3"), adapter)
+    published.activate(camera_scope("cam-1"), base)
+    swaps: list[Swap] = []
+    served = ServedModels(
+        published, tmp_path / "cache", torch.device("cpu"), 3600.0, load_model(versions.base_dir), swaps.append
+    )
+    try:
+        served.follow()  # subscribes
+        assert {c: m.version for c, m in served.models(["cam-1", "cam-2"]).items()} == {"cam-1": base, "cam-2": base}
+        published.unpin(camera_scope("cam-1"))
+        deadline = time.monotonic() + 5
+        while len(swaps) < 3 and time.monotonic() < deadline:
+            served.follow()
+            time.sleep(0.05)
+        assert [(s.camera, s.previous, s.current.version) for s in swaps] == [
+            ("cam-1", None, base),
+            ("cam-2", None, base),
+            ("cam-1", base, adapter),  # cam-1 now serves line-3's version; cam-2 (no line) is unchanged
+        ]
+    finally:
+        served.close()
+
+
+def test_line_names_and_camera_ids_in_the_config_are_scope_names() -> None:
+    assert SCOPE_ID_PATTERN.pattern == FRAME_ID_PATTERN.pattern  # one definition of an id, two modules
+    RegistrySection(lines={"cam-1": "line-3"})
+    for lines in ({"cam 1": "line-3"}, {"cam-1": "line:3"}, {"cam-1": ""}):
+        with pytest.raises(ValueError, match="camera ids and line names"):
+            RegistrySection(lines=lines)
 
 
 def test_materialised_adapter_scores_bit_identically(
@@ -255,7 +405,7 @@ def test_concurrent_activations_serialise(client: redis.Redis, versions: Version
 
     def activate(version: str) -> None:
         start.wait()
-        registry.activate("line-3", version)
+        registry.activate("line:line-3", version)
 
     threads = [threading.Thread(target=activate, args=(v,)) for v in ids]
     for t in threads:
@@ -265,9 +415,9 @@ def test_concurrent_activations_serialise(client: redis.Redis, versions: Version
     got = announcements(pubsub)
     assert sorted(a.version for a in got) == sorted(ids)
     assert [a.previous for a in got] == [None, *[a.version for a in got[:-1]]]
-    assert registry.history("line-3") == [a.version for a in reversed(got)]
-    assert registry.active("line-3") == got[-1].version
-    assert [e.version for e in registry.events.recent()] == registry.history("line-3")
+    assert registry.history("line:line-3") == [a.version for a in reversed(got)]
+    assert registry.active("cam-1") == got[-1].version
+    assert [e.version for e in registry.events.recent()] == registry.history("line:line-3")
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -283,34 +433,51 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, redis_server: LocalRedis) -> None:
 
 @pytest.mark.usefixtures("cli_env")
 def test_cli_publish_activate_list_show_rollback(
-    versions: Versions, registry: ModelRegistry, capsys: pytest.CaptureFixture[str]
+    versions: Versions, registry: ModelRegistry, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("INSPECTD_REGISTRY__LINES", json.dumps(registry.lines))  # as the `registry` fixture's
     base, adapter = versions.base.version, versions.adapter.version
     assert main(["models", "publish", str(versions.adapter_dir)]) == 1
     assert f"parent version {base}" in capsys.readouterr().err
     assert main(["models", "publish", str(versions.base_dir), "--activate"]) == 0
     assert main(["models", "publish", str(versions.base_dir)]) == 0
-    assert main(["models", "publish", str(versions.adapter_dir), "--activate", "--scope", "line-3"]) == 0
+    assert main(["models", "publish", str(versions.adapter_dir), "--activate", "--line", "line-3"]) == 0
     out = capsys.readouterr().out
     assert f"published {base} (base at {versions.base_dir.resolve()})" in out
     assert f"already registered: {base}" in out
-    assert f"{adapter} is now active in scope line-3 (it had none)" in out
+    assert f"{adapter} is now active in scope line:line-3 (it had none)" in out
 
     assert main(["models", "list", "--json"]) == 0
     rows = {r["version"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows[base]["active_in"] == ["default"] and rows[base]["kind"] == "base"
-    assert rows[adapter]["active_in"] == ["line-3"] and rows[adapter]["parent"] == base
+    assert rows[adapter]["active_in"] == ["line:line-3"] and rows[adapter]["parent"] == base
     assert main(["models", "list"]) == 0
-    assert "active in: line-3" in capsys.readouterr().out
+    assert "active in: line:line-3" in capsys.readouterr().out
     assert main(["models", "show", adapter]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["manifest"]["version"] == adapter and shown["path"] is None
+    assert shown["active_in"] == ["line:line-3"]
 
-    assert main(["models", "activate", base, "--scope", "line-3"]) == 0
-    assert f"{base} is now active in scope line-3 (was {adapter})" in capsys.readouterr().out
-    assert main(["models", "rollback", "--scope", "line-3"]) == 0
+    assert main(["models", "activate", base, "--scope", "line:line-3"]) == 0
+    assert f"{base} is now active in scope line:line-3 (was {adapter})" in capsys.readouterr().out
+    assert main(["models", "rollback", "--line", "line-3"]) == 0
     assert f"rolled back from {base} to {adapter}" in capsys.readouterr().out
     assert registry.active("cam-1") == adapter
+
+    assert main(["models", "activate", base, "--camera", "default"]) == 0  # the camera called "default"
+    assert f"{base} is now active in scope camera:default (it had none)" in capsys.readouterr().out
+    assert registry.active_in("default") == base and registry.active("cam-9") == base
+    assert main(["models", "activate", base, "--camera", "cam-1"]) == 0
+    assert registry.active("cam-1") == base
+    capsys.readouterr()
+    assert main(["models", "unpin", "cam-1"]) == 0
+    out = capsys.readouterr().out
+    assert f"scope camera:cam-1 unpinned (was {base}); camera cam-1 now serves {adapter} from scope line:line-3" in out
+    assert registry.active("cam-1") == adapter
+    assert main(["models", "rollback", "--camera", "cam-1"]) == 0  # pins it again
+    assert f"rolled back from nothing of its own to {base}" in capsys.readouterr().out
+    assert main(["models", "activate", base, "--default"]) == 0
+    assert f"{base} was already active in scope default" in capsys.readouterr().out
 
 
 @pytest.mark.usefixtures("cli_env")
@@ -320,10 +487,23 @@ def test_cli_errors_an_operator_understands(
     for argv in (["models", "activate", "0123abcd"], ["models", "show", "0123abcd"]):
         assert main(argv) == 2
         assert "unknown model version '0123abcd'" in capsys.readouterr().err
-    assert main(["models", "rollback", "--scope", "line-3"]) == 1
+    assert main(["models", "rollback", "--line", "line-3"]) == 1
     assert "no earlier version to roll back to" in capsys.readouterr().err
-    assert main(["models", "publish", str(versions.base_dir), "--scope", "line-3"]) == 2
-    assert "--scope needs --activate" in capsys.readouterr().err
+    assert main(["models", "publish", str(versions.base_dir), "--line", "line-3"]) == 2
+    assert "needs --activate" in capsys.readouterr().err
+    assert main(["models", "unpin", "cam-1"]) == 1
+    assert "no version of its own to unpin" in capsys.readouterr().err
+    for argv, message in (
+        (["models", "activate", "0123abcd", "--scope", "line-3"], "did you mean camera:line-3 or line:line-3"),
+        (["models", "rollback", "--scope", "cam-1"], "did you mean camera:cam-1"),
+        (["models", "activate", "0123abcd", "--camera", "x", "--line", "y"], "not allowed with argument --camera"),
+        (["models", "activate", "0123abcd", "--camera", "cam:1"], "camera id 'cam:1' must be"),
+        (["models", "unpin", "cam*"], "camera id 'cam*' must be"),
+        (["models", "unpin", "camera:cam-1"], "camera id 'camera:cam-1' must be"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err, argv
     monkeypatch.setenv("INSPECTD_REDIS__URL", "redis://127.0.0.1:1/0")
     assert main(["models", "list"]) == 1
     assert "inspectd: error: Redis:" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def test_concurrent_bootstraps_set_one_default_and_never_replace_it(
         t.start()
     for t in threads:
         t.join()
-    default = registry.active(DEFAULT_SCOPE)
+    default = registry.active_in(DEFAULT_SCOPE)
     assert default is not None and registry.history(DEFAULT_SCOPE) == [default]
     for directory in version_dirs:
         served[0].bootstrap(directory)
@@ -90,8 +90,8 @@ def test_cameras_follow_the_registry_and_keep_serving_when_a_version_cannot_load
     served.bootstrap(version_dirs[0])
     served.follow()  # subscribes
     assert served.models(["cam-1"])["cam-1"] is fallback
-    registry.activate("cam-1", other)
-    registry.activate("cam-2", other)
+    registry.activate("camera:cam-1", other)
+    registry.activate("camera:cam-2", other)
     served.follow()
     assert served.models(["cam-1", "cam-2"]) == {"cam-1": fallback, "cam-2": fallback}
 
