@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from csflow.backbones import WeightsError, create_backbone, state_digest
@@ -32,6 +32,7 @@ from csflow.calibration import Calibration
 from csflow.extractor import FeatureExtractor
 from csflow.flow import FLOW_REVISION, FlowConfig
 from csflow.model import CSFlow
+from csflow.sharing import owner_modules, share_except
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -272,8 +273,9 @@ def load_model(directory: str | Path, device: str = "cpu", resolver: Resolver | 
     return ModelVersion(model.to(device).eval(), chain[0][1], tuple(m.version for _, m in chain))
 
 
-def _resolve_chain(directory: Path, resolver: Resolver | None) -> list[tuple[Path, Manifest]]:
-    """(directory, manifest) from `directory` down to its base version, each link verified."""
+def _resolve_chain(directory: Path, resolver: Resolver | None, verify_base: bool = True) -> list[tuple[Path, Manifest]]:
+    """(directory, manifest) from `directory` down to its base version, each link verified (the base's
+    files not with `verify_base` False: its tensors are not read, an already-loaded copy is used)."""
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     chain = [(directory, manifest)]
@@ -287,7 +289,8 @@ def _resolve_chain(directory: Path, resolver: Resolver | None) -> list[tuple[Pat
             raise ArtifactError(
                 f"{child_dir} names parent version {child.parent}, but {directory} holds version {manifest.version}"
             )
-        verify_files(directory, manifest)
+        if verify_base or manifest.parent is not None:
+            verify_files(directory, manifest)
         _check_same_model(child_dir, child, manifest)
         chain.append((directory, manifest))
     return chain
@@ -353,3 +356,49 @@ def _apply_adapter(model: CSFlow, directory: Path, manifest: Manifest) -> None:
             state[key].copy_(tensor)
     if state_digest(model.extractor) != manifest.backbone_sha256:
         raise ArtifactError(f"{directory}: the rebuilt extractor does not match version {manifest.version}")
+
+
+def lineage(directory: str | Path, resolver: Resolver | None = None) -> tuple[str, ...]:
+    """Version ids from the version in `directory` down to its base, from the manifests alone (each
+    checked against its id; no tensor file is hashed): which base an adapted version needs."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    ids = [manifest.version]
+    while manifest.parent is not None:
+        if len(ids) > MAX_CHAIN:
+            raise ArtifactError(f"{directory}: parent chain is longer than {MAX_CHAIN} versions")
+        directory = _parent_dir(directory, manifest, resolver)
+        manifest = read_manifest(directory)
+        ids.append(manifest.version)
+    return tuple(ids)
+
+
+def load_adapted(directory: str | Path, base: ModelVersion, resolver: Resolver | None = None) -> ModelVersion:
+    """Load an adapted version onto `base`, its already-loaded base version, instead of rebuilding it.
+
+    The result shares the base's flow and every extractor module that no adapter of the chain changes
+    (the same tensors: a further adapted version costs its adapter blocks); only the modules holding
+    adapted tensors are copied, then overwritten with the adapter tensors and checked against the
+    recorded digest, as `load_model` does. The base's own files are not read again: `base` was verified
+    when it was loaded, and its version id (a hash that covers its tensor files) must be the chain's.
+    """
+    chain = _resolve_chain(Path(directory), resolver, verify_base=False)
+    if len(chain) < 2:
+        raise ArtifactError(f"{directory}: version {chain[0][1].version} is a base version, not an adapted one")
+    if chain[-1][1].version != base.version:
+        raise ArtifactError(f"{directory}: its base is version {chain[-1][1].version}, not {base.version}")
+    keys: set[str] = set()
+    for adapter_dir, _ in chain[:-1]:
+        try:
+            with safe_open(adapter_dir / DELTA_FILE, framework="pt") as fh:
+                keys.update(fh.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{adapter_dir / DELTA_FILE} is not a readable safetensors file: {exc}") from exc
+    try:
+        model = share_except(base.model, owner_modules(keys, prefix="extractor."))
+    except ValueError as exc:
+        raise ArtifactError(f"{directory}: the adapter does not fit the base extractor: {exc}") from exc
+    for adapter_dir, manifest in reversed(chain[:-1]):
+        _apply_adapter(model, adapter_dir, manifest)
+    model.requires_grad_(False)
+    return ModelVersion(model.eval(), chain[0][1], tuple(m.version for _, m in chain))

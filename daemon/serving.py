@@ -6,19 +6,33 @@ Announcements on the models channel are cues to re-resolve every known camera. P
 (a reconnect or a slow reader loses messages), so the cameras are also re-resolved right after each
 (re)subscription and every [registry] refresh_s.
 
-Versions are materialised into [registry] cache_dir and loaded once, cached by version id. An adapted
-version shares its base's flow module when the base is loaded too: both are the same verified tensors
-(the base's version id is the hash of its flow file), the flow is frozen, and at B5 it is hundreds of MB.
+Versions are materialised into [registry] cache_dir and built by one background loader thread, never on
+the loop: a version being loaded (a registry download, hundreds of MB of tensors hashed and read) would
+otherwise hold the batch of its camera past [kafka] max_poll_interval_ms. Requests wait in a bounded
+queue ([registry] load_queue), one per version; meanwhile the camera keeps the version it served, and a
+camera seen for the first time is served the default scope's version if it is loaded, else the
+worker's configured version ([worker] model_dir, always loaded). A finished load is swapped in between
+batches (`models()` before a batch is scored, `follow()` after it), so every verdict names the version
+that scored it.
+
+An adapted version is built on its already-loaded base (`csflow.artifacts.load_adapted`): the base's
+flow and every extractor block its adapter leaves alone are the base's own tensors (frozen and in eval
+mode, so read-only), and only the adapted blocks are copies; a second adapted version of a base costs
+its adapter blocks, not a model. The base is loaded first when it is not yet.
+
 A version that cannot be loaded (a missing base path, a corrupt blob, a threshold that is not a finite
 number, or any exception while loading) is logged, reported to `on_load_failed`, and the camera keeps
-what it served; a camera with nothing yet falls back to the worker's configured version ([worker]
-model_dir). The registry refuses a non-finite threshold at publish; a version written by other means is
+what it served; it is tried again after [registry] load_retry_s, or at once when an announcement names
+it. A Redis error while loading is an outage, not a broken version: not reported, tried again after
+refresh_s. The registry refuses a non-finite threshold at publish; a version written by other means is
 checked here again, since `nan > threshold` and `score > nan` are both False: every frame would pass.
 """
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -29,10 +43,11 @@ import structlog
 import torch
 from redis.client import PubSub
 
-from csflow.artifacts import ArtifactError, ModelVersion, load_model
+from csflow.artifacts import ArtifactError, ModelVersion, lineage, load_adapted, load_model
 from daemon.registry import DEFAULT_SCOPE, Announcement, ModelRegistry
 
 MAX_MESSAGES = 1000  # announcements taken per call, so a flood cannot hold the loop
+STOP_WAIT_S = 1.0  # close(): how long to wait for the loader to finish what it is building
 
 
 @dataclass(frozen=True)
@@ -44,8 +59,23 @@ class Swap:
     current: ModelVersion
 
 
+@dataclass(frozen=True)
+class LoadResult:
+    """What the loader made of one version: the model, or the error (`outage`: Redis failed, not the version)."""
+
+    version: str
+    model: ModelVersion | None
+    error: str = ""
+    outage: bool = False
+    seconds: float = 0.0
+
+
 class ServedModels:
-    """The camera -> model version map of one worker. Not thread-safe: the worker loop owns it."""
+    """The camera -> model version map of one worker, and its background loader.
+
+    The worker loop owns the map (`models`, `follow`, `close` are called from it only); the loader thread
+    shares only `_loaded` (under `_lock`) and the request and result queues.
+    """
 
     def __init__(
         self,
@@ -56,6 +86,8 @@ class ServedModels:
         fallback: ModelVersion,
         on_swap: Callable[[Swap], None],
         on_load_failed: Callable[[str, str], None] | None = None,
+        load_queue: int = 8,
+        load_retry_s: float = 60.0,
     ) -> None:
         self.registry = registry
         self.cache_dir = Path(cache_dir)
@@ -64,8 +96,18 @@ class ServedModels:
         self.fallback = fallback
         self.on_swap = on_swap
         self.on_load_failed = on_load_failed
-        self._loaded: dict[str, ModelVersion] = {fallback.version: fallback}
-        self._served: dict[str, str] = {}  # camera -> version id
+        self.load_retry_s = load_retry_s
+        self._lock = threading.Lock()
+        self._loaded: dict[str, ModelVersion] = {fallback.version: fallback}  # shared with the loader
+        self._served: dict[str, str] = {}  # camera -> version id it is served
+        self._wanted: dict[str, str] = {}  # camera -> version id it moves to once loaded
+        self._loading: set[str] = set()  # queued or being built
+        self._retry_at: dict[str, float] = {}  # version -> monotonic time before which a failed load waits
+        self._requests: queue.Queue[str | None] = queue.Queue(maxsize=load_queue)
+        self._results: queue.Queue[LoadResult] = queue.Queue()
+        self._stopping = threading.Event()
+        self._loader = threading.Thread(target=self._load_forever, name="model-loader", daemon=True)
+        self._loader.start()
         self._pubsub: PubSub | None = None
         self._next_refresh = 0.0
         self._log = structlog.get_logger()
@@ -83,25 +125,44 @@ class ServedModels:
             self._log.info("default model version set", version=manifest.version, model_dir=str(model_dir))
 
     def models(self, cameras: Collection[str]) -> dict[str, ModelVersion]:
-        """The version each camera is served; a camera seen for the first time is resolved now."""
+        """The version each camera is served for the coming batch: finished loads are swapped in first,
+        and a camera seen for the first time is resolved now (served a stand-in while its version loads)."""
+        self._take_results()
         for camera in cameras:
             if camera not in self._served:
                 self._resolve(camera)
-        return {camera: self._loaded[self._served[camera]] for camera in cameras}
+        with self._lock:
+            return {camera: self._loaded[self._served[camera]] for camera in cameras}
 
     def follow(self) -> None:
-        """Between batches: re-resolve the known cameras after an announcement, a (re)subscription, or
-        refresh_s; each camera whose version changed is swapped and reported to `on_swap`."""
+        """Between batches: swap in finished loads; re-resolve the known cameras after an announcement, a
+        (re)subscription, or refresh_s; queue loads whose retry time has come."""
         cue = self._announced()
+        self._take_results()
         now = time.monotonic()
-        if not cue and now < self._next_refresh:
-            return
-        self._next_refresh = now + self.refresh_s
-        for camera in list(self._served):
-            self._resolve(camera)
-        self._evict()
+        if cue or now >= self._next_refresh:
+            self._next_refresh = now + self.refresh_s
+            for camera in list(self._served):
+                self._resolve(camera)
+            self._evict()
+        for version in set(self._wanted.values()):
+            self._request(version)
+
+    def loading(self) -> dict[str, str]:
+        """Cameras waiting for a version to load: camera -> that version."""
+        return dict(self._wanted)
 
     def close(self) -> None:
+        """Stop the loader (a load in progress is abandoned after STOP_WAIT_S) and the subscription."""
+        self._stopping.set()
+        try:
+            self._requests.put_nowait(None)
+        except queue.Full:
+            pass  # the loader sees `_stopping` after the load it is in
+        self._loader.join(STOP_WAIT_S)
+        self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
         if self._pubsub is not None:
             self._pubsub.close()
             self._pubsub = None
@@ -120,58 +181,151 @@ class ServedModels:
                 if message is None:
                     break
                 cue = True
-                self._log_announcement(message["data"])
+                self._read_announcement(message["data"])
             return cue
         except redis.RedisError:
-            self.close()
+            self._unsubscribe()
             raise
 
-    def _log_announcement(self, data: bytes) -> None:
+    def _read_announcement(self, data: bytes) -> None:
+        """Log it; a version it names that failed to load may be tried again at once (republished, fixed)."""
         try:
             a = Announcement.from_json(data)
         except (ValueError, TypeError) as exc:
             self._log.warning("unreadable model announcement", error=str(exc))
             return
         self._log.info("model announcement", action=a.action, scope=a.scope, version=a.version, previous=a.previous)
+        if a.version is not None:
+            self._retry_at.pop(a.version, None)
 
     def _resolve(self, camera: str) -> None:
         previous = self._served.get(camera)
         version = self.registry.active(camera) or self.fallback.version
         if version == previous:
+            self._wanted.pop(camera, None)
             return
-        model = self._load(version)
-        if model is None:
-            if previous is not None:
-                return  # keep serving what works; the next refresh tries again
-            model = self.fallback
+        with self._lock:
+            model = self._loaded.get(version)
+        if model is not None:
+            self._wanted.pop(camera, None)
+            self._swap(camera, model)
+            return
+        self._wanted[camera] = version
+        self._request(version)
+        if previous is None:
+            self._swap(camera, self._stand_in())
+
+    def _stand_in(self) -> ModelVersion:
+        """For a new camera whose version is loading: the default scope's version if it is loaded (what most
+        cameras serve), else the configured one."""
+        raw = self.registry.client.get(self.registry.keys.active(DEFAULT_SCOPE))
+        with self._lock:
+            return self._loaded.get(raw.decode(), self.fallback) if raw is not None else self.fallback
+
+    def _swap(self, camera: str, model: ModelVersion) -> None:
+        previous = self._served.get(camera)
         self._served[camera] = model.version
         self.on_swap(Swap(camera, previous, model))
 
-    def _load(self, version: str) -> ModelVersion | None:
-        if version in self._loaded:
-            return self._loaded[version]
+    def _request(self, version: str) -> None:
+        """Queue a load of `version` unless it is loaded, queued, waiting out a failure, or the queue is full
+        (then `follow` asks again)."""
+        if version in self._loading or time.monotonic() < self._retry_at.get(version, 0.0):
+            return
+        with self._lock:
+            if version in self._loaded:
+                return
         try:
-            loaded = load_model(self.registry.materialise(version, self.cache_dir), str(self.device))
-            if not math.isfinite(loaded.threshold):
-                raise ArtifactError(f"version {version}: threshold {loaded.threshold} is not a finite number")
-        except redis.RedisError:
-            raise  # an outage: the worker retries the whole resolution
-        except Exception as exc:  # whatever the artifact does, the camera keeps serving what works
-            self._log.error("cannot load model version", version=version, error=f"{type(exc).__name__}: {exc}")
-            if self.on_load_failed is not None:
-                self.on_load_failed(version, f"{type(exc).__name__}: {exc}")
-            return None
-        base = self._loaded.get(loaded.lineage[-1])
-        if base is not None and base is not loaded:
-            loaded.model.flow = base.model.flow
-        self._loaded[version] = loaded
-        self._log.info("model version loaded", version=version, lineage=list(loaded.lineage))
-        return loaded
+            self._requests.put_nowait(version)
+        except queue.Full:
+            return
+        self._loading.add(version)
+
+    def _take_results(self) -> None:
+        """Finished loads, on the loop: swap the cameras waiting for a loaded version, note failures."""
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                return
+            self._loading.discard(result.version)
+            if result.model is not None:
+                self._retry_at.pop(result.version, None)
+                self._log.info(
+                    "model version loaded",
+                    version=result.version,
+                    lineage=list(result.model.lineage),
+                    seconds=round(result.seconds, 3),
+                )
+                for camera, version in list(self._wanted.items()):
+                    if version == result.version:
+                        del self._wanted[camera]
+                        self._swap(camera, result.model)
+            elif result.outage:
+                self._retry_at[result.version] = time.monotonic() + self.refresh_s
+                self._log.warning("cannot load model version: Redis", version=result.version, error=result.error)
+            else:
+                self._retry_at[result.version] = time.monotonic() + self.load_retry_s
+                self._log.error(
+                    "cannot load model version",
+                    version=result.version,
+                    error=result.error,
+                    retry_in_s=self.load_retry_s,
+                )
+                if self.on_load_failed is not None:
+                    self.on_load_failed(result.version, result.error)
 
     def _evict(self) -> None:
-        """Drop loaded versions no camera is served (keeping the bases of served ones, and the fallback)."""
+        """Drop loaded versions no camera is served or waits for (keeping their bases, and the fallback).
+        A dropped adapted version frees its own blocks only; its base's tensors stay with the base."""
         keep = {self.fallback.version}
-        for version in set(self._served.values()):
-            keep.update(self._loaded[version].lineage)
-        for version in set(self._loaded) - keep:
-            del self._loaded[version]
+        with self._lock:
+            for version in {*self._served.values(), *self._wanted.values()}:
+                loaded = self._loaded.get(version)
+                keep.update(loaded.lineage if loaded is not None else (version,))
+            for version in set(self._loaded) - keep:
+                del self._loaded[version]
+
+    # the loader thread -------------------------------------------------------------------------
+    def _load_forever(self) -> None:
+        while not self._stopping.is_set():
+            version = self._requests.get()
+            if version is None or self._stopping.is_set():
+                return
+            started = time.perf_counter()
+            try:
+                model = self._build(version)
+            except redis.RedisError as exc:
+                result = LoadResult(version, None, _describe(exc), outage=True)
+            except Exception as exc:  # whatever the artifact does, the camera keeps serving what works
+                result = LoadResult(version, None, _describe(exc))
+            else:
+                result = LoadResult(version, model, seconds=time.perf_counter() - started)
+            self._results.put(result)
+
+    def _build(self, version: str) -> ModelVersion:
+        """Materialise and load `version`; an adapted one onto its base (loaded first when it is not).
+        The result, and its base, are in `_loaded` when this returns."""
+        directory = self.registry.materialise(version, self.cache_dir)
+        base_id = lineage(directory)[-1]
+        with self._lock:
+            base = self._loaded.get(base_id)
+        if base is None:
+            base_dir = directory if base_id == version else self.registry.materialise(base_id, self.cache_dir)
+            base = load_model(base_dir, str(self.device))
+        model = base if base_id == version else load_adapted(directory, base)
+        _check_threshold(model)
+        with self._lock:
+            if math.isfinite(base.threshold):  # else it may hold the flow, but never serves
+                self._loaded.setdefault(base_id, base)
+            self._loaded[version] = model
+        return model
+
+
+def _check_threshold(model: ModelVersion) -> None:
+    if not math.isfinite(model.threshold):
+        raise ArtifactError(f"version {model.version}: threshold {model.threshold} is not a finite number")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

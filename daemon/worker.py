@@ -191,6 +191,8 @@ class Worker:
             self.model,
             self._swapped,
             on_load_failed=lambda version, error: self.metrics.model_load_failures.inc(),
+            load_queue=cfg.registry.load_queue,
+            load_retry_s=cfg.registry.load_retry_s,
         )
         stack.callback(self.models.close)
         self._retry("redis", lambda: self.models.bootstrap(cfg.worker.model_dir))

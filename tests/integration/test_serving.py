@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
 import torch
+from test_faults import _metric, _verdict, in_process
 from torch import Tensor
+from worker_line import Line, frame_headers, get, png, wait_ready
 
-from csflow.artifacts import FLOW_FILE, Manifest, ModelVersion, load_model, save_model
+from adapters.adapt import first_blocks, flat_blocks
+from csflow.artifacts import FLOW_FILE, Manifest, ModelVersion, load_model, save_adapter, save_model
 from csflow.backbones import LITE0_PACKAGE
 from csflow.calibration import calibrate
 from csflow.model import CSFlow, image_scores
@@ -25,10 +30,15 @@ from daemon.registry import DEFAULT_SCOPE, ModelRegistry
 from daemon.serving import ServedModels, Swap
 from daemon.store import Keys
 from drift.config import DriftConfig
+from lab.services import LocalKafka, LocalRedis
 
 KEYS = Keys("t:")
 DRIFT = DriftConfig(window=10, ert=200)
 REFRESH_S = 0.2
+LOAD_RETRY_S = 2.0
+N_ADAPTED = 2  # blocks.0.0 and blocks.1.0 of lite0
+SLOW_LOAD_S = 5.0
+WORKER_LOAD_S = 6.0  # an adapted version's load in the worker test: three times its max_poll_interval_ms
 
 
 @pytest.fixture
@@ -70,45 +80,220 @@ def test_concurrent_bootstraps_set_one_default_and_never_replace_it(
         t.start()
     for t in threads:
         t.join()
-    default = registry.active_in(DEFAULT_SCOPE)
+    default = registry.active(DEFAULT_SCOPE)
     assert default is not None and registry.history(DEFAULT_SCOPE) == [default]
     for directory in version_dirs:
         served[0].bootstrap(directory)
     assert registry.history(DEFAULT_SCOPE) == [default]
 
 
+def own_scope(registry: ModelRegistry, camera: str) -> str:
+    """The camera's own registry scope (its most specific one)."""
+    return registry.scopes(camera)[0]
+
+
+def follow_until(served: ServedModels, done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Call `follow` between "batches" until `done()` (loads finish in the background)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out following the registry"
+        served.follow()
+        time.sleep(0.02)
+
+
 def test_cameras_follow_the_registry_and_keep_serving_when_a_version_cannot_load(
     registry: ModelRegistry, version_dirs: list[Path], tmp_path: Path
 ) -> None:
+    """A version that fails to load leaves the camera on what it served, is reported once, and is tried
+    again only after load_retry_s (here the repaired path is found then), not at every refresh."""
     fallback = load_model(version_dirs[0])
     broken = tmp_path / "broken"
     shutil.copytree(version_dirs[1], broken)
     other = registry.publish(broken).version  # registered at a path whose flow then goes missing
     (broken / FLOW_FILE).unlink()
     swaps: list[Swap] = []
-    served = ServedModels(registry, tmp_path / "cache", torch.device("cpu"), REFRESH_S, fallback, swaps.append)
-    served.bootstrap(version_dirs[0])
-    served.follow()  # subscribes
-    assert served.models(["cam-1"])["cam-1"] is fallback
-    registry.activate("camera:cam-1", other)
-    registry.activate("camera:cam-2", other)
-    served.follow()
-    assert served.models(["cam-1", "cam-2"]) == {"cam-1": fallback, "cam-2": fallback}
+    failures: list[str] = []
+    served = ServedModels(
+        registry,
+        tmp_path / "cache",
+        torch.device("cpu"),
+        REFRESH_S,
+        fallback,
+        swaps.append,
+        on_load_failed=lambda version, error: failures.append(version),
+        load_retry_s=LOAD_RETRY_S,
+    )
+    try:
+        served.bootstrap(version_dirs[0])
+        served.follow()  # subscribes
+        assert served.models(["cam-1"])["cam-1"] is fallback
+        registry.activate(own_scope(registry, "cam-1"), other)
+        registry.activate(own_scope(registry, "cam-2"), other)
+        follow_until(served, lambda: bool(failures))
+        assert served.models(["cam-1", "cam-2"]) == {"cam-1": fallback, "cam-2": fallback}
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * REFRESH_S:  # several refreshes, inside load_retry_s
+            served.follow()
+            time.sleep(0.02)
+        assert failures == [other], "a failed load was retried before load_retry_s"
 
-    registry.publish(version_dirs[1])  # the base's path repaired: no announcement, the periodic re-read finds it
-    time.sleep(REFRESH_S)
-    served.follow()
-    assert {camera: v.version for camera, v in served.models(["cam-1", "cam-2"]).items()} == {
-        "cam-1": other,
-        "cam-2": other,
-    }
-    assert [(s.camera, s.previous, s.current.version) for s in swaps] == [
-        ("cam-1", None, fallback.version),
-        ("cam-2", None, fallback.version),
-        ("cam-1", fallback.version, other),
-        ("cam-2", fallback.version, other),
-    ]
-    served.close()
+        registry.publish(version_dirs[1])  # the base's path repaired: no announcement, the retry finds it
+        follow_until(served, lambda: len(swaps) == 4)
+        assert time.monotonic() - started >= LOAD_RETRY_S - 3 * REFRESH_S
+        assert {camera: v.version for camera, v in served.models(["cam-1", "cam-2"]).items()} == {
+            "cam-1": other,
+            "cam-2": other,
+        }
+        assert [(s.camera, s.previous, s.current.version) for s in swaps] == [
+            ("cam-1", None, fallback.version),
+            ("cam-2", None, fallback.version),
+            ("cam-1", fallback.version, other),
+            ("cam-2", fallback.version, other),
+        ]
+        assert failures == [other]
+    finally:
+        served.close()
+
+
+def test_a_failed_version_is_tried_again_at_once_when_an_announcement_names_it(
+    registry: ModelRegistry, version_dirs: list[Path], tmp_path: Path
+) -> None:
+    fallback = load_model(version_dirs[0])
+    broken = tmp_path / "broken"
+    shutil.copytree(version_dirs[1], broken)
+    other = registry.publish(broken).version
+    (broken / FLOW_FILE).unlink()
+    failures: list[str] = []
+    served = ServedModels(
+        registry,
+        tmp_path / "cache",
+        torch.device("cpu"),
+        3600.0,
+        fallback,
+        lambda _: None,
+        on_load_failed=lambda version, error: failures.append(version),
+        load_retry_s=3600.0,
+    )
+    try:
+        served.bootstrap(version_dirs[0])
+        served.follow()
+        registry.activate(own_scope(registry, "cam-1"), other)
+        assert served.models(["cam-1"])["cam-1"] is fallback
+        follow_until(served, lambda: bool(failures))
+        registry.publish(version_dirs[1])  # repaired, then announced (activated for another camera)
+        registry.activate(own_scope(registry, "cam-2"), other)
+        follow_until(served, lambda: served.models(["cam-1"])["cam-1"].version == other)
+        assert failures == [other]
+    finally:
+        served.close()
+
+
+def test_a_slow_load_does_not_hold_the_batch(
+    registry: ModelRegistry, version_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a camera's version loads (slowly), `models()` answers at once: a new camera gets the default's
+    version, a known one keeps its own; the swap comes with the first call after the load is done."""
+    import daemon.serving
+
+    load = daemon.serving.load_model
+    release = threading.Event()
+
+    def slow_load(*args: Any, **kwargs: Any) -> Any:
+        release.wait(SLOW_LOAD_S)  # the old loop would hold the batch this long
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(daemon.serving, "load_model", slow_load)
+    fallback = load_model(version_dirs[0])
+    swaps: list[Swap] = []
+    served = ServedModels(registry, tmp_path / "cache", torch.device("cpu"), REFRESH_S, fallback, swaps.append)
+    try:
+        served.bootstrap(version_dirs[0])
+        other = registry.publish(version_dirs[1]).version
+        registry.activate(own_scope(registry, "cam-new"), other)
+        started = time.monotonic()
+        served.follow()
+        models = served.models(["cam-new", "cam-old"])
+        assert time.monotonic() - started < 1.0
+        assert {c: m.version for c, m in models.items()} == {"cam-new": fallback.version, "cam-old": fallback.version}
+        assert served.loading() == {"cam-new": other}
+        registry.activate(own_scope(registry, "cam-old"), other)  # a known camera asks for the loading version
+        follow_until(served, lambda: "cam-old" in served.loading())
+        assert served.models(["cam-old"])["cam-old"] is fallback and served.loading() == {
+            "cam-new": other,
+            "cam-old": other,
+        }
+        release.set()
+        follow_until(served, lambda: len(swaps) == 4)
+        assert {c: m.version for c, m in served.models(["cam-new", "cam-old"]).items()} == {
+            "cam-new": other,
+            "cam-old": other,
+        }
+        assert [(s.camera, s.current.version) for s in swaps][-2:] == [("cam-new", other), ("cam-old", other)]
+    finally:
+        release.set()
+        served.close()
+
+
+def test_adapted_versions_are_built_on_the_loaded_base(
+    registry: ModelRegistry,
+    version_dirs: list[Path],
+    tmp_path: Path,
+    make_images: Callable[..., Tensor],
+) -> None:
+    """Two adapted versions of the served base share its flow and its unadapted extractor blocks (same
+    storage), own their adapted blocks, and score as the versions rebuilt from disk."""
+    fallback = load_model(version_dirs[0])
+    adapted_dirs = []
+    for i in (1, 2):
+        candidate, names = adapted_copy(fallback.model, seed=i)
+        directory = tmp_path / f"adapted{i}"
+        save_adapter(directory, candidate, fallback, names, {"i": i}, f"target-{i}", parent_dir=version_dirs[0])
+        adapted_dirs.append(directory)
+    served = ServedModels(registry, tmp_path / "cache", torch.device("cpu"), REFRESH_S, fallback, lambda _: None)
+    try:
+        served.bootstrap(version_dirs[0])
+        versions = [registry.publish(d).version for d in adapted_dirs]
+        for camera, version in zip(["cam-a", "cam-b"], versions, strict=True):
+            registry.activate(own_scope(registry, camera), version)
+        served.follow()
+        follow_until(served, lambda: [m.version for m in served.models(["cam-a", "cam-b"]).values()] == versions)
+        models = served.models(["cam-a", "cam-b"])
+        assert [models[c].version for c in ("cam-a", "cam-b")] == versions
+        base = fallback.model
+        for adapted in (models["cam-a"].model, models["cam-b"].model):
+            assert data_ptrs(adapted.flow) == data_ptrs(base.flow)
+            assert data_ptrs(adapted.extractor.conv_stem) == data_ptrs(base.extractor.conv_stem)
+            ours, theirs = flat_blocks(adapted.extractor), flat_blocks(base.extractor)
+            for i, name in enumerate(theirs):
+                if i < N_ADAPTED:  # the adapted blocks: storage of their own
+                    assert not set(data_ptrs(ours[name])) & set(data_ptrs(theirs[name])), name
+                else:
+                    assert data_ptrs(ours[name]) == data_ptrs(theirs[name]), name
+        images = make_images(3, seed=5)
+        with torch.no_grad():
+            for camera, directory in zip(["cam-a", "cam-b"], adapted_dirs, strict=True):
+                rebuilt = load_model(directory).model
+                torch.testing.assert_close(
+                    image_scores(models[camera].model(images).z), image_scores(rebuilt(images).z)
+                )
+    finally:
+        served.close()
+
+
+def data_ptrs(module: torch.nn.Module) -> list[int]:
+    return [t.data_ptr() for t in [*module.parameters(), *module.buffers()]]
+
+
+def adapted_copy(model: CSFlow, seed: int) -> tuple[CSFlow, list[str]]:
+    """`model` with its first two blocks moved, as an adaptation would (flow shared, untouched)."""
+    candidate = copy.deepcopy(model, memo={id(model.flow): model.flow})
+    blocks = first_blocks(candidate.extractor, N_ADAPTED)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in blocks.values():
+            for p in block.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return candidate, list(blocks)
 
 
 def test_drift_state_is_resumed_for_the_same_version_and_settings_only(client: redis.Redis) -> None:
@@ -133,3 +318,77 @@ def test_drift_state_is_resumed_for_the_same_version_and_settings_only(client: r
     assert first_state(DRIFT, "cam-1", stub_version("v2", reference)) == "warmup"  # another version
     assert first_state(DriftConfig(window=12, ert=200), "cam-1", version) == "warmup"  # other settings
     assert first_state(DRIFT, "cam-2", stub_version("v3", [1.0, 2.0])) == OFF  # too few calibration scores
+
+
+# ---------------------------------------------------------------------------------------------- in a worker
+
+
+def test_a_cold_camera_does_not_stall_the_worker(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A camera whose (adapted) version takes longer to load than max_poll_interval_ms: its frames are
+    scored with the default version meanwhile, /healthz stays 200, and once the load is done its verdicts
+    name the adapted version. A camera whose version cannot load keeps the default, and the failure is
+    counted once (not retried at every refresh). The worker runs in this process so that the load can be
+    slowed at the registry's materialise."""
+    base = load_model(model_dir)
+    candidate, names = adapted_copy(base.model, seed=1)
+    save_adapter(tmp_path / "adapted", candidate, base, names, {"cold": 1}, "target", parent_dir=model_dir)
+    broken = tmp_path / "broken"
+    materialise = ModelRegistry.materialise
+    loading = threading.Event()
+
+    def slow_materialise(self: ModelRegistry, version: str, cache_dir: str | Path) -> Path:
+        if version == adapted:
+            loading.set()
+            time.sleep(WORKER_LOAD_S)
+        return materialise(self, version, cache_dir)
+
+    monkeypatch.setattr(ModelRegistry, "materialise", slow_materialise)
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        registry = ModelRegistry.from_settings(line.redis, Settings(redis={"key_prefix": line.prefix}))
+        registry.publish(model_dir)
+        adapted = registry.publish(tmp_path / "adapted").version
+        # another base whose flow goes missing after publishing: it cannot load
+        save_model(broken, base.model, LITE0_PACKAGE, base.manifest.threshold_calibration, {"broken": 1})
+        unloadable = registry.publish(broken).version
+        (broken / FLOW_FILE).unlink()
+        registry.activate(own_scope(registry, "cam-cold"), adapted)
+        registry.activate(own_scope(registry, "cam-bad"), unloadable)
+        env = {"INSPECTD_KAFKA__MAX_POLL_INTERVAL_MS": "2000", "INSPECTD_REGISTRY__REFRESH_S": "0.2"}
+        try:
+            with in_process(line, model_dir, monkeypatch, **env) as running:
+                wait_ready(running.port)
+                sent = send(line, "cold", "cam-cold", 4) + send(line, "bad", "cam-bad", 4)
+                health: set[int] = set()
+                deadline = time.monotonic() + 60
+                while not all(line.redis.exists(f"{line.prefix}verdict:{f}") for f in sent):
+                    assert time.monotonic() < deadline, line.logs()
+                    health.add(get(running.port, "/healthz")[0])
+                    time.sleep(0.1)
+                assert loading.is_set(), "the slow load was not started"
+                assert health == {200}, health
+                assert {_verdict(line, f)["model_version"] for f in sent} == {base.version}
+                while "cam-cold" in running.worker.models.loading():  # the load, still going in the background
+                    assert time.monotonic() < deadline, line.logs()
+                    health.add(get(running.port, "/healthz")[0])
+                    time.sleep(0.1)
+                assert health == {200}, health
+                later = send(line, "warm", "cam-cold", 4) + send(line, "still-bad", "cam-bad", 2)
+                versions = [_verdict(line, f)["model_version"] for f in later]
+                assert versions == [adapted] * 4 + [base.version] * 2
+                time.sleep(4 * 0.2)  # a few refreshes: the failed version waits for load_retry_s
+                assert _metric(running.port, "inspectd_model_load_failures_total") == 1
+                assert get(running.port, "/healthz")[0] == 200
+        finally:
+            line.close()
+        assert running.outcome.get("rc") == 0, running.outcome
+
+
+def send(line: Line, prefix: str, camera: str, n: int) -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    for i, frame_id in enumerate(ids):
+        line.producer.send(line.topic, key=camera.encode(), value=png(i), headers=frame_headers(frame_id, camera))
+    line.producer.flush()
+    return ids
