@@ -61,10 +61,14 @@ class DriftWatch:
             if watch is None or watch.version.version != version.version:
                 self._watches[camera] = self._start(camera, version)
 
-    def observe(self, camera: str, version: ModelVersion, scores: Sequence[float]) -> list[str]:
+    def observe(
+        self, camera: str, version: ModelVersion, scores: Sequence[float], fresh: Sequence[bool] | None = None
+    ) -> list[str]:
         """Update the camera's monitor with its scores, in frame order; the state after each frame.
-        Non-finite scores (a broken model) are not fed to the monitor. Call `prepare` first: a camera
-        without a monitor for this version is started here, reading Redis outside the worker's retries."""
+        Non-finite scores (a broken model) are not fed to the monitor, nor are those whose `fresh` is False
+        (frames that already have a verdict: a redelivery was counted the first time). Call `prepare`
+        first: a camera without a monitor for this version is started here, reading Redis outside the
+        worker's retries."""
         self.prepare({camera: version})
         watch = self._watches[camera]
         monitor = watch.monitor
@@ -72,8 +76,8 @@ class DriftWatch:
             return [OFF] * len(scores)
         self._touched.add(camera)
         states = []
-        for score in scores:
-            if math.isfinite(score):
+        for i, score in enumerate(scores):
+            if math.isfinite(score) and (fresh is None or fresh[i]):
                 monitor.update(score)
             states.append(monitor.state)
         return states

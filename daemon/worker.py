@@ -344,8 +344,9 @@ class Worker:
         versions = [served[f.camera_id] for f, _ in good]
         cameras = {f.camera_id: served[f.camera_id] for f, _ in good}
         self._retry("redis", lambda: self.drift.prepare(cameras))
-        drift_states = self._observe_drift(good, versions, scores)
-        self._score_shadow(good, scores)
+        fresh = self._retry("redis", lambda: self._fresh([f for f, _ in good]))
+        drift_states = self._observe_drift(good, versions, scores, fresh)
+        self._score_shadow(good, scores, fresh)
         t2 = time.perf_counter()
         now_ms = time.time() * 1000
         verdicts = [
@@ -436,14 +437,34 @@ class Worker:
         step = forward_batch(self.settings.worker.forward_batch, self.device.type, size, len(images))
         return score_images(version.model, batch, batch_size=step).image
 
-    def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray) -> None:
-        """A candidate in shadow scores its camera's frames of this batch beside the parent, whose scores
-        are the verdicts; the controller decides once it has seen enough (adapters/shadow.py)."""
+    def _fresh(self, frames: list[Frame]) -> list[bool]:
+        """Which frames have no verdict yet (one pipelined EXISTS per batch) and come first in the batch
+        under their id: only those feed the drift monitors and a shadow. A redelivered frame (after a
+        crash, a rebalance, a producer's retry) was counted when its verdict was written, and a reused id
+        is a dead letter."""
+        if not frames:
+            return []
+        pipe = self.store.client.pipeline(transaction=False)
+        for frame in frames:
+            pipe.exists(self.store.keys.verdict(frame.frame_id))
+        present = pipe.execute()
+        seen: set[str] = set()
+        fresh = []
+        for frame, exists in zip(frames, present, strict=True):
+            fresh.append(not exists and frame.frame_id not in seen)
+            seen.add(frame.frame_id)
+        return fresh
+
+    def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray, fresh: list[bool]) -> None:
+        """A candidate in shadow scores its camera's fresh frames of this batch beside the parent, whose
+        scores are the verdicts; the controller decides once it has seen enough (adapters/shadow.py)."""
         shadow = self.controller.shadow
         if shadow is None:
             return
         camera, candidate = shadow
-        idx = [i for i, (frame, _) in enumerate(good) if frame.camera_id == camera and np.isfinite(scores[i])]
+        idx = [
+            i for i, (frame, _) in enumerate(good) if frame.camera_id == camera and fresh[i] and np.isfinite(scores[i])
+        ]
         if not idx:
             return
         t0 = time.perf_counter()
@@ -458,12 +479,18 @@ class Worker:
         self.controller.observe_shadow([float(scores[i]) for i in idx], candidate_scores, nll)
 
     def _observe_drift(
-        self, good: list[tuple[Frame, torch.Tensor]], versions: list[ModelVersion], scores: np.ndarray
+        self,
+        good: list[tuple[Frame, torch.Tensor]],
+        versions: list[ModelVersion],
+        scores: np.ndarray,
+        fresh: list[bool],
     ) -> list[str]:
-        """Each camera's monitor takes its frames' scores in order; the drift state after each frame."""
+        """Each camera's monitor takes its fresh frames' scores in order; the drift state after each frame."""
         states = [""] * len(good)
         for camera, idx in _groups(f.camera_id for f, _ in good).items():
-            observed = self.drift.observe(camera, versions[idx[0]], [float(scores[i]) for i in idx])
+            observed = self.drift.observe(
+                camera, versions[idx[0]], [float(scores[i]) for i in idx], [fresh[i] for i in idx]
+            )
             for i, state in zip(idx, observed, strict=True):
                 states[i] = state
             self.metrics.drift_alarm.labels(self.metrics.camera(camera)).set(observed[-1] == "alarm")

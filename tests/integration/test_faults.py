@@ -599,3 +599,55 @@ def test_a_record_that_kills_the_worker_is_dead_lettered_after_max_attempts(
         finally:
             line.close()
         assert running.outcome.get("rc") == 0
+
+
+# ---------------------------------------------------------------------------------------------- redeliveries
+
+# Drift monitoring for the tiny test model (8 calibration scores): a small reference, window and ERT.
+SMALL_DRIFT = {
+    "INSPECTD_DRIFT__MIN_REFERENCE": "5",
+    "INSPECTD_DRIFT__WINDOW": "4",
+    "INSPECTD_DRIFT__QUANTILE": "0.5",
+    "INSPECTD_DRIFT__ERT": "50",
+    "INSPECTD_DRIFT__SIM_ALARMS": "5",
+    "INSPECTD_DRIFT__SIM_STREAMS": "5",
+}
+
+
+def _frames_seen(line: Line, camera: str) -> int:
+    raw = line.redis.get(f"{line.prefix}drift:{camera}")
+    return 0 if raw is None else int(json.loads(raw)["state"]["frames_seen"])
+
+
+def test_a_redelivered_frame_feeds_the_drift_monitor_once(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same frame (id and bytes) delivered twice, in two batches and twice within one batch, as a
+    producer's retry or a crash before the commit would: one verdict, and the camera's drift monitor counts
+    it once."""
+    camera = "cam-again"
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        try:
+            with in_process(line, model_dir, monkeypatch, **SMALL_DRIFT) as running:
+                wait_ready(running.port)
+                twice = frame_headers("again", camera)
+                _send(line, camera, png(21), twice)
+                _wait_verdict(line, "again")
+                assert _frames_seen(line, camera) == 1
+                _send(line, camera, png(21), twice)  # a batch of its own: the verdict is there already
+                for frame_id in ("pair", "pair", "after"):  # one batch: the pair's second copy is not new
+                    line.producer.send(
+                        line.topic, key=camera.encode(), value=png(22), headers=frame_headers(frame_id, camera)
+                    )
+                line.producer.flush()
+                _wait_verdict(line, "after")
+                deadline = time.monotonic() + 10  # the drift state is saved right after the verdicts
+                while _frames_seen(line, camera) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                time.sleep(SETTLE_S)
+                assert _frames_seen(line, camera) == 3  # again, pair, after
+                assert sorted(line.verdict_ids()) == ["after", "again", "pair"]
+        finally:
+            line.close()
+        assert running.outcome.get("rc") == 0
