@@ -27,6 +27,8 @@ class EventKind(StrEnum):
     ADAPTATION_SHADOW = "adaptation_shadow"  # passed the offline gate; scored beside its parent on live frames
     ADAPTATION_ACCEPTED = "adaptation_accepted"
     ADAPTATION_REJECTED = "adaptation_rejected"
+    ADAPTATION_FAILED = "adaptation_failed"  # the run ended without a verdict: its child died, ran out of memory
+    ADAPTATION_SUPERSEDED = "adaptation_superseded"  # accepted, but its lock or the camera's version moved on
     VERSION_ACTIVATED = "version_activated"
     ROLLBACK = "rollback"
     VERSION_UNPINNED = "version_unpinned"  # a scope's own version removed: it falls back (registry unpin)

@@ -364,6 +364,53 @@ class ModelRegistry:
             raise RegistryError(f"version {version}: {field} is {value} bytes, more than the limit of {limit}")
         return value
 
+    # ---------------------------------------------------------------------------------------------- adaptation
+
+    def activate_fenced(self, scope: str, version: str, fence: Fence) -> Announcement | None:
+        """Activate an adaptation's result in `scope` only if its run still holds the adaptation lock with
+        its fencing token and `fence.camera` is still served `fence.parent`, both read inside the
+        transaction that activates (WATCH on the lock, the camera's active pointers and the scope's
+        history): a second worker that took the lock after it expired, or an operator's activation or
+        rollback during the run, wins, and this raises SupersededError with nothing changed. A scope with
+        no version of its own is pinned to the parent first (a rollback there returns to it); each change
+        is recorded and announced as by `activate`. None when `version` was already active."""
+        _check_scope(scope)
+        if not self.registered(version):
+            raise UnknownVersionError(version)
+        active_key, history_key = self.keys.active(scope), self.keys.history(scope)
+        served_keys = [self.keys.active(s) for s in self.scopes(fence.camera)]
+
+        def change(pipe: Pipeline) -> Announcement | None:
+            holder = pipe.get(fence.lock_key)
+            if holder != fence.token.encode():
+                held = "expired" if holder is None else f"held by token {holder.decode(errors='replace')}"
+                raise SupersededError(f"the adaptation lock is no longer this run's (token {fence.token}): {held}")
+            served = next((p.decode() for p in pipe.mget(served_keys) if p is not None), None)
+            if served != fence.parent:
+                raise SupersededError(
+                    f"camera {fence.camera} is served {served}, no longer {fence.parent}, the version adapted"
+                )
+            current = pipe.get(active_key)
+            previous = None if current is None else current.decode()
+            if previous == version:
+                return None
+            pipe.multi()
+            if previous is None:
+                pin = Announcement("activate", scope, fence.parent, None, now_ms())
+                pipe.set(active_key, fence.parent)
+                pipe.lpush(history_key, fence.parent)
+                self._announce(pipe, pin, EventKind.VERSION_ACTIVATED, None)
+                previous = fence.parent
+            announcement = Announcement("activate", scope, version, previous, now_ms())
+            pipe.set(active_key, version)
+            pipe.lpush(history_key, version)
+            pipe.ltrim(history_key, 0, self.history_len - 1)
+            self._announce(pipe, announcement, EventKind.VERSION_ACTIVATED, None)
+            return announcement
+
+        watched = dict.fromkeys([fence.lock_key, active_key, history_key, *served_keys])
+        return self.client.transaction(change, *watched, value_from_callable=True)
+
 
 def _read_only(client: redis.Redis, script: Script, keys: list[str], args: list[str | int]) -> Any:
     """Run a script that only reads through EVALSHA_RO: a Redis user with read-only access to the keys (the
@@ -405,3 +452,18 @@ def _check_threshold(manifest: Manifest) -> None:
         raise RegistryError(f"version {manifest.version}: no numeric threshold in its calibration") from exc
     if not math.isfinite(threshold):
         raise RegistryError(f"version {manifest.version}: threshold {threshold} is not a finite number")
+
+
+class SupersededError(RegistryError):
+    """An adaptation's result lost its claim while it ran (see `ModelRegistry.activate_fenced`)."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What an adaptation's activation checks: the lock key must still hold `token` (given when the lock
+    was taken, from a counter that only grows), and `camera` must still be served `parent`."""
+
+    lock_key: str
+    token: str
+    camera: str
+    parent: str
