@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the science packages load torch: imported where a section b
     from adapters.shadow import ShadowConfig
     from csflow.data import ImageLimits
     from csflow.training import TrainConfig
+    from daemon.store import CachePolicy
     from drift.config import DriftConfig
 
 CONFIG_ENV = "INSPECTD_CONFIG"
@@ -247,9 +248,22 @@ class RedisSection(Section):
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     url_file: str = ""
     key_prefix: str = "inspectd:"
-    verdict_ttl_s: int = Field(7 * 24 * 3600, ge=1)
-    frame_ttl_s: int = Field(3600, ge=1)
+    # What the worker keeps (daemon/store.py), sized by bench/bench_redis_memory.py: 50 cameras at 10 fps fit
+    # in 2 GB. Verdict keys guard against redelivery for verdict_ttl_s; the verdicts stream is trimmed by
+    # time and by count; frames are cached only where an operator may confirm them (CachePolicy).
+    verdict_ttl_s: int = Field(3600, ge=1)
+    frame_ttl_s: int = Field(600, ge=1)
     stream_max_len: int = Field(1_000_000, ge=1000)
+    stream_retention_s: int = Field(3600, ge=0)
+    cache_near_threshold: float = Field(0.9, ge=0, le=1)
+    cache_sample_every: int = Field(1000, ge=0)
+    cache_alarm_every: int = Field(5, ge=0)
+
+    def cache_policy(self) -> CachePolicy:
+        from daemon.store import CachePolicy
+
+        return CachePolicy(self.cache_near_threshold, self.cache_sample_every, self.cache_alarm_every)
+
     events_max_len: int = Field(100_000, ge=1000)
     timeout_s: float = Field(5.0, gt=0)
     # What "written" means before offsets are committed (daemon/durability.py): fsync, fsync-assume,

@@ -1,4 +1,4 @@
-"""Verdicts and cached frames in Redis, written idempotently by frame id.
+"""Verdicts and cached frames in Redis, written idempotently by frame id, kept only as long as needed.
 
 One Lua script per verdict sets `verdict:{frame_id}` only if absent and, only then, appends to the
 `verdicts` stream: a frame redelivered after a crash gets no second verdict, and the two writes
@@ -6,15 +6,32 @@ cannot be separated by a crash because a script runs atomically. A verdict carri
 frame's bytes: when the key exists with another hash, the frame id was reused for another frame, and
 the script says so (the worker dead-letters it as `duplicate_frame_id`) instead of dropping it
 silently. Frame bytes are cached only if absent, so a reused id never replaces the first frame's bytes.
+
+What is kept, and for how long, is sized for a plant (50 cameras at 10 fps, bench/bench_redis_memory.py):
+- `verdict:{frame_id}` is the redelivery guard: it lives for [redis] verdict_ttl_s (hours), or as long
+  as its frame is cached when that is longer (a confirmation needs the verdict to name the camera);
+- the `verdicts` stream holds the verdicts' content and is trimmed by time ([redis] stream_retention_s,
+  XADD MINID ~) as well as by count (stream_max_len, the ceiling at any rate);
+- `frame:{frame_id}` is kept only for frames an operator may confirm (`CachePolicy`): near or over the
+  threshold, a deterministic 1-in-N sample of the rest, and a denser sample while the camera's drift
+  monitor is in alarm (the review queue after an alarm needs normal-looking frames); stored at the
+  model's input size as PNG (what the model saw, losslessly; the original when that is smaller) for
+  [redis] frame_ttl_s.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
+import numpy as np
 import redis
+from PIL import Image
 
 from daemon.frames import Frame
 
@@ -26,7 +43,16 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
     table.insert(flat, k)
     table.insert(flat, tostring(fields[k]))
   end
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(flat))
+  local retention_ms = tonumber(ARGV[5])
+  if retention_ms > 0 then
+    -- trimmed by time on the server's clock, the one that stamps the entry ids
+    local now = redis.call('TIME')
+    local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - retention_ms
+    redis.call('XADD', KEYS[2], 'MINID', '~', string.format('%d', oldest), '*', unpack(flat))
+    redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(flat))
+  end
   return 1
 end
 local ok, old = pcall(cjson.decode, redis.call('GET', KEYS[1]) or '{}')
@@ -38,6 +64,7 @@ end
 return 0
 """
 NEW, DUPLICATE = 1, 2
+COMPACT = (",", ":")  # JSON separators of verdict keys: a plant holds an hour of them (~2 million)
 
 
 @dataclass(frozen=True)
@@ -148,32 +175,130 @@ class Keys:
         return f"{self.prefix}adapt-attempt:{scope}"
 
 
+# Why a frame is cached (`CachePolicy.reason`); None: it is not.
+NEAR, ALARM, SAMPLE = "near", "alarm", "sample"
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Which frames are cached for operators to confirm. Frames far below the threshold are the bulk of a
+    line and nobody confirms them, except during a drift alarm (adaptation learns from normal-looking
+    frames of the new domain) and in a small sample (for a look at what "normal" scores look like).
+
+    `near_threshold`: frames scoring at least this share of their threshold (and every anomalous one);
+    `sample_every`: 1 in N of the others, chosen by a hash of camera and frame id (the same frames on
+    every worker and after a redelivery); `alarm_every`: 1 in N of the others while the camera's drift
+    monitor is in alarm (1 = every frame). 0 turns a sample off."""
+
+    near_threshold: float = 0.9
+    sample_every: int = 1000
+    alarm_every: int = 1
+
+    def reason(self, v: Verdict) -> str | None:
+        if v.anomalous or not math.isfinite(v.score) or v.score >= _near(v.threshold, self.near_threshold):
+            return NEAR
+        bucket = _bucket(v.camera_id, v.frame_id)
+        if v.drift_state == "alarm" and self.alarm_every and bucket % self.alarm_every == 0:
+            return ALARM
+        if self.sample_every and bucket % self.sample_every == 0:
+            return SAMPLE
+        return None
+
+
+# Every frame, as received: the store's behaviour when no policy is given (tools and tests that seed Redis).
+CACHE_ALL = CachePolicy(near_threshold=-math.inf, sample_every=1, alarm_every=1)
+
+
+def _near(threshold: float, ratio: float) -> float:
+    """`ratio` x threshold for a positive threshold, measured from it the same way for a negative one."""
+    return threshold - (1.0 - ratio) * abs(threshold)
+
+
+def _bucket(camera_id: str, frame_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{camera_id}/{frame_id}".encode(), digest_size=8).digest(), "big")
+
+
+def cached_bytes(frame: Frame, image: Any | None) -> bytes:
+    """What the cache keeps of a frame: `image` (the model's input, a (3, S, S) float tensor in [0, 1] or an
+    (S, S, 3) uint8 array) as PNG, lossless, so confirmed frames adapt the model on exactly what it scored;
+    one channel when the three are equal (a monochrome camera); the original bytes when they are smaller
+    or no image is given."""
+    if image is None:
+        return frame.data
+    try:
+        pixels = np.asarray(image)
+        if pixels.dtype != np.uint8:  # the tensor's float pixels are uint8 / 255: this rounds back exactly
+            pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
+            pixels = pixels[..., 0]
+        out = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(out, "PNG")
+    except (ValueError, TypeError, OSError):  # not an image of the expected layout: the frame is kept as sent
+        return frame.data
+    encoded = out.getvalue()
+    return encoded if len(encoded) < len(frame.data) else frame.data
+
+
 class VerdictStore:
-    def __init__(self, client: redis.Redis, keys: Keys, verdict_ttl_s: int, frame_ttl_s: int, stream_max_len: int):
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        verdict_ttl_s: int,
+        frame_ttl_s: int,
+        stream_max_len: int,
+        policy: CachePolicy = CACHE_ALL,
+        stream_retention_s: int = 0,
+    ):
+        """`verdict_ttl_s`: the redelivery window; `stream_retention_s`: 0 trims the stream by count only;
+        `policy`: which frames are cached (by default all, as received)."""
         self.client = client
         self.keys = keys
         self.verdict_ttl_s = verdict_ttl_s
         self.frame_ttl_s = frame_ttl_s
         self.stream_max_len = stream_max_len
+        self.policy = policy
+        self.stream_retention_s = stream_retention_s
         self._script = client.register_script(_WRITE_VERDICT)
 
     def write(self, verdicts: Sequence[Verdict], frames: Sequence[Frame]) -> int:
-        """Cache the frames and write the verdicts; returns how many verdicts were new."""
+        """Cache the frames the policy keeps and write the verdicts; returns how many verdicts were new."""
         return self.write_all(verdicts, frames)[0]
 
-    def write_all(self, verdicts: Sequence[Verdict], frames: Sequence[Frame]) -> tuple[int, list[int]]:
-        """Cache the frames (only where absent) and write the verdicts; returns how many verdicts were new
-        and the positions of those whose frame id already has a verdict for other bytes."""
+    def to_cache(
+        self, verdicts: Sequence[Verdict], frames: Sequence[Frame], images: Sequence[Any] | None = None
+    ) -> dict[str, bytes]:
+        """The bytes to cache by frame id, for the verdicts the policy keeps (`images`, aligned with
+        `frames`, are the model's inputs: what is stored when given, see `cached_bytes`)."""
+        keep = {v.frame_id for v in verdicts if self.policy.reason(v) is not None}
+        return {
+            f.frame_id: cached_bytes(f, None if images is None else images[i])
+            for i, f in enumerate(frames)
+            if f.frame_id in keep
+        }
+
+    def write_all(
+        self, verdicts: Sequence[Verdict], frames: Sequence[Frame] | Mapping[str, bytes]
+    ) -> tuple[int, list[int]]:
+        """Cache frames (only where absent) and write the verdicts; returns how many verdicts were new and
+        the positions of those whose frame id already has a verdict for other bytes. `frames`: bytes by frame
+        id, already chosen (`to_cache`), or `Frame`s, of which the policy keeps the bytes as received."""
+        cache = frames if isinstance(frames, Mapping) else self.to_cache(verdicts, frames)
         pipe = self.client.pipeline(transaction=False)
-        for frame in frames:
-            pipe.set(self.keys.frame(frame.frame_id), frame.data, ex=self.frame_ttl_s, nx=True)
+        for frame_id, data in cache.items():
+            pipe.set(self.keys.frame(frame_id), data, ex=self.frame_ttl_s, nx=True)
+        # a cached frame's verdict lives as long as the frame: a confirmation needs it to name the camera
+        longer = max(self.verdict_ttl_s, self.frame_ttl_s)
+        fields = json.dumps(VERDICT_FIELDS)
+        retention_ms = self.stream_retention_s * 1000
         for v in verdicts:
+            ttl = longer if v.frame_id in cache else self.verdict_ttl_s
             self._script(
                 keys=[self.keys.verdict(v.frame_id), self.keys.verdicts],
-                args=[json.dumps(asdict(v)), self.verdict_ttl_s, self.stream_max_len, json.dumps(VERDICT_FIELDS)],
+                args=[json.dumps(asdict(v), separators=COMPACT), ttl, self.stream_max_len, fields, retention_ms],
                 client=pipe,
             )
-        outcomes = [int(r) for r in pipe.execute()[len(frames) :]]
+        outcomes = [int(r) for r in pipe.execute()[len(cache) :]]
         return outcomes.count(NEW), [i for i, outcome in enumerate(outcomes) if outcome == DUPLICATE]
 
     def verdict(self, frame_id: str) -> Verdict | None:

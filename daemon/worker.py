@@ -173,6 +173,8 @@ class Worker:
             cfg.redis.verdict_ttl_s,
             cfg.redis.frame_ttl_s,
             cfg.redis.stream_max_len,
+            cfg.redis.cache_policy(),
+            cfg.redis.stream_retention_s,
         )
         self._retry("redis", client.ping)
         self.attempts = Attempts(client, cfg.redis.key_prefix, cfg.worker.attempts_ttl_s)
@@ -365,7 +367,9 @@ class Worker:
             )
             for (f, _), v, s, d in zip(good, versions, scores, drift_states, strict=True)
         ]
-        new, duplicates = self._retry("redis", lambda: self.store.write_all(verdicts, [f for f, _ in good]))
+        # only frames an operator may confirm are cached, as the model saw them (its input size)
+        cache = self.store.to_cache(verdicts, [f for f, _ in good], [image for _, image in good])
+        new, duplicates = self._retry("redis", lambda: self.store.write_all(verdicts, cache))
         for i in duplicates:  # the id has a verdict for other bytes: never a silent drop
             frame = good[i][0]
             dead.append(

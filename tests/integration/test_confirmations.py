@@ -229,6 +229,9 @@ def test_cli_reports_an_unreachable_redis(monkeypatch: pytest.MonkeyPatch, capsy
 def test_worker_moves_a_scored_and_confirmed_frame_into_the_buffer(
     line: test_worker.Line, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # these random frames score far below the threshold: only a sample of such frames is cached ([redis]
+    # cache_sample_every), here every one, so that the frame confirmed is still cached
+    line.env["INSPECTD_REDIS__CACHE_SAMPLE_EVERY"] = "1"
     _, port = line.start_worker()
     test_worker.wait_ready(port)
     ids = line.send(4)

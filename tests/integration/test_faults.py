@@ -72,6 +72,9 @@ class Shop:
 def shop(kafka: LocalKafka, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     with LocalRedis() as server:
         line = Line(kafka, server.url, model_dir, tmp_path_factory.mktemp("faults"))
+        # every frame cached (by default only a sample of those far below the threshold): a reused frame id
+        # must leave the first frame's cached bytes in place
+        line.env["INSPECTD_REDIS__CACHE_SAMPLE_EVERY"] = "1"
         yield Shop(line)
         line.close()
 
