@@ -133,6 +133,9 @@ class AdaptSection(Section):
     shadow_frames: int = Field(100, ge=0)
     shadow_lower_quantile: float = Field(0.1, gt=0, lt=0.5)
     shadow_timeout_s: float = Field(600.0, gt=0)
+    # The run's child process (daemon/adaptation_job.py): its memory bound (RLIMIT_DATA, 0: none) and wall time.
+    max_memory_mb: int = Field(6144, ge=0)
+    run_timeout_s: float = Field(1800.0, gt=0)
 
     @model_validator(mode="after")
     def _shots_range(self) -> AdaptSection:

@@ -2,11 +2,18 @@
 
 Checked between batches, every [adapt] check_interval_s, and never blocking scoring: when a camera's drift
 monitor is in alarm and its adaptation buffer holds at least [adapt] min_shots frames, the worker takes the
-Redis lock `lock:adapt:{camera}` (expiry [adapt] lock_ttl_s, renewed by a small thread while the run lasts,
-so one worker per scope adapts), and a background thread decodes the newest [adapt] max_shots frames (the
-same image limits as Kafka frames) and runs `adapt_and_gate` on the version the camera is served. The
-result is taken up between later batches:
+Redis lock `lock:adapt:{camera}` with a fencing token (from the counter `adapt-fence`, which only grows;
+the token is the lock's value), records the attempt in `adapt-attempt:{camera}` (before anything runs: a
+worker killed during the run, by the OOM killer or otherwise, leaves the record, so the same frames are not
+tried again and again; only a newer confirmed frame starts a new attempt), and starts the run in a child
+process (daemon/adaptation_job.py) with its own memory bound ([adapt] max_memory_mb): decoding the newest
+[adapt] max_shots frames, adapting the version the camera is served and gating the candidate happen
+there, so that running out of memory kills the child, not scoring. The lock expires after [adapt]
+lock_ttl_s and is renewed by a small thread while the run lasts. The child's outcome is taken up between
+later batches:
 
+- the child died (out of memory, a signal, an exception, past [adapt] run_timeout_s): adaptation_failed
+  with the reason; the active version stays.
 - accepted by the offline gate: the candidate is served in shadow ([adapt] shadow_frames > 0): the worker
   scores the camera's next shadow_frames frames with it beside the parent (verdicts still come from the
   parent), and `adapters.shadow` decides on those frames, setting the candidate's own threshold and
@@ -15,119 +22,171 @@ result is taken up between later batches:
   that does not get its frames within shadow_timeout_s (the camera's partition moved) is rejected. With
   shadow_frames = 0 a candidate adapted on one shot is never activated (its offline evidence is
   perturbed copies of its own training frame).
-- accepted: the adapter is saved into [registry] cache_dir (next to its materialised parent), published,
+- accepted: the adapter is saved into [registry] cache_dir (next to its materialised base), published,
   and activated in the camera's own scope (`camera:ID`: the shift was seen on this camera; an operator
-  can widen it with `inspectd models activate VERSION --line LINE`). A camera scope with no
-  version of its own is first pinned to the parent, so that `inspectd models rollback --camera CAMERA`
-  returns the camera to what it was served before. Events: adaptation_started, adaptation_accepted (gate
-  figures), version_activated (by the registry).
-- rejected (or failed: undecodable frames, an error while adapting or saving): adaptation_rejected with
-  the figures and reasons; the active version stays.
+  can widen it with `inspectd models activate VERSION --line LINE`), by `ModelRegistry.activate_fenced`:
+  only if the lock still holds this run's token and the camera is still served the version the run
+  adapted, both checked in the activating transaction. Else (the lock expired and another worker took it,
+  or an operator activated or rolled back meanwhile) adaptation_superseded, and nothing is activated. A
+  camera scope with no version of its own is first pinned to the parent, so that `inspectd models rollback
+  --camera CAMERA` returns the camera to what it was served before. Events: adaptation_started,
+  adaptation_accepted (gate figures), version_activated (by the registry).
+- rejected (or an error while saving or publishing): adaptation_rejected with the figures and reasons.
 
-Either way the attempt is recorded in `adapt-attempt:{camera}` with the newest buffered frame it used, so
-no worker adapts the camera again until an operator has confirmed a newer frame.
+Adapters are parented on the base: adapting an adapted version yields an adapter of the base that carries
+the blocks of both adaptations, so versions never chain toward csflow.artifacts.MAX_CHAIN.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
-import math
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
 import redis
 import structlog
 import torch
-from redis.exceptions import LockError
+from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-from adapters.gate import GatedAdaptation, adapt_and_gate
 from adapters.shadow import ShadowEvaluation
-from csflow.artifacts import ArtifactError, ModelVersion, save_adapter
+from csflow.artifacts import (
+    DELTA_FILE,
+    ArtifactError,
+    ModelVersion,
+    read_manifest,
+    save_adapter,
+    verify_files,
+)
+from csflow.backbones import state_digest
 from csflow.calibration import Calibration
-from csflow.data import ImageError, decode_image, to_tensor
 from csflow.model import CSFlow
+from daemon.adaptation_job import LOG_FILE, Job, JobFailed, JobResult, command, json_safe, read_result, write_job
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, BufferedFrame
 from daemon.events import Event, EventKind, EventLog, now_ms
-from daemon.registry import ModelRegistry, RegistryError
+from daemon.metrics import WorkerMetrics
+from daemon.registry import Fence, ModelRegistry, RegistryError, SupersededError
 from daemon.scopes import camera_scope
 
 RENEWALS_PER_TTL = 3  # the lock is extended this often per expiry period
+FENCE_KEY = "adapt-fence"  # under [redis] key_prefix: the counter that hands out fencing tokens
+KILL_WAIT_S = 10.0  # after SIGKILL, how long to wait for the child to be reaped
+
+OutcomeKind = Literal["accepted", "rejected", "failed", "superseded"]
 
 
 @dataclass(frozen=True)
 class Outcome:
     """How an attempt ended: `version` is the activated version when accepted."""
 
-    accepted: bool
+    kind: OutcomeKind
     version: str | None
     reasons: list[str]
 
+    @property
+    def accepted(self) -> bool:
+        return self.kind == "accepted"
+
 
 class _Run:
-    """One adaptation in a background thread, and the renewal of its lock in another."""
+    """One adaptation in a child process, and the renewal of its lock in a thread."""
 
     def __init__(
-        self, camera: str, parent: ModelVersion, frames: list[BufferedFrame], lock: Lock, settings: Settings
+        self,
+        camera: str,
+        parent: ModelVersion,
+        frames: list[BufferedFrame],
+        lock: Lock,
+        token: str,
+        settings: Settings,
+        directory: Path,
     ) -> None:
         self.camera = camera
         self.parent = parent
         self.frames = frames
         self.lock = lock
+        self.token = token
         self.settings = settings
-        self.result: GatedAdaptation | None = None
-        self.error: str | None = None
-        self.skipped: list[str] = []  # frames that could not be decoded
-        self._done = threading.Event()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = time.monotonic()
+        self.seconds: float | None = None  # the child's wall time, once it exited
+        self.timed_out = False
+        self._log_file: IO[bytes] | None = None
         self._released = threading.Event()
-        self._thread = threading.Thread(target=self._adapt, name=f"adapt-{camera}", daemon=True)
         self._renewer = threading.Thread(target=self._renew, name=f"adapt-lock-{camera}", daemon=True)
         self._log = structlog.get_logger()
 
     def start(self) -> None:
-        self._thread.start()
         self._renewer.start()
+        self._log_file = (self.directory / LOG_FILE).open("wb")
+        self.process = subprocess.Popen(
+            command(self.directory), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        """Whether the child has exited (killed here past [adapt] run_timeout_s)."""
+        if self.process is None:
+            return True
+        if self.process.poll() is None:
+            if time.monotonic() - self.started <= self.settings.adapt.run_timeout_s:
+                return False
+            self.timed_out = True
+            self.kill()
+        if self.seconds is None:
+            self.seconds = time.monotonic() - self.started
+        return True
 
-    def _adapt(self) -> None:
-        try:
-            limits, size = self.settings.limits.to_limits(), self.parent.model.image_size
-            shots = []
-            for frame in self.frames:
-                try:
-                    shots.append(to_tensor(decode_image(frame.data, limits, frame.frame_id), size))
-                except ImageError as exc:
-                    self.skipped.append(str(exc))
-            if not shots:
-                raise ValueError("no buffered frame could be decoded")
-            adapt_config, gate_config = self.settings.adapt.to_configs()
-            self.result = adapt_and_gate(self.parent, torch.stack(shots), adapt_config, gate_config)
-        except Exception as exc:  # a thread's exception would be lost: whatever it is, it is this run's outcome
-            self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._done.set()
+    def result(self) -> JobResult:
+        """The child's result; JobFailed says why there is none."""
+        if self.process is None or self.process.returncode is None:
+            raise JobFailed("the child process did not run")
+        if self.timed_out:
+            raise JobFailed(f"killed after {self.settings.adapt.run_timeout_s:g} s ([adapt] run_timeout_s)")
+        return read_result(self.directory, self.process.returncode)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(KILL_WAIT_S)
 
     def release(self) -> None:
-        """Stop renewing and free the scope (the lock outlives the adaptation while the shadow runs)."""
+        """Stop renewing, free the scope and the job's files (the lock outlives the child during the shadow)."""
         self._released.set()
         _release_quietly(self.lock)
+        self.kill()
+        if self._log_file is not None:
+            self._log_file.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _renew(self) -> None:
         ttl = self.settings.adapt.lock_ttl_s
         while not self._released.wait(ttl / RENEWALS_PER_TTL):
             try:
                 self.lock.extend(ttl, replace_ttl=True)
+            except LockNotOwnedError:
+                # expired (a stall longer than its ttl) and maybe taken: the activation's fence will tell
+                self._log.warning("adaptation lock lost", camera_id=self.camera, token=self.token)
+                return
             except (LockError, redis.RedisError) as exc:
                 self._log.warning("adaptation lock not renewed", camera_id=self.camera, error=str(exc))
 
@@ -137,7 +196,8 @@ class _Shadow:
     """A candidate that passed the offline gate, scored beside its parent on the camera's live frames."""
 
     run: _Run
-    gated: GatedAdaptation
+    result: JobResult
+    candidate: CSFlow
     evaluation: ShadowEvaluation
     deadline: float
 
@@ -146,25 +206,39 @@ class AdaptationController:
     """Starts at most one adaptation at a time per worker and publishes its outcome. Owned by the worker
     loop (not thread-safe); its Redis errors propagate to the worker's retry."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, buffer: AdaptationBuffer, events: EventLog) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        buffer: AdaptationBuffer,
+        events: EventLog,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.client = registry.client
         self.keys = registry.keys
         self.buffer = buffer
         self.events = events
+        self.metrics = metrics
         self.cache_dir = Path(settings.registry.cache_dir)
+        self.fence_key = f"{self.keys.prefix}{FENCE_KEY}"
         self._run: _Run | None = None
         self._shadow: _Shadow | None = None
         self._next_check = 0.0
         self._log = structlog.get_logger()
 
     @property
+    def running(self) -> _Run | None:
+        """The run whose child is going, if any (for the worker's logs and for tests)."""
+        return self._run
+
+    @property
     def shadow(self) -> tuple[str, CSFlow] | None:
         """The camera whose frames the worker must also score with the candidate, and the candidate."""
         if self._shadow is None:
             return None
-        return self._shadow.run.camera, self._shadow.gated.result.model
+        return self._shadow.run.camera, self._shadow.candidate
 
     def observe_shadow(self, parent_scores: list[float], candidate_scores: list[float], nll: list[float]) -> None:
         """The shadow camera's frames of one batch, in stream order: parent and candidate scores, candidate NLLs."""
@@ -178,8 +252,8 @@ class AdaptationController:
         if self._shadow is not None:
             shadow = self._shadow
             if shadow.evaluation.done or time.monotonic() > shadow.deadline:
-                self._conclude(shadow.run, self._shadow_outcome(shadow))
                 self._shadow = None
+                self._conclude(shadow.run, self._shadow_outcome(shadow))
             return
         if self._run is not None:
             if self._run.done:
@@ -195,10 +269,15 @@ class AdaptationController:
                 return
 
     def close(self) -> None:
-        """On shutdown: a run still going is abandoned (its thread dies with the process); free the scope."""
+        """On shutdown: a run still going is killed and recorded as failed (its frames are not tried again
+        until a newer one is confirmed); the scope is freed."""
         for run in (self._run, self._shadow.run if self._shadow else None):
-            if run is not None:
-                run.release()
+            if run is None:
+                continue
+            run.kill()
+            with contextlib.suppress(redis.RedisError):
+                self._conclude(run, self._failed(run, "the worker stopped during the run"))
+            run.release()
         self._run, self._shadow = None, None
 
     # -------------------------------------------------------------------------------------------- start
@@ -207,8 +286,9 @@ class AdaptationController:
         cfg = self.settings.adapt
         if self.buffer.size(camera) < cfg.min_shots or not self._new_frames(camera):
             return False
+        token = str(self.client.incr(self.fence_key))
         lock = self.client.lock(self.keys.adapt_lock(camera), timeout=cfg.lock_ttl_s, thread_local=False)
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(blocking=False, token=token):
             return False  # another worker adapts this scope
         try:
             frames = self.buffer.frames(camera, cfg.max_shots)
@@ -216,14 +296,42 @@ class AdaptationController:
             if len(frames) < cfg.min_shots or not self._new_frames(camera, frames[0]):
                 lock.release()
                 return False
-            detail = {"shots": len(frames), "frame_ids": [f.frame_id for f in frames]}
+            self._record(camera, frames, parent, token, {"status": "running"})  # before anything runs
+            detail = {"shots": len(frames), "frame_ids": [f.frame_id for f in frames], "token": int(token)}
             self.events.append(Event(EventKind.ADAPTATION_STARTED, camera, parent.version, detail))
         except redis.RedisError:
             _release_quietly(lock)
             raise
-        self._run = _Run(camera, parent, frames, lock, self.settings)
-        self._run.start()
-        self._log.info("adaptation started", camera_id=camera, parent=parent.version, shots=len(frames))
+        if self.metrics is not None:
+            self.metrics.adaptations.labels("started").inc()
+        directory = Path(tempfile.mkdtemp(prefix="inspectd-adapt-"))
+        run = _Run(camera, parent, frames, lock, token, self.settings, directory)
+        try:
+            parent_dir = self.registry.materialise(parent.version, self.cache_dir)
+            base = parent.lineage[-1] if parent.lineage else parent.version
+            base_dir = self.registry.materialise(base, self.cache_dir)
+            job = Job(
+                camera=camera,
+                parent_dir=str(parent_dir.resolve()),
+                base_dir=str(base_dir.resolve()),
+                frame_ids=[f.frame_id for f in frames],
+                adapt=self.settings.adapt.model_dump(mode="json"),
+                limits=self.settings.limits.model_dump(mode="json"),
+                device=str(next(parent.model.parameters()).device),
+                max_memory_mb=cfg.max_memory_mb,
+            )
+            write_job(directory, job, [f.data for f in frames])
+            run.start()
+        except redis.RedisError:
+            run.release()
+            raise
+        except (RegistryError, ArtifactError, OSError, ValueError) as exc:
+            self._conclude(run, self._failed(run, f"cannot start the run: {type(exc).__name__}: {exc}"))
+            return True
+        self._run = run
+        self._log.info(
+            "adaptation started", camera_id=camera, parent=parent.version, shots=len(frames), pid=run.pid, token=token
+        )
         return True
 
     def _new_frames(self, camera: str, newest: BufferedFrame | None = None) -> bool:
@@ -241,122 +349,159 @@ class AdaptationController:
         except (ValueError, KeyError, TypeError):
             return True  # an unreadable record does not block adaptation for good
 
+    def _record(
+        self, camera: str, frames: list[BufferedFrame], parent: ModelVersion, token: str, status: dict[str, Any]
+    ) -> None:
+        """The attempt's record, written unless a later attempt (another token) has replaced it."""
+        key = self.keys.adapt_attempt(camera)
+        record = {
+            "newest_frame_id": frames[0].frame_id,
+            "shots": len(frames),
+            "parent": parent.version,
+            "token": int(token),
+            "ts": now_ms(),
+            **status,
+        }
+
+        def change(pipe: redis.client.Pipeline) -> None:
+            raw = pipe.get(key)
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                if raw is not None and int(json.loads(raw)["token"]) > int(token):
+                    return
+            pipe.multi()
+            pipe.set(key, json.dumps(record))
+
+        self.client.transaction(change, key)
+
     # -------------------------------------------------------------------------------------------- finish
 
     def _finish(self, run: _Run) -> None:
-        """The offline gate's outcome: a shadow starts, or the outcome is published or recorded."""
-        outcome = self._outcome(run)
+        """The child's outcome: a failure, a rejection, a shadow that starts, or an activation."""
+        if self.metrics is not None and run.seconds is not None:
+            self.metrics.adaptation_seconds.observe(run.seconds)
+        try:
+            result = run.result()
+        except (JobFailed, OSError, ValueError, TypeError) as exc:
+            self._conclude(run, self._failed(run, str(exc)))
+            return
+        outcome = self._outcome(run, result)
         if outcome is not None:
             self._conclude(run, outcome)
 
     def _conclude(self, run: _Run, outcome: Outcome) -> None:
-        """Record the attempt and free the scope."""
-        attempt = {
-            "newest_frame_id": run.frames[0].frame_id,
-            "shots": len(run.frames),
-            "parent": run.parent.version,
-            "accepted": outcome.accepted,
-            "version": outcome.version,
-            "ts": now_ms(),
-        }
-        self.client.set(self.keys.adapt_attempt(run.camera), json.dumps(attempt))
-        run.release()
+        """Record the attempt's end and free the scope."""
+        status = {"status": outcome.kind, "accepted": outcome.accepted, "version": outcome.version}
+        try:
+            self._record(run.camera, run.frames, run.parent, run.token, status)
+        finally:
+            run.release()
+        if self.metrics is not None:
+            self.metrics.adaptations.labels(outcome.kind).inc()
         log = self._log.info if outcome.accepted else self._log.warning
         log(
-            "adaptation accepted" if outcome.accepted else "adaptation rejected",
+            f"adaptation {outcome.kind}",
             camera_id=run.camera,
             parent=run.parent.version,
             version=outcome.version,
             reasons=outcome.reasons,
         )
 
-    def _outcome(self, run: _Run) -> Outcome | None:
+    def _outcome(self, run: _Run, result: JobResult) -> Outcome | None:
         """The offline gate's verdict; None when the candidate goes into shadow first."""
-        gated = run.result
-        if gated is None:
-            return self._rejected(run, [f"FAIL error: {run.error}"], {})
-        figures = _json_safe(gated.decision.figures)
-        reasons = [*gated.decision.reasons, *(f"skipped frame: {s}" for s in run.skipped)]
-        if not gated.accepted:
+        figures = json_safe(result.figures)
+        reasons = [*result.reasons, *(f"skipped frame: {s}" for s in result.skipped)]
+        if not result.accepted:
             return self._rejected(run, reasons, figures)
+        try:
+            candidate = _candidate(run.parent, run.directory / "adapter")
+        except (ArtifactError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            return self._failed(run, f"the child's adapter cannot be applied: {type(exc).__name__}: {exc}")
         cfg = self.settings.adapt
         if cfg.shadow_frames > 0:
             evaluation = ShadowEvaluation(
                 run.parent.manifest.threshold_calibration,
-                list(gated.decision.figures.get("defect_scores", [])),
+                [s for s in result.figures.get("defect_scores", []) if s is not None],
                 cfg.shadow_config(),
                 self.settings.drift.to_config(),
             )
-            self._shadow = _Shadow(run, gated, evaluation, time.monotonic() + cfg.shadow_timeout_s)
-            detail = {
-                "figures": figures,
-                "reasons": reasons,
-                "frames": cfg.shadow_frames,
-                "adaptation": _json_safe(gated.result.summary()),
-            }
+            self._shadow = _Shadow(run, result, candidate, evaluation, time.monotonic() + cfg.shadow_timeout_s)
+            detail = {"figures": figures, "reasons": reasons, "frames": cfg.shadow_frames, "adaptation": result.summary}
             self.events.append(Event(EventKind.ADAPTATION_SHADOW, run.camera, run.parent.version, detail))
             self._log.info("candidate in shadow", camera_id=run.camera, parent=run.parent.version)
             return None
-        if gated.split.heldout_kind == "views":
+        if result.heldout_kind == "views":
             reason = "FAIL shadow: a candidate adapted on one shot is never activated without shadow evidence"
             return self._rejected(run, [*reasons, f"{reason} ([adapt] shadow_frames is 0)"], figures)
-        return self._activate(run, gated, reasons, figures, None)
+        return self._activate(run, result, candidate, reasons, figures, None)
 
     def _shadow_outcome(self, shadow: _Shadow) -> Outcome:
-        run, gated = shadow.run, shadow.gated
+        run, result = shadow.run, shadow.result
         decision = shadow.evaluation.decide()
-        figures = _json_safe({**gated.decision.figures, "shadow": decision.figures})
-        reasons = [*gated.decision.reasons, *decision.reasons]
+        figures = json_safe({**result.figures, "shadow": decision.figures})
+        reasons = [*result.reasons, *decision.reasons]
         if not decision.accepted:
             return self._rejected(run, reasons, figures)
-        return self._activate(run, gated, reasons, figures, decision.calibration)
+        return self._activate(run, result, shadow.candidate, reasons, figures, decision.calibration)
 
     def _activate(
         self,
         run: _Run,
-        gated: GatedAdaptation,
+        result: JobResult,
+        candidate: CSFlow,
         reasons: list[str],
         figures: dict[str, Any],
         calibration: Calibration | None,
     ) -> Outcome:
         """Save, publish and activate the candidate in the camera's scope (`calibration`: its own operating
-        point for the new domain, None to inherit the parent's)."""
+        point for the new domain, None to inherit the parent's), fenced (see the module docstring)."""
         camera, parent = run.camera, run.parent.version
         try:
-            version = self._save(run, gated, calibration)
+            version = self._save(run, result, candidate, calibration)
             self.registry.publish(self.cache_dir / version)
         except (ArtifactError, RegistryError, OSError, ValueError) as exc:
             return self._rejected(run, [*reasons, f"FAIL publish: {type(exc).__name__}: {exc}"], figures)
-        detail = {"parent": parent, "figures": figures, "reasons": reasons, "adaptation": gated.result.summary()}
-        self.events.append(Event(EventKind.ADAPTATION_ACCEPTED, camera, version, _json_safe(detail)))
-        scope = camera_scope(camera)
-        if not self.registry.history(scope):
-            self.registry.activate(scope, parent)  # pin: a rollback in the camera's scope returns here
-        self.registry.activate(scope, version)
-        return Outcome(True, version, reasons)
+        fence = Fence(self.keys.adapt_lock(camera), run.token, camera, parent)
+        try:
+            self.registry.activate_fenced(camera_scope(camera), version, fence)
+        except SupersededError as exc:
+            detail = {"parent": parent, "reason": str(exc), "token": int(run.token), "figures": figures}
+            self.events.append(Event(EventKind.ADAPTATION_SUPERSEDED, camera, version, detail))
+            return Outcome("superseded", None, [*reasons, f"superseded: {exc}"])
+        detail = {"parent": parent, "figures": figures, "reasons": reasons, "adaptation": result.summary}
+        self.events.append(Event(EventKind.ADAPTATION_ACCEPTED, camera, version, json_safe(detail)))
+        return Outcome("accepted", version, reasons)
 
     def _rejected(self, run: _Run, reasons: list[str], figures: dict[str, Any]) -> Outcome:
         detail = {"figures": figures, "reasons": reasons, "shots": len(run.frames)}
         self.events.append(Event(EventKind.ADAPTATION_REJECTED, run.camera, run.parent.version, detail))
-        return Outcome(False, None, reasons)
+        return Outcome("rejected", None, reasons)
 
-    def _save(self, run: _Run, gated: GatedAdaptation, calibration: Calibration | None) -> str:
-        """The adapter as `cache_dir/{version}`, beside its parent's materialised directory (whose relative
-        path it records); written to a temporary directory and renamed, so a directory there is complete."""
-        parent_dir = self.registry.materialise(run.parent.version, self.cache_dir)
+    def _failed(self, run: _Run, reason: str) -> Outcome:
+        detail = {"reason": reason, "shots": len(run.frames), "token": int(run.token)}
+        self.events.append(Event(EventKind.ADAPTATION_FAILED, run.camera, run.parent.version, detail))
+        return Outcome("failed", None, [f"FAIL run: {reason}"])
+
+    def _save(self, run: _Run, result: JobResult, candidate: CSFlow, calibration: Calibration | None) -> str:
+        """The adapter as `cache_dir/{version}`, parented on the base, beside the base's materialised
+        directory (whose relative path it records); written to a temporary directory and renamed, so a
+        directory there is complete."""
+        parent = run.parent
+        base_id = parent.lineage[-1] if parent.lineage else parent.version
+        base_dir = self.registry.materialise(base_id, self.cache_dir)
+        # Outside the adapter's blocks the parent's model equals its base's: it stands for it (no second model).
+        as_base = ModelVersion(parent.model, self.registry.manifest(base_id), (base_id,))
+        summary = read_manifest(run.directory / "adapter").summary
         tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=self.cache_dir))
         try:
-            result = gated.result
-            summary = {**result.summary(), "gate": _json_safe(gated.decision.figures), "camera_id": run.camera}
             manifest = save_adapter(
                 tmp,
-                result.model,
-                run.parent,
+                candidate,
+                as_base,
                 result.block_names,
                 summary,
                 domain=run.camera,
-                parent_dir=parent_dir,
-                calibration=calibration,
+                parent_dir=base_dir,
+                calibration=calibration or parent.manifest.threshold_calibration,
             )
             target = self.cache_dir / manifest.version
             if not target.is_dir():
@@ -366,18 +511,27 @@ class AdaptationController:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _candidate(parent: ModelVersion, adapter_dir: Path) -> CSFlow:
+    """The child's candidate rebuilt beside the served parent: a copy of the parent's extractor (the flow
+    is shared: frozen, never written) with the adapter's tensors, checked against the adapter's digest."""
+    manifest = read_manifest(adapter_dir)
+    verify_files(adapter_dir, manifest)
+    tensors = load_file(adapter_dir / DELTA_FILE)
+    model = copy.deepcopy(parent.model, memo={id(parent.model.flow): parent.model.flow})
+    state = model.extractor.state_dict()
+    for key, tensor in tensors.items():
+        target = state.get(key)
+        if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
+            raise ArtifactError(f"{adapter_dir}: tensor {key!r} does not fit the parent's extractor")
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            state[key].copy_(tensor)
+    if state_digest(model.extractor) != manifest.backbone_sha256:
+        raise ArtifactError(f"{adapter_dir}: the candidate rebuilt on {parent.version} does not match its digest")
+    return model.eval()
+
+
 def _release_quietly(lock: Lock) -> None:
     """Expired, or Redis unreachable: either way the lock frees itself at its expiry."""
     with contextlib.suppress(LockError, redis.RedisError):
         lock.release()
-
-
-def _json_safe(value: Any) -> Any:
-    """Events and manifests are strict JSON: non-finite figures (a diverged candidate) become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value

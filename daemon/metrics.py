@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ADAPTATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
 
 OTHER_CAMERAS = "_other"  # the label of cameras past the cap (not a valid camera id: no underscore start)
@@ -73,6 +74,18 @@ class WorkerMetrics:
         )
         self.confirmations = Counter(
             "inspectd_confirmations", "Operator confirmations handled, by outcome", ["outcome"], registry=r
+        )
+        self.adaptations = Counter(
+            "inspectd_adaptations",
+            "Adaptation runs by outcome: started, then accepted, rejected, failed (the child died) or superseded",
+            ["outcome"],
+            registry=r,
+        )
+        self.adaptation_seconds = Histogram(
+            "inspectd_adaptation_seconds",
+            "Wall time of an adaptation run's child process, from its start to its exit",
+            buckets=ADAPTATION_BUCKETS,
+            registry=r,
         )
 
     def camera(self, camera_id: str) -> str:

@@ -198,7 +198,8 @@ class Worker:
         )
         stack.callback(self.models.close)
         self._retry("redis", lambda: self.models.bootstrap(cfg.worker.model_dir))
-        self.controller = AdaptationController(cfg, registry, AdaptationBuffer(client, self.store.keys), events)
+        buffer = AdaptationBuffer(client, self.store.keys)
+        self.controller = AdaptationController(cfg, registry, buffer, events, self.metrics)
         stack.callback(self.controller.close)
         pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
         self._log.info(
