@@ -4,8 +4,9 @@
   server whose CONFIG is refused unless told `fsync-assume`; `waitaof` refuses servers without WAITAOF.
 - `replicas:N` with fewer replicas: verdicts are written, but the batch is not committed and /readyz
   names redis, until a replica connects.
-- Redis SIGKILLed mid-stream, with the worker running, under `everysec` + `none` and `always` + `fsync`:
-  how many frames lost their verdict although their offsets were committed (always: none).
+- Redis killed mid-stream, with the worker running, under `everysec` + `none` and `always` + `fsync`, by
+  SIGKILL alone and as by a power cut (powercut.c): how many frames lost their verdict although their
+  offsets were committed (always: none).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ from lab.services import LocalKafka, LocalRedis
 
 COMPOSE = ROOT / "deploy" / "docker" / "compose.yaml"
 DEPLOY_README = ROOT / "deploy" / "README.md"
+POWERCUT_C = Path(__file__).with_name("powercut.c")
 EXIT_CONFIG = 2
 SHORT_WAIT_MS = "200"
 KILL_FRAMES = 400
@@ -205,14 +209,35 @@ def test_too_few_replicas_is_an_outage_nothing_committed(kafka: LocalKafka, mode
 # ------------------------------------------------------------------------------------ Redis SIGKILLed
 
 
+@pytest.fixture(scope="module")
+def powercut(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/integration/powercut.c built: with it preloaded, a SIGKILLed Redis loses what a power cut would."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for tests/integration/powercut.c")
+    out = tmp_path_factory.mktemp("powercut") / "powercut.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(POWERCUT_C), "-ldl"], check=True)
+    return str(out)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("crash", ["sigkill", "powercut"])
 @pytest.mark.parametrize(("appendfsync", "durability"), [("everysec", "none"), ("always", "fsync")])
-def test_redis_sigkilled_mid_stream_what_each_mode_loses(
-    kafka: LocalKafka, model_dir: Path, tmp_path: Path, appendfsync: str, durability: str
+def test_redis_killed_mid_stream_what_each_mode_loses(
+    kafka: LocalKafka,
+    model_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    appendfsync: str,
+    durability: str,
+    crash: str,
 ) -> None:
     """Count the frames whose offsets were committed but whose verdict is gone once Redis has restarted
-    from its AOF: the worker never scores them again. With fsync on every write: none."""
-    with LocalRedis(persist_dir=tmp_path / "redis", appendfsync=appendfsync) as server:
+    from its AOF: the worker never scores them again. `sigkill`: the Redis process dies (what it wrote is
+    in the page cache and survives); `powercut`: what it had not fsynced is lost too. With fsync on every
+    write: none, either way."""
+    env = {"LD_PRELOAD": request.getfixturevalue("powercut")} if crash == "powercut" else None
+    with LocalRedis(persist_dir=tmp_path / "redis", appendfsync=appendfsync, env=env) as server:
         line = Line(kafka, server.url, model_dir, tmp_path, env={"INSPECTD_REDIS__DURABILITY": durability})
         try:
             proc, port = line.start_worker()
@@ -231,9 +256,9 @@ def test_redis_sigkilled_mid_stream_what_each_mode_loses(
             got = line.verdict_ids()
             lost = [i for i in ids if not line.redis.exists(f"{line.prefix}verdict:{i}")]
             print(
-                f"\nappendfsync {appendfsync}, durability {durability}: Redis SIGKILLed with {committed_at_kill} of"
-                f" {KILL_FRAMES} offsets committed; after the restart from the AOF {len(lost)} committed frames"
-                f" have no verdict (lost), {len(got) - len(set(got))} duplicates"
+                f"\nappendfsync {appendfsync}, durability {durability}, {crash}: Redis killed with"
+                f" {committed_at_kill} of {KILL_FRAMES} offsets committed; after the restart from the AOF"
+                f" {len(lost)} committed frames have no verdict (lost), {len(got) - len(set(got))} duplicates"
             )
             assert len(got) == len(set(got))
             assert 0 < committed_at_kill < KILL_FRAMES, "the kill did not land mid-stream"
