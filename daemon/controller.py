@@ -47,7 +47,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -253,12 +253,14 @@ class AdaptationController:
             shadow = self._shadow
             if shadow.evaluation.done or time.monotonic() > shadow.deadline:
                 self._shadow = None
-                self._conclude(shadow.run, self._shadow_outcome(shadow))
+                with _released_on_error(shadow.run):
+                    self._conclude(shadow.run, self._shadow_outcome(shadow))
             return
         if self._run is not None:
             if self._run.done:
                 run, self._run = self._run, None
-                self._finish(run)
+                with _released_on_error(run):
+                    self._finish(run)
             return
         now = time.monotonic()
         if now < self._next_check:
@@ -529,6 +531,17 @@ def _candidate(parent: ModelVersion, adapter_dir: Path) -> CSFlow:
     if state_digest(model.extractor) != manifest.backbone_sha256:
         raise ArtifactError(f"{adapter_dir}: the candidate rebuilt on {parent.version} does not match its digest")
     return model.eval()
+
+
+@contextlib.contextmanager
+def _released_on_error(run: _Run) -> Iterator[None]:
+    """An outage while a finished run is taken up (the worker retries the step) must not leave its lock
+    renewed for ever: the run is given up and its scope freed (its record says `running`: not retried)."""
+    try:
+        yield
+    except BaseException:
+        run.release()
+        raise
 
 
 def _release_quietly(lock: Lock) -> None:

@@ -112,6 +112,17 @@ class DriftWatch:
         self._watches.pop(camera, None)
         self._touched.discard(camera)
 
+    def drop(self, camera: str) -> None:
+        """The camera's partition went to another worker: forget its monitor (saved in Redis with each
+        batch); should the camera come back, its next frame resumes the saved state, with whatever the
+        other worker added to it."""
+        self.forget(camera)
+
+    @property
+    def cameras(self) -> set[str]:
+        """The cameras with a monitor (or a version without one) in this worker."""
+        return set(self._watches)
+
     def _start(self, camera: str, version: ModelVersion) -> _Watch:
         restored = self._restore(camera, version)
         if restored is not None:

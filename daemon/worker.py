@@ -11,6 +11,7 @@ point only causes redelivery, and idempotent verdict writes turn that into exact
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -26,7 +27,7 @@ import numpy as np
 import redis
 import structlog
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, CorruptRecordError, InvalidRecordError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
@@ -82,6 +83,34 @@ class DrainTimeout(RuntimeError):
 
 class Stopped(Exception):
     """Stopping was requested while retrying with no batch in flight: nothing to finish, exit now."""
+
+
+class CameraPartitions(ConsumerRebalanceListener):
+    """Which partitions carry each camera, learnt from the frames that arrive. When partitions are revoked,
+    the cameras that no other assigned partition carries are handed to `drop`: their per-camera state (the
+    drift monitor, its metric series) moves with the partition. The worker that gets the partition resumes
+    the state saved in Redis, and so does this one if the partition comes back."""
+
+    def __init__(self, drop: Callable[[set[str]], None]) -> None:
+        self._drop = drop
+        self._partitions: dict[str, set[tuple[str, int]]] = {}
+
+    def seen(self, camera: str, topic: str, partition: int) -> None:
+        self._partitions.setdefault(camera, set()).add((topic, partition))
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        dropped = set()
+        for camera, partitions in list(self._partitions.items()):
+            partitions -= gone
+            if not partitions:
+                dropped.add(camera)
+                del self._partitions[camera]
+        if dropped:
+            self._drop(dropped)
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        pass  # a camera's state is resumed from Redis by its next frame
 
 
 class Worker:
@@ -164,6 +193,8 @@ class Worker:
         stack.callback(client.close)
         self._probe_redis()
         self.consumer: KafkaConsumer = self._retry("kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size))
+        self.cameras = CameraPartitions(self._revoked)
+        self.consumer.subscribe([cfg.kafka.topic], listener=self.cameras)  # the same topic, with the listener
         stack.callback(self.consumer.close)
         self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))
         stack.callback(self.producer.close)
@@ -323,6 +354,8 @@ class Worker:
                 dead.append(DeadLetter.of(record, exc.reason, exc.detail))
             except Exception as exc:
                 dead.append(DeadLetter.of(record, "parse_error", _describe(exc)))
+        for record, frame in parsed:
+            self.cameras.seen(frame.camera_id, record.topic, record.partition)
         served = self._retry("redis", lambda: self.models.models({f.camera_id for _, f in parsed}))
         sizes = [served[f.camera_id].model.image_size for _, f in parsed]
         decoded_ok: list[tuple[Any, Frame, torch.Tensor]] = []
@@ -587,6 +620,18 @@ class Worker:
             return
         self._retry("redis", self.models.follow)
         self._retry("redis", lambda: self.controller.step(self.drift.alarms()))
+
+    def _revoked(self, cameras: set[str]) -> None:
+        """Partitions were revoked (inside poll()): drop the state of the cameras none of ours carries now.
+        Their drift states are in Redis already (saved with each batch, before its commit)."""
+        drift = getattr(self, "drift", None)
+        for camera in cameras:
+            if drift is not None:
+                drift.drop(camera)
+            for series in (self.metrics.drift_alarm, self.metrics.model):
+                with contextlib.suppress(KeyError):  # never labelled, or counted under "_other"
+                    series.remove(camera)
+        self._log.info("cameras moved away with their partitions", cameras=len(cameras))
 
     def _swapped(self, swap: Swap) -> None:
         """A camera is served another version from its next frame on: a new drift reference too."""

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import torch
 from PIL import Image
 
@@ -307,6 +308,21 @@ def test_the_attempt_is_recorded_before_the_run_so_a_killed_worker_is_not_retrie
     second.close()
     assert plant.attempt()["status"] == "failed"  # a stop during the run is recorded too
     assert "the worker stopped" in plant.events(EventKind.ADAPTATION_FAILED)[-1].detail["reason"]
+
+
+def test_an_outage_while_a_result_is_taken_up_frees_the_scope(plant: Plant, stand_in: list[str]) -> None:
+    """The worker retries the step after an outage; the run is given up, and its lock not renewed for ever."""
+    plant.confirm(2)
+    controller, _ = plant.controller()
+    start(controller, plant.base)
+    plant.client.delete(KEYS.events)
+    plant.client.set(KEYS.events, "not a stream")  # every event append now fails (WRONGTYPE)
+    go(controller)
+    with pytest.raises(redis.ResponseError):
+        finish(controller, plant.base)
+    assert controller.running is None
+    assert not plant.client.exists(KEYS.adapt_lock(CAMERA)), "the lock is still held (and renewed)"
+    assert plant.attempt()["status"] == "running"  # given up: these frames are not tried again
 
 
 @pytest.mark.parametrize("how", ["sigkill", "timeout"])

@@ -654,3 +654,64 @@ def test_a_redelivered_frame_feeds_the_drift_monitor_once(
         finally:
             line.close()
         assert running.outcome.get("rc") == 0
+
+
+# ---------------------------------------------------------------------------------------------- rebalances
+
+
+def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(RuntimeError):  # a set read while the worker's thread changes it
+            if condition():
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_a_cameras_state_leaves_with_its_partition_and_is_resumed_when_it_comes_back(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second member of the group takes some partitions: the worker drops the drift monitors of the
+    cameras on them (and keeps no stale drift metric); when the partitions come back, a camera's next frame
+    resumes its monitor from Redis (frames_seen goes on from the saved count, not from zero)."""
+    from kafka import KafkaConsumer
+
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        try:
+            with in_process(line, model_dir, monkeypatch, **SMALL_DRIFT) as running:
+                wait_ready(running.port)
+                worker = running.worker
+                place = {}
+                for i in range(8):
+                    camera = f"cam-m{i}"
+                    place[camera] = _send(line, camera, png(30 + i), frame_headers(f"m{i}", camera))[0]
+                line.wait_verdicts(8)
+                _until(lambda: set(place) <= worker.drift.cameras, 10, "every camera has a monitor")
+                other = KafkaConsumer(
+                    line.topic,
+                    bootstrap_servers=kafka.bootstrap,
+                    group_id=line.group,
+                    enable_auto_commit=False,
+                    session_timeout_ms=2000,
+                    heartbeat_interval_ms=500,
+                )
+                try:
+                    _until(lambda: bool(other.poll(100) is not None and other.assignment()), 30, "a second member")
+                    taken = {tp.partition for tp in other.assignment()}
+                    moved = {camera for camera, p in place.items() if p in taken}
+                    assert moved and moved != set(place), (taken, place)  # the test needs both kinds
+                    _until(lambda: not moved & worker.drift.cameras, 30, f"{moved} dropped")
+                    metrics = get(running.port, "/metrics")[1].decode()
+                    assert not [c for c in moved if f'inspectd_drift_alarm{{camera_id="{c}"}}' in metrics]
+                finally:
+                    other.close()
+                back = sorted(moved)[0]
+                _until(lambda: len(worker.consumer.assignment()) == 4, 30, "every partition back")
+                _send(line, back, png(40), frame_headers("m-back", back))
+                _wait_verdict(line, "m-back")
+                _until(lambda: _frames_seen(line, back) == 2, 10, f"{back}'s monitor resumed (2 frames seen)")
+        finally:
+            line.close()
+        assert running.outcome.get("rc") == 0
