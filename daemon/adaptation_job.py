@@ -4,10 +4,10 @@ Adapting tunes a copy of the extractor with gradients through the flow: at B5 an
 at 12 GiB, more than a CPU worker pod's limit. Run in the worker's process, an out-of-memory kill takes
 scoring down for every partition of the pod. So the worker's controller (daemon/controller.py) writes a
 job directory and starts `python -m daemon.adaptation_job DIR`, which first sets its own `RLIMIT_DATA`
-from `[adapt] max_memory_mb` (an allocation past it fails with `MemoryError` in the child; the kernel's
-OOM killer, if it strikes first, kills the child alone, since it is the largest process), then decodes
-the shots, adapts and gates. The worker keeps scoring meanwhile and reads the outcome when the child
-exits: an exit code, a signal, or a result.
+from `[adapt] max_memory_mb` (an allocation past it fails with `MemoryError` in the child) and raises its
+own `oom_score_adj` to the maximum (the kernel's OOM killer, if the container runs out first, kills the
+child, not the worker), then decodes the shots, adapts and gates. The worker keeps scoring meanwhile and
+reads the outcome when the child exits: an exit code, a signal, or a result.
 
 Everything crosses by value or by path, never as a pickle:
 - in: `job.json` (the camera, the parent's and the base's materialised directories, the [adapt] and
@@ -24,6 +24,7 @@ adapter does), so adapting an adapted version again yields a one-link chain, nev
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -47,6 +48,7 @@ EXIT_ERROR = 1
 EXIT_MEMORY = 3  # MemoryError: the [adapt] max_memory_mb bound (or the host) ran out
 EXIT_ORPHANED = 4  # the worker that started the run is gone: nobody would read the result
 PARENT_POLL_S = 1.0
+OOM_SCORE_ADJ_MAX = 1000  # the kernel's maximum: the first process its OOM killer picks
 MIB = 1024 * 1024
 # How running out of memory reads when it comes through a library rather than as MemoryError: a shared
 # object torch cannot map while loading, glibc unable to set up a thread, a C++ allocator.
@@ -150,6 +152,14 @@ def bound_memory(max_memory_mb: int) -> None:
     if max_memory_mb > 0:
         limit = max_memory_mb * MIB
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def prefer_as_oom_victim() -> None:
+    """Raise this process's `oom_score_adj` to the maximum (an unprivileged process may raise its own): when
+    the container or the host runs out of memory before the bound is reached, the kernel kills the child,
+    never the worker. Best effort: where /proc is not Linux's, the bound alone protects the worker."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text(str(OOM_SCORE_ADJ_MAX))
 
 
 def _watch_parent() -> None:
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = json.loads((directory / JOB_FILE).read_text())
         bound_memory(int(job["max_memory_mb"]))
+        prefer_as_oom_victim()
         _watch_parent()
         run_job(directory)
         return 0

@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -366,6 +367,13 @@ def test_a_child_out_of_memory_fails_alone_and_is_not_retried(
         time.sleep(0.02)
     assert controller.running is None and metrics.adaptations.labels("started")._value.get() == 1
     plant.client.close()
+
+
+def test_the_child_is_the_oom_killers_first_choice() -> None:
+    """Should the container run out of memory before the child's bound, the kernel kills the child."""
+    code = "import daemon.adaptation_job as j; j.prefer_as_oom_victim(); print(open('/proc/self/oom_score_adj').read())"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(found) == 1000
 
 
 # ------------------------------------------------------------------------------------------ the real job
