@@ -247,6 +247,15 @@ def test_a_model_that_outputs_nan_judges_every_frame_anomalous(
     registry = _registry(line)
     broken = registry.publish(make_model_dir(tmp_path_factory.mktemp("nan-model"), nan_weights=True))
     registry.activate("camera:cam-nan", broken.version)
+    # A new camera's first frames are scored by the default version while its own loads (beside the loop):
+    # one frame makes the worker load it, the next is scored by it.
+    line.producer.send(line.topic, key=b"cam-nan", value=png(8), headers=frame_headers("nan-0", "cam-nan"))
+    line.producer.flush()
+    shop.good_ids.append("nan-0")
+    deadline = time.monotonic() + 60
+    while f'camera_id="cam-nan",version="{broken.version}"' not in get(port, "/metrics")[1].decode():
+        assert time.monotonic() < deadline, line.logs()
+        time.sleep(0.2)
     line.producer.send(line.topic, key=b"cam-nan", value=png(9), headers=frame_headers("nan-1", "cam-nan"))
     line.producer.flush()
     shop.good_ids.append("nan-1")
