@@ -466,9 +466,10 @@ class AdaptationController:
         try:
             self.registry.activate_fenced(camera_scope(camera), version, fence)
         except SupersededError as exc:
-            detail = {"parent": parent, "reason": str(exc), "token": int(run.token), "figures": figures}
-            self.events.append(Event(EventKind.ADAPTATION_SUPERSEDED, camera, version, detail))
-            return Outcome("superseded", None, [*reasons, f"superseded: {exc}"])
+            outcome = Outcome("superseded", None, [*reasons, f"FAIL superseded: {exc}"])
+            detail = {"parent": parent, "reason": str(exc), "reasons": outcome.reasons, "token": int(run.token)}
+            self.events.append(Event(EventKind.ADAPTATION_SUPERSEDED, camera, version, detail | {"figures": figures}))
+            return outcome
         detail = {"parent": parent, "figures": figures, "reasons": reasons, "adaptation": result.summary}
         self.events.append(Event(EventKind.ADAPTATION_ACCEPTED, camera, version, json_safe(detail)))
         return Outcome("accepted", version, reasons)
@@ -479,9 +480,10 @@ class AdaptationController:
         return Outcome("rejected", None, reasons)
 
     def _failed(self, run: _Run, reason: str) -> Outcome:
-        detail = {"reason": reason, "shots": len(run.frames), "token": int(run.token)}
+        outcome = Outcome("failed", None, [f"FAIL run: {reason}"])
+        detail = {"reason": reason, "reasons": outcome.reasons, "shots": len(run.frames), "token": int(run.token)}
         self.events.append(Event(EventKind.ADAPTATION_FAILED, run.camera, run.parent.version, detail))
-        return Outcome("failed", None, [f"FAIL run: {reason}"])
+        return outcome
 
     def _save(self, run: _Run, result: JobResult, candidate: CSFlow, calibration: Calibration | None) -> str:
         """The adapter as `cache_dir/{version}`, parented on the base, beside the base's materialised
