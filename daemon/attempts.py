@@ -84,6 +84,15 @@ class Attempts:
     def pending(self) -> bool:
         return bool(self._finished)
 
+    def abandon(self, records: Sequence[Any]) -> None:
+        """Best effort, on the way out after a drain timeout: these records were not in flight at a crash.
+        Redis may be the outage that timed out: then their counts stay (one attempt each)."""
+        try:
+            self.client.delete(*map(self.key_of, records), *self._finished)
+            self._finished = []
+        except redis.RedisError:
+            pass
+
     def flush(self) -> None:
         """Clear the finished counters now (between batches, when there is no next batch to carry them)."""
         if self._finished:

@@ -318,7 +318,11 @@ class Worker:
         [worker] max_attempts is dead-lettered (crash_loop) without being decoded."""
         counts = self._retry("redis", lambda: self.attempts.begin(records)) if records else None
         if counts is None:  # the hot path: nothing of this batch was in flight at a crash
-            self._handle(records, pool)
+            try:
+                self._handle(records, pool)
+            except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was the outage)
+                self.attempts.abandon(records)
+                raise
             self.attempts.finish(records)
             return
         cap = self.settings.worker.max_attempts
