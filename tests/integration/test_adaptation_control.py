@@ -311,6 +311,41 @@ def test_the_attempt_is_recorded_before_the_run_so_a_killed_worker_is_not_retrie
     assert "the worker stopped" in plant.events(EventKind.ADAPTATION_FAILED)[-1].detail["reason"]
 
 
+class Killed(BaseException):
+    """The worker process dying at this point (as SIGKILL would: nothing after it runs)."""
+
+
+def test_a_worker_killed_between_publish_and_activate_leaves_nothing_active_and_no_retry(
+    plant: Plant, stand_in: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plant.confirm(2)
+    first, _ = plant.controller()
+    start(first, plant.base)
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(first.registry, "activate_fenced", killed)
+    go(first)
+    with pytest.raises(Killed):
+        finish(first, plant.base)
+    assert plant.registry.registered(stand_in[0]), "the candidate was published before the kill"
+    assert plant.registry.active(CAMERA) == plant.base.version and not plant.events(EventKind.ADAPTATION_ACCEPTED)
+    plant.client.delete(KEYS.adapt_lock(CAMERA))  # expired (the kill freed nothing)
+
+    second, _ = plant.controller()
+    for _ in range(5):
+        second.step({CAMERA: plant.base})
+        time.sleep(0.02)
+    assert second.running is None, "the killed worker's frames were tried again"
+    plant.confirm()
+    start(second, plant.base)
+    go(second)
+    finish(second, plant.base)
+    assert plant.registry.active(CAMERA) == stand_in[1]
+    assert [e.version for e in plant.events(EventKind.ADAPTATION_ACCEPTED)] == [stand_in[1]]
+
+
 def test_an_outage_while_a_result_is_taken_up_frees_the_scope(plant: Plant, stand_in: list[str]) -> None:
     """The worker retries the step after an outage; the run is given up, and its lock not renewed for ever."""
     plant.confirm(2)
