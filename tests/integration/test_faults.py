@@ -724,3 +724,54 @@ def test_a_cameras_state_leaves_with_its_partition_and_is_resumed_when_it_comes_
         finally:
             line.close()
         assert running.outcome.get("rc") == 0
+
+
+# The worker as `inspectd run`, except that it SIGKILLs itself when it starts decoding the frame argv[1]:
+# a native crash or an OOM kill at that exact record, with nothing cleaned up.
+DIES_ON = """
+import os, signal, sys
+from daemon.worker import Worker
+decode = Worker._decode
+def dying(self, frame, size):
+    if frame.frame_id == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return decode(self, frame, size)
+Worker._decode = dying
+from cli.main import main
+sys.exit(main(["--config", sys.argv[2], "run"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_record_that_sigkills_the_worker_process_is_dead_lettered_after_max_attempts(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path
+) -> None:
+    """As the in-process test, with real deaths: `inspectd run` subprocesses SIGKILLed while decoding one
+    record, restarted each time (as Kubernetes would)."""
+    import subprocess
+    import sys
+
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        try:
+            good, place = _send_around(line, "cam-kill", "killer")
+            for start in range(MAX_ATTEMPTS + 1):
+                log = (tmp_path / f"worker{start}.log").open("wb")
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", DIES_ON, "killer", str(ROOT / "config.toml")],
+                    cwd=ROOT,
+                    env={**line.env, "INSPECTD_WORKER__HTTP_PORT": "0"},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                line.workers.append(proc)
+                if start < MAX_ATTEMPTS:
+                    assert proc.wait(timeout=120) == -signal.SIGKILL, line.logs()
+            letter = _dead_letter(line, "{}:{}:{}".format(line.topic, *place), timeout=120)
+            assert letter["reason"] == "crash_loop" and letter["frame_id"] == "killer", letter
+            line.wait_verdicts(len(good))
+            time.sleep(SETTLE_S)
+            assert sorted(line.verdict_ids()) == sorted(good)
+            assert proc.poll() is None, line.logs()
+        finally:
+            line.close()
