@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +84,7 @@ from daemon.scopes import camera_scope
 RENEWALS_PER_TTL = 3  # the lock is extended this often per expiry period
 FENCE_KEY = "adapt-fence"  # under [redis] key_prefix: the counter that hands out fencing tokens
 KILL_WAIT_S = 10.0  # after SIGKILL, how long to wait for the child to be reaped
+SETTINGS_ENV_PREFIX = "INSPECTD_"  # daemon/config.py's environment overrides, secrets included
 
 OutcomeKind = Literal["accepted", "rejected", "failed", "superseded"]
 
@@ -132,8 +134,10 @@ class _Run:
     def start(self) -> None:
         self._renewer.start()
         self._log_file = (self.directory / LOG_FILE).open("wb")
+        # The child gets its settings in job.json: no INSPECTD_* variable (Redis and Kafka credentials among them).
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_ENV_PREFIX)}
         self.process = subprocess.Popen(
-            command(self.directory), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT
+            command(self.directory), stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, env=env
         )
         self.started = time.monotonic()
 

@@ -50,13 +50,15 @@ WAIT_S = 60.0
 
 # The stand-in child: waits for `go` in its job directory, then returns the prepared adapter as accepted.
 STAND_IN = """
-import json, pathlib, shutil, sys, time
+import json, os, pathlib, shutil, sys, time
 job, adapter = pathlib.Path(sys.argv[1]), sys.argv[2]
+settings_env = sorted(k for k in os.environ if k.startswith("INSPECTD_"))
 deadline = time.monotonic() + 60
 while not (job / "go").exists() and time.monotonic() < deadline:
     time.sleep(0.02)
 shutil.copytree(adapter, job / "adapter")
-result = {"accepted": True, "reasons": ["ok stand-in"], "figures": {"defect_scores": []}, "heldout_kind": "shots",
+result = {"accepted": True, "reasons": ["ok stand-in", f"env {settings_env}"], "figures": {"defect_scores": []},
+          "heldout_kind": "shots",
           "summary": {}, "block_names": ["blocks.0.0"], "adapter_version": None}
 (job / "result.json").write_text(json.dumps(result))
 """
@@ -205,8 +207,9 @@ def finish(controller: AdaptationController, parent: ModelVersion) -> None:
 
 @pytest.mark.parametrize("stale_first", [True, False], ids=["stale-run-ends-first", "stale-run-ends-last"])
 def test_two_workers_after_a_lock_expiry_activate_exactly_once(
-    plant: Plant, stand_in: list[str], stale_first: bool
+    plant: Plant, stand_in: list[str], stale_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("INSPECTD_REDIS__URL", "redis://:secret@redis:6379/0")  # the child must not inherit it
     plant.confirm(2)
     first, first_metrics = plant.controller()
     start(first, plant.base)
@@ -226,6 +229,7 @@ def test_two_workers_after_a_lock_expiry_activate_exactly_once(
     accepted = plant.events(EventKind.ADAPTATION_ACCEPTED)
     superseded = plant.events(EventKind.ADAPTATION_SUPERSEDED)
     assert [e.version for e in accepted] == [stand_in[1]], "exactly the lock holder's result is activated"
+    assert "env []" in accepted[0].detail["reasons"], "the child inherited the worker's INSPECTD_* settings"
     assert [e.version for e in superseded] == [stand_in[0]]
     assert "lock" in superseded[0].detail["reason"] or "served" in superseded[0].detail["reason"]
     activated = [e.version for e in plant.events(EventKind.VERSION_ACTIVATED) if e.scope == camera_scope(CAMERA)]
