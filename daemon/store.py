@@ -5,7 +5,8 @@ One Lua script per verdict sets `verdict:{frame_id}` only if absent and, only th
 cannot be separated by a crash because a script runs atomically. A verdict carries the sha256 of its
 frame's bytes: when the key exists with another hash, the frame id was reused for another frame, and
 the script says so (the worker dead-letters it as `duplicate_frame_id`) instead of dropping it
-silently. Frame bytes are cached only if absent, so a reused id never replaces the first frame's bytes.
+silently. A frame's bytes are cached by the same script, only with a new verdict and only if absent, so a
+reused id never puts another frame's bytes under the first frame's verdict.
 
 What is kept, and for how long, is sized for a plant (50 cameras at 10 fps, bench/bench_redis_memory.py):
 - `verdict:{frame_id}` is the redelivery guard: it lives for [redis] verdict_ttl_s (hours), or as long
@@ -35,6 +36,9 @@ from PIL import Image
 
 from daemon.frames import Frame
 
+# KEYS: verdict, verdicts stream, frame. ARGV: verdict JSON, its TTL, stream max length, stream fields (JSON),
+# stream retention in ms (0: none), frame bytes to cache ("" : none), frame TTL. The frame is cached with its
+# verdict, only when the verdict is new: a reused id cannot put another frame's bytes under it.
 _WRITE_VERDICT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   local fields = cjson.decode(ARGV[1])
@@ -52,6 +56,9 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
     redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
   else
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(flat))
+  end
+  if ARGV[6] ~= '' then
+    redis.call('SET', KEYS[3], ARGV[6], 'NX', 'EX', ARGV[7])
   end
   return 1
 end
@@ -280,25 +287,31 @@ class VerdictStore:
     def write_all(
         self, verdicts: Sequence[Verdict], frames: Sequence[Frame] | Mapping[str, bytes]
     ) -> tuple[int, list[int]]:
-        """Cache frames (only where absent) and write the verdicts; returns how many verdicts were new and
+        """Write the verdicts, each new one with its frame if cached; returns how many verdicts were new and
         the positions of those whose frame id already has a verdict for other bytes. `frames`: bytes by frame
         id, already chosen (`to_cache`), or `Frame`s, of which the policy keeps the bytes as received."""
         cache = frames if isinstance(frames, Mapping) else self.to_cache(verdicts, frames)
         pipe = self.client.pipeline(transaction=False)
-        for frame_id, data in cache.items():
-            pipe.set(self.keys.frame(frame_id), data, ex=self.frame_ttl_s, nx=True)
         # a cached frame's verdict lives as long as the frame: a confirmation needs it to name the camera
         longer = max(self.verdict_ttl_s, self.frame_ttl_s)
         fields = json.dumps(VERDICT_FIELDS)
         retention_ms = self.stream_retention_s * 1000
         for v in verdicts:
-            ttl = longer if v.frame_id in cache else self.verdict_ttl_s
+            data = cache.get(v.frame_id, b"")
             self._script(
-                keys=[self.keys.verdict(v.frame_id), self.keys.verdicts],
-                args=[json.dumps(asdict(v), separators=COMPACT), ttl, self.stream_max_len, fields, retention_ms],
+                keys=[self.keys.verdict(v.frame_id), self.keys.verdicts, self.keys.frame(v.frame_id)],
+                args=[
+                    json.dumps(asdict(v), separators=COMPACT),
+                    longer if data else self.verdict_ttl_s,
+                    self.stream_max_len,
+                    fields,
+                    retention_ms,
+                    data,
+                    self.frame_ttl_s,
+                ],
                 client=pipe,
             )
-        outcomes = [int(r) for r in pipe.execute()[len(cache) :]]
+        outcomes = [int(r) for r in pipe.execute()]
         return outcomes.count(NEW), [i for i, outcome in enumerate(outcomes) if outcome == DUPLICATE]
 
     def verdict(self, frame_id: str) -> Verdict | None:

@@ -198,6 +198,19 @@ def test_a_cached_frame_is_confirmed_into_the_buffer_as_the_model_saw_it_and_its
         assert img.format == "JPEG" and max(img.size) == 32
 
 
+def test_a_reused_frame_id_never_caches_the_other_frames_bytes(client: redis.Redis) -> None:
+    """The first frame was not cached (far below the threshold); a second one under its id scores near it: it
+    is a duplicate, and its bytes must not be cached under a verdict that describes the first."""
+    s = store(client)
+    frame_id = ids("cam-1", 1, 1000, sampled=False)[0]
+    first = verdict(frame_id, 0.2)
+    second = Verdict(frame_id, "cam-1", 2000, 0.95, 1.0, False, "v1", 5.0, "ok", "", "cd" * 32)
+    write(s, [first], [frame(frame_id)])
+    other = frame(frame_id, data=jpeg(99))
+    assert s.write_all([second], s.to_cache([second], [other], [model_input(other)])) == (0, [0])
+    assert not client.exists(KEYS.frame(frame_id)) and s.verdict(frame_id) == first
+
+
 def test_a_frame_smaller_than_its_model_input_is_cached_as_sent(client: redis.Redis) -> None:
     tiny = io.BytesIO()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tiny, "PNG")
