@@ -188,6 +188,43 @@ def test_a_failed_version_is_tried_again_at_once_when_an_announcement_names_it(
         served.close()
 
 
+def test_a_redis_outage_while_loading_is_not_a_broken_version(
+    registry: ModelRegistry, version_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing under the loader is retried after refresh_s and never counted as a load failure."""
+    materialise = ModelRegistry.materialise
+    calls: list[str] = []
+
+    def flaky(self: ModelRegistry, version: str, cache_dir: str | Path) -> Path:
+        calls.append(version)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis went away")
+        return materialise(self, version, cache_dir)
+
+    monkeypatch.setattr(ModelRegistry, "materialise", flaky)
+    fallback = load_model(version_dirs[0])
+    failures: list[str] = []
+    served = ServedModels(
+        registry,
+        tmp_path / "cache",
+        torch.device("cpu"),
+        REFRESH_S,
+        fallback,
+        lambda _: None,
+        on_load_failed=lambda version, error: failures.append(version),
+    )
+    try:
+        served.bootstrap(version_dirs[0])
+        other = registry.publish(version_dirs[1]).version
+        registry.activate(own_scope(registry, "cam-1"), other)
+        served.follow()
+        assert served.models(["cam-1"])["cam-1"] is fallback
+        follow_until(served, lambda: served.models(["cam-1"])["cam-1"].version == other)
+        assert calls == [other, other] and failures == []
+    finally:
+        served.close()
+
+
 def test_a_slow_load_does_not_hold_the_batch(
     registry: ModelRegistry, version_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
