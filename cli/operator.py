@@ -60,7 +60,8 @@ def cmd_confirm(args: argparse.Namespace, settings: Settings, client: redis.Redi
     for frame_id, cached in zip(frame_ids, pipe.execute(), strict=True):
         if not cached:
             print(
-                f"inspectd: warning: frame {frame_id} is not cached (unknown or expired): it will be rejected",
+                f"inspectd: warning: frame {frame_id} is not cached (unknown, not kept by the cache policy, or"
+                " expired): it will be rejected",
                 file=sys.stderr,
             )
     for entry in entries:

@@ -255,7 +255,7 @@ class RedisSection(Section):
     # in 2 GB. Verdict keys guard against redelivery for verdict_ttl_s; the verdicts stream is trimmed by
     # time and by count; frames are cached only where an operator may confirm them (CachePolicy).
     verdict_ttl_s: int = Field(3600, ge=1)
-    frame_ttl_s: int = Field(600, ge=1)
+    frame_ttl_s: int = Field(300, ge=1)
     stream_max_len: int = Field(1_000_000, ge=1000)
     stream_retention_s: int = Field(3600, ge=0)
     cache_near_threshold: float = Field(0.9, ge=0, le=1)

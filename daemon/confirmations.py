@@ -33,7 +33,10 @@ NORMAL = "normal"
 LABELS = (NORMAL,)  # the only label the buffer takes: adaptation learns from normal frames only
 RECORDED_FIELDS = ("frame_id", "label", "operator", "note")
 NO_VERDICT = "unknown frame: no verdict (never scored here, or its verdict expired)"
-NOT_CACHED = "frame no longer cached (expired after [redis] frame_ttl_s)"
+NOT_CACHED = (
+    "frame not cached: only frames near or over the threshold, a sample, and frames during a drift alarm are"
+    " cached ([redis] cache_*), for [redis] frame_ttl_s"
+)
 
 _STREAM_FUNCTIONS = """
 local function owned(stream, group, id, consumer)

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,8 +38,8 @@ from PIL import Image
 from daemon.frames import Frame
 
 # KEYS: verdict, verdicts stream, frame. ARGV: verdict JSON, its TTL, stream max length, stream fields (JSON),
-# stream retention in ms (0: none), frame bytes to cache ("" : none), frame TTL. The frame is cached with its
-# verdict, only when the verdict is new: a reused id cannot put another frame's bytes under it.
+# the oldest stream entry id to keep ("": no time limit), frame bytes to cache ("": none), frame TTL. The frame
+# is cached with its verdict, only when the verdict is new: a reused id cannot put another frame's bytes under it.
 _WRITE_VERDICT = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   local fields = cjson.decode(ARGV[1])
@@ -47,12 +48,8 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
     table.insert(flat, k)
     table.insert(flat, tostring(fields[k]))
   end
-  local retention_ms = tonumber(ARGV[5])
-  if retention_ms > 0 then
-    -- trimmed by time on the server's clock, the one that stamps the entry ids
-    local now = redis.call('TIME')
-    local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - retention_ms
-    redis.call('XADD', KEYS[2], 'MINID', '~', string.format('%d', oldest), '*', unpack(flat))
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[5], '*', unpack(flat))
     redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', ARGV[3])
   else
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(flat))
@@ -295,7 +292,8 @@ class VerdictStore:
         # a cached frame's verdict lives as long as the frame: a confirmation needs it to name the camera
         longer = max(self.verdict_ttl_s, self.frame_ttl_s)
         fields = json.dumps(VERDICT_FIELDS)
-        retention_ms = self.stream_retention_s * 1000
+        # by the worker's clock (the server's TIME is outside the worker's ACL); entry ids are the server's ms
+        oldest = str(int(time.time() * 1000) - self.stream_retention_s * 1000) if self.stream_retention_s else ""
         for v in verdicts:
             data = cache.get(v.frame_id, b"")
             self._script(
@@ -305,7 +303,7 @@ class VerdictStore:
                     longer if data else self.verdict_ttl_s,
                     self.stream_max_len,
                     fields,
-                    retention_ms,
+                    oldest,
                     data,
                     self.frame_ttl_s,
                 ],

@@ -23,6 +23,7 @@ from daemon.config import ConfirmationsSection, LimitsSection, RedisSection
 from daemon.confirmations import NOT_CACHED, AdaptationBuffer, ConfirmationProcessor, normal_entry, submit
 from daemon.frames import Frame
 from daemon.store import ALARM, NEAR, SAMPLE, CachePolicy, Keys, Verdict, VerdictStore, _bucket
+from lab.services import LocalRedis
 
 KEYS = Keys("s:")
 POLICY = CachePolicy(near_threshold=0.9, sample_every=1000, alarm_every=5)
@@ -225,3 +226,19 @@ def test_without_a_policy_the_store_caches_every_frame_as_received(client: redis
     f = frame("any")
     s.write([verdict("any", 0.0)], [f])
     assert client.get(KEYS.frame("any")) == f.data
+
+
+def test_the_default_policy_writes_under_the_workers_documented_acl(
+    redis_server: LocalRedis, client: redis.Redis
+) -> None:
+    """The time trim and the frame cache run inside the verdict script, with the worker user's rights (a
+    script calling TIME, outside that ACL, failed every write)."""
+    from test_console_acl import acl_lines, user_url
+
+    for command in acl_lines(KEYS.prefix):
+        client.execute_command(*command)
+    worker = redis.Redis.from_url(user_url(redis_server, "inspectd-worker"))
+    s = VerdictStore(worker, KEYS, VERDICT_TTL_S, FRAME_TTL_S, 100_000, RedisSection().cache_policy(), 3600)
+    near = ids("cam-1", 1, 1000, sampled=False)[0]
+    assert write(s, [verdict(near, 0.95)], [frame(near)]) == 1
+    assert client.xlen(KEYS.verdicts) == 1 and client.exists(KEYS.frame(near))
