@@ -89,7 +89,10 @@ class CameraPartitions(ConsumerRebalanceListener):
     """Which partitions carry each camera, learnt from the frames that arrive. When partitions are revoked,
     the cameras that no other assigned partition carries are handed to `drop`: their per-camera state (the
     drift monitor, its metric series) moves with the partition. The worker that gets the partition resumes
-    the state saved in Redis, and so does this one if the partition comes back."""
+    the state saved in Redis, and so does this one if the partition comes back. Under the eager protocol
+    (kafka-python's default) a rebalance revokes every partition first, so every camera is resumed from
+    Redis by its next frame: one read per camera per rebalance. A lost membership (`on_partitions_lost`)
+    counts as a revocation."""
 
     def __init__(self, drop: Callable[[set[str]], None]) -> None:
         self._drop = drop
