@@ -195,7 +195,7 @@ class _Runner:
         self.test_images = cache(self._test_images)
         self.train_features = cache(self._train_features)
         self.test_features = cache(self._test_features)
-        self.source_clean_tpr = cache(self._source_clean_tpr)
+        self.source_clean_scores = cache(self._source_clean_scores)
 
     def compute(self, key: str) -> Cell:
         shift, setting, *rest = key.split("/")
@@ -321,7 +321,9 @@ class _Runner:
             "shadow_accepted": decision.accepted,
             "reasons": [r for r in [*gated.decision.reasons, *decision.reasons] if not r.startswith("ok")],
             "shadow": {key: decision.figures.get(key) for key in ("candidate_flag_rate", "parent_flag_rate", "scale")},
-            "source_clean_tpr": self.source_clean_tpr(),
+            # What the line flagged before the drift: the shadow's frames, unshifted, under the source.
+            "line_flag_rate_before": float((self.source_clean_scores()[live] > version.threshold).mean()),
+            "source_clean_tpr": self._metrics(self.source_clean_scores(), version.threshold)[1][1],
             "fpr_inherited_threshold": float(
                 (candidate.image[judged][~self.anomalous[judged]] > version.threshold).mean()
             ),
@@ -340,12 +342,8 @@ class _Runner:
         n_defects = max(1, round(STREAM_DEFECT_SHARE * half))
         return rng.permutation(np.r_[normal[:half], defective[:n_defects]]), np.r_[normal[half:], defective[n_defects:]]
 
-    def _source_clean_tpr(self) -> float:
-        version = self.source_version()
-        scores = score_images(version.model, self._test_images(None), self.spec.fit.train.batch_size).image
-        tpr = self._metrics(scores, version.threshold)[1][1]
-        assert tpr is not None
-        return tpr
+    def _source_clean_scores(self) -> np.ndarray:
+        return score_images(self.source_version().model, self.test_images(None), self.spec.fit.train.batch_size).image
 
     # --- helpers ----------------------------------------------------------------------------------
     def _shot_indices(self, k: int, fold: int) -> list[int]:
