@@ -258,6 +258,7 @@ class RedisSection(Section):
     frame_ttl_s: int = Field(300, ge=1)
     stream_max_len: int = Field(1_000_000, ge=1000)
     stream_retention_s: int = Field(3600, ge=0)
+    drift_state_ttl_s: int = Field(604_800, ge=1)
     cache_near_threshold: float = Field(0.9, ge=0, le=1)
     cache_sample_every: int = Field(1000, ge=0)
     cache_alarm_every: int = Field(5, ge=0)
@@ -320,6 +321,7 @@ class WorkerSection(Section):
     drain_timeout_s: float = Field(30.0, gt=0)
     lag_interval_s: float = Field(5.0, gt=0)
     max_camera_series: int = Field(1000, ge=1)
+    max_cameras: int = Field(1000, ge=1)
     model_dir: str = "models/latest"
     # A record in flight when the process died this many times is dead-lettered undecoded (crash_loop);
     # its attempt counter in Redis expires after attempts_ttl_s (daemon/attempts.py).

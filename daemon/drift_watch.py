@@ -42,11 +42,15 @@ class _Watch:
 class DriftWatch:
     """The monitors of the cameras one worker scores. Not thread-safe: the worker loop owns it."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, events: EventLog, config: DriftConfig) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, events: EventLog, config: DriftConfig, state_ttl_s: int
+    ) -> None:
+        """`state_ttl_s`: how long a camera's saved state outlives its last frame ([redis] drift_state_ttl_s)."""
         self.client = client
         self.keys = keys
         self.events = events
         self.config = config
+        self.state_ttl_s = state_ttl_s
         self._watches: dict[str, _Watch] = {}
         self._touched: set[str] = set()
         self._thresholds: dict[str, Thresholds | None] = {}  # by version id: simulated once per version
@@ -93,7 +97,7 @@ class DriftWatch:
             watch = self._watches[camera]
             monitor, version = watch.monitor, watch.version.version
             state = {"version": version, "state": monitor.state_dict()}
-            pipe.set(self.keys.drift(camera), json.dumps(state, allow_nan=False))
+            pipe.set(self.keys.drift(camera), json.dumps(state, allow_nan=False), ex=self.state_ttl_s)
             if monitor.drift_detected and not watch.announced:
                 alarmed[camera] = monitor.summary()
                 self.events.append(Event(EventKind.DRIFT_ALARM, camera, version, alarmed[camera]), pipe)

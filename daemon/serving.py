@@ -148,6 +148,18 @@ class ServedModels:
         for version in set(self._wanted.values()):
             self._request(version)
 
+    def forget(self, cameras: Collection[str]) -> None:
+        """These cameras left this worker (their partition moved, or they were idle longest): their next frame,
+        if any, resolves their version again."""
+        for camera in cameras:
+            self._served.pop(camera, None)
+            self._wanted.pop(camera, None)
+
+    @property
+    def cameras(self) -> set[str]:
+        """The cameras this worker has a version for."""
+        return set(self._served)
+
     def loading(self) -> dict[str, str]:
         """Cameras waiting for a version to load: camera -> that version."""
         return dict(self._wanted)

@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -86,7 +87,8 @@ class Stopped(Exception):
 
 
 class CameraPartitions(ConsumerRebalanceListener):
-    """Which partitions carry each camera, learnt from the frames that arrive. When partitions are revoked,
+    """Which partitions carry each camera, learnt from the frames that arrive, least recently seen first (so
+    that `idle` can name the cameras to forget beyond [worker] max_cameras). When partitions are revoked,
     the cameras that no other assigned partition carries are handed to `drop`: their per-camera state (the
     drift monitor, its metric series) moves with the partition. The worker that gets the partition resumes
     the state saved in Redis, and so does this one if the partition comes back. Under the eager protocol
@@ -96,10 +98,18 @@ class CameraPartitions(ConsumerRebalanceListener):
 
     def __init__(self, drop: Callable[[set[str]], None]) -> None:
         self._drop = drop
-        self._partitions: dict[str, set[tuple[str, int]]] = {}
+        self._partitions: OrderedDict[str, set[tuple[str, int]]] = OrderedDict()
 
     def seen(self, camera: str, topic: str, partition: int) -> None:
         self._partitions.setdefault(camera, set()).add((topic, partition))
+        self._partitions.move_to_end(camera)
+
+    def idle(self, keep: int) -> set[str]:
+        """Forget all but the `keep` most recently seen cameras; returns the forgotten ones."""
+        gone = set()
+        while len(self._partitions) > keep:
+            gone.add(self._partitions.popitem(last=False)[0])
+        return gone
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in revoked}
@@ -218,7 +228,7 @@ class Worker:
         )
         registry = ModelRegistry.from_settings(client, cfg)
         events = EventLog(client, self.store.keys, cfg.redis.events_max_len)
-        self.drift = DriftWatch(client, self.store.keys, events, cfg.drift.to_config())
+        self.drift = DriftWatch(client, self.store.keys, events, cfg.drift.to_config(), cfg.redis.drift_state_ttl_s)
         self.models = ServedModels(
             registry,
             cfg.registry.cache_dir,
@@ -424,6 +434,8 @@ class Worker:
             self._dead_letter(dead)
         self._retry("redis", self.durability.after_write)  # [redis] durability: the writes are safe to commit
         self._commit()
+        if idle := self.cameras.idle(self.settings.worker.max_cameras):  # after the batch's drift states are saved
+            self._forget(idle, "cameras idle longest beyond [worker] max_cameras forgotten")
         t4 = time.perf_counter()
         self._observe(verdicts, dead, {"decode": t1 - t0, "score": t2 - t1, "redis": t3 - t2, "commit": t4 - t3})
         self._log.info(
@@ -629,16 +641,23 @@ class Worker:
         self._retry("redis", lambda: self.controller.step(self.drift.alarms()))
 
     def _revoked(self, cameras: set[str]) -> None:
-        """Partitions were revoked (inside poll()): drop the state of the cameras none of ours carries now.
-        Their drift states are in Redis already (saved with each batch, before its commit)."""
-        drift = getattr(self, "drift", None)
+        """Partitions were revoked (inside poll()): drop the state of the cameras none of ours carries now."""
+        self._forget(cameras, "cameras moved away with their partitions")
+
+    def _forget(self, cameras: set[str], why: str) -> None:
+        """Drop the cameras' state in this worker: drift monitor, served version, metric series. Their drift
+        states are in Redis already (saved with each batch, before its commit): a camera that sends again
+        resumes there."""
+        drift, models = getattr(self, "drift", None), getattr(self, "models", None)
+        if models is not None:
+            models.forget(cameras)
         for camera in cameras:
             if drift is not None:
                 drift.drop(camera)
             for series in (self.metrics.drift_alarm, self.metrics.model):
                 with contextlib.suppress(KeyError):  # never labelled, or counted under "_other"
                     series.remove(camera)
-        self._log.info("cameras moved away with their partitions", cameras=len(cameras))
+        self._log.info(why, cameras=len(cameras))
 
     def _swapped(self, swap: Swap) -> None:
         """A camera is served another version from its next frame on: a new drift reference too."""

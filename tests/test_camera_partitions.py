@@ -21,3 +21,16 @@ def test_a_camera_is_dropped_once_none_of_its_partitions_is_left() -> None:
     assert dropped == [{"cam-2"}, {"cam-1", "cam-3"}]
     cameras.on_partitions_revoked({TopicPartition("frames", 0)})  # nothing left to drop: no call
     assert len(dropped) == 2
+
+
+def test_only_the_most_recently_seen_cameras_are_kept() -> None:
+    """10,000 camera ids cannot grow a worker's per-camera state: beyond the bound, those seen least recently
+    are named for forgetting (their state resumes from Redis if they send again)."""
+    cameras = CameraPartitions(lambda _: None)
+    for i in range(10_000):
+        cameras.seen(f"cam-{i}", "frames", i % 8)
+    cameras.seen("cam-0", "frames", 0)  # seen again: now the most recent
+    forgotten = cameras.idle(keep=100)
+    assert len(forgotten) == 9_900 and "cam-0" not in forgotten and "cam-9999" not in forgotten
+    assert "cam-1" in forgotten and "cam-9900" in forgotten and "cam-9901" not in forgotten
+    assert cameras.idle(keep=100) == set()

@@ -775,3 +775,50 @@ def test_a_record_that_sigkills_the_worker_process_is_dead_lettered_after_max_at
             assert proc.poll() is None, line.logs()
         finally:
             line.close()
+
+
+# ---------------------------------------------------------------------------------------------- many cameras
+
+
+def _many_cameras(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, keep: int
+) -> None:
+    """`n` distinct camera ids, one frame each, through a worker that keeps `keep` cameras: every frame gets
+    its verdict, and the worker's per-camera state (drift monitors, served versions, rebalance map) and
+    metric series stay within their bounds."""
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        env = {"INSPECTD_WORKER__MAX_CAMERAS": str(keep), "INSPECTD_WORKER__MAX_CAMERA_SERIES": str(keep)}
+        try:
+            with in_process(line, model_dir, monkeypatch, **env) as running:
+                wait_ready(running.port)
+                for i in range(n):
+                    camera = f"many-{i}"
+                    line.producer.send(
+                        line.topic, key=camera.encode(), value=png(i % 7), headers=frame_headers(f"m{i}", camera)
+                    )
+                line.producer.flush()
+                assert len(line.wait_verdicts(n, timeout=max(120.0, n / 10))) == n
+                worker = running.worker
+                assert len(worker.drift.cameras) <= keep and len(worker.models.cameras) <= keep
+                assert len(worker.cameras.idle(keep)) == 0  # the rebalance map was kept within the bound too
+                metrics = get(running.port, "/metrics")[1].decode()
+                rows = [row for row in metrics.splitlines() if 'camera_id="' in row]
+                labels = {row.split('camera_id="')[1].split('"')[0] for row in rows}
+                assert len(labels) <= keep + 1, len(labels)  # + "_other"
+        finally:
+            line.close()
+        assert running.outcome.get("rc") == 0
+
+
+def test_cameras_beyond_the_bound_are_forgotten(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _many_cameras(kafka, model_dir, tmp_path, monkeypatch, n=200, keep=20)
+
+
+@pytest.mark.slow
+def test_ten_thousand_camera_ids_keep_memory_and_metric_series_bounded(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _many_cameras(kafka, model_dir, tmp_path, monkeypatch, n=10_000, keep=1000)

@@ -338,19 +338,20 @@ def test_drift_state_is_resumed_for_the_same_version_and_settings_only(client: r
     reference = rng.gamma(9.0, 0.1, 60).tolist()
     version = stub_version("v1", reference)
     events = EventLog(client, KEYS, 1000)
-    watch = DriftWatch(client, KEYS, events, DRIFT)
+    watch = DriftWatch(client, KEYS, events, DRIFT, 3600)
     states = watch.observe("cam-1", version, (3 * rng.gamma(9.0, 0.1, 40)).tolist())
     assert states[0] == "warmup" and states[-1] == "alarm"
     assert list(watch.save()) == ["cam-1"] and watch.save() == {}
+    assert 0 < client.ttl(KEYS.drift("cam-1")) <= 3600  # a camera that stopped sending does not stay for ever
     assert list(watch.alarms()) == ["cam-1"]
 
-    restarted = DriftWatch(client, KEYS, events, DRIFT)
+    restarted = DriftWatch(client, KEYS, events, DRIFT, 3600)
     assert restarted.observe("cam-1", version, [0.9]) == ["alarm"]
     assert restarted.save() == {}  # announced by the worker that raised it
     assert [e.kind for e in events.recent()] == [EventKind.DRIFT_ALARM]
 
     def first_state(config: DriftConfig, camera: str, v: ModelVersion) -> str:
-        return DriftWatch(client, KEYS, events, config).observe(camera, v, [0.9])[0]
+        return DriftWatch(client, KEYS, events, config, 3600).observe(camera, v, [0.9])[0]
 
     assert first_state(DRIFT, "cam-1", stub_version("v2", reference)) == "warmup"  # another version
     assert first_state(DriftConfig(window=12, ert=200), "cam-1", version) == "warmup"  # other settings
