@@ -26,7 +26,14 @@ from daemon.store import Keys
 from drift.monitor import DriftMonitor
 
 Verdicts = Sequence[Mapping[str, str]]
-ADAPTATION_KINDS = (EventKind.ADAPTATION_STARTED, EventKind.ADAPTATION_ACCEPTED, EventKind.ADAPTATION_REJECTED)
+ADAPTATION_KINDS = (
+    EventKind.ADAPTATION_STARTED,
+    EventKind.ADAPTATION_SHADOW,
+    EventKind.ADAPTATION_ACCEPTED,
+    EventKind.ADAPTATION_REJECTED,
+    EventKind.ADAPTATION_FAILED,
+    EventKind.ADAPTATION_SUPERSEDED,
+)
 # Registry changes name a typed scope (camera:ID, line:NAME, default); every other event names the camera id.
 REGISTRY_KINDS = (EventKind.VERSION_ACTIVATED, EventKind.ROLLBACK, EventKind.VERSION_UNPINNED)
 EVENTS_PAGE = 500  # events read per round trip when filtering

@@ -59,7 +59,9 @@ def wait_for_model(settings: Settings, load: Loader, stop: threading.Event) -> M
     )
     log = structlog.get_logger()
     log.warning("waiting for a model", reason=reason)
-    health = HealthServer(cfg.http_host, cfg.http_port, CollectorRegistry(), lambda: {"model": reason})
+    health = HealthServer(
+        cfg.http_host, cfg.http_port, CollectorRegistry(), lambda: {"model": reason}, lambda: None, cfg.http_timeout_s
+    )
     health.start()
     try:
         while not stop.wait(settings.registry.refresh_s):

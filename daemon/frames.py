@@ -40,6 +40,7 @@ REASONS = (
     "bad_id",  # a camera or frame id outside ID_PATTERN
     "camera_mismatch",  # the Kafka key and the camera_id header name different cameras
     "duplicate_frame_id",  # a frame id that already has a verdict for other bytes
+    "crash_loop",  # in flight when the process died [worker] max_attempts times (daemon/attempts.py)
 )
 
 

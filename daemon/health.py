@@ -11,6 +11,7 @@ import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -24,12 +25,14 @@ class HealthServer:
         port: int,
         registry: CollectorRegistry,
         readiness: Callable[[], dict[str, str]],
-        liveness: Callable[[], str | None] = lambda: None,
-        timeout_s: float = 5.0,
+        liveness: Callable[[], str | None],
+        timeout_s: float,
+        models: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         """`liveness()` returns why the process is stuck, or None; `timeout_s` bounds each socket read
-        and write of a connection."""
-        registry_, readiness_, liveness_ = registry, readiness, liveness
+        and write of a connection; `models()` says what the model loader is doing (shown by /readyz: a
+        version loading or failing to load does not make the worker unready, its cameras keep a version)."""
+        registry_, readiness_, liveness_, models_ = registry, readiness, liveness, models
 
         class Handler(BaseHTTPRequestHandler):
             timeout = timeout_s  # StreamRequestHandler sets it on the socket: an idle client is dropped
@@ -42,7 +45,7 @@ class HealthServer:
                 elif self.path == "/readyz":
                     problems = readiness_()
                     body = json.dumps(
-                        {"ready": not problems, "not_ready": sorted(problems), "reasons": problems}
+                        {"ready": not problems, "not_ready": sorted(problems), "reasons": problems, "models": models_()}
                     ).encode()
                     self._send(503 if problems else 200, "application/json", body)
                 elif self.path == "/metrics":

@@ -103,6 +103,7 @@ class ServedModels:
         self._wanted: dict[str, str] = {}  # camera -> version id it moves to once loaded
         self._loading: set[str] = set()  # queued or being built
         self._retry_at: dict[str, float] = {}  # version -> monotonic time before which a failed load waits
+        self._failed: dict[str, str] = {}  # version -> why its last load failed (until one succeeds)
         self._requests: queue.Queue[str | None] = queue.Queue(maxsize=load_queue)
         self._results: queue.Queue[LoadResult] = queue.Queue()
         self._stopping = threading.Event()
@@ -159,6 +160,11 @@ class ServedModels:
     def cameras(self) -> set[str]:
         """The cameras this worker has a version for."""
         return set(self._served)
+
+    def load_state(self) -> dict[str, dict[str, str]]:
+        """For /readyz, from another thread (dict copies are atomic): the cameras waiting for a version to
+        load (served a stand-in meanwhile) and the versions whose last load failed, with the error."""
+        return {"loading": dict(self._wanted), "failed": dict(self._failed)}
 
     def loading(self) -> dict[str, str]:
         """Cameras waiting for a version to load: camera -> that version."""
@@ -263,6 +269,7 @@ class ServedModels:
             self._loading.discard(result.version)
             if result.model is not None:
                 self._retry_at.pop(result.version, None)
+                self._failed.pop(result.version, None)
                 self._log.info(
                     "model version loaded",
                     version=result.version,
@@ -278,6 +285,7 @@ class ServedModels:
                 self._log.warning("cannot load model version: Redis", version=result.version, error=result.error)
             else:
                 self._retry_at[result.version] = time.monotonic() + self.load_retry_s
+                self._failed[result.version] = result.error
                 self._log.error(
                     "cannot load model version",
                     version=result.version,

@@ -186,6 +186,7 @@ class Worker:
                 self.not_ready,
                 self.stalled,
                 cfg.worker.http_timeout_s,
+                lambda: self.models.load_state() if hasattr(self, "models") else {},
             )
             health.start()
             stack.callback(health.stop)

@@ -19,7 +19,7 @@ ANSWER_WITHIN_S = 2.0
 
 @pytest.fixture
 def server() -> Iterator[HealthServer]:
-    health = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: {}, timeout_s=TIMEOUT_S)
+    health = HealthServer("127.0.0.1", 0, CollectorRegistry(), lambda: {}, lambda: None, TIMEOUT_S)
     health.start()
     yield health
     health.stop()

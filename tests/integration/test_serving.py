@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import threading
 import time
@@ -408,6 +409,8 @@ def test_a_cold_camera_does_not_stall_the_worker(
                 assert loading.is_set(), "the slow load was not started"
                 assert health == {200}, health
                 assert {_verdict(line, f)["model_version"] for f in sent} == {base.version}
+                ready = json.loads(get(running.port, "/readyz")[1])  # loading is no reason to be unready
+                assert ready["ready"] and ready["models"]["loading"].get("cam-cold") == adapted, ready
                 while "cam-cold" in running.worker.models.loading():  # the load, still going in the background
                     assert time.monotonic() < deadline, line.logs()
                     health.add(get(running.port, "/healthz")[0])
@@ -418,6 +421,10 @@ def test_a_cold_camera_does_not_stall_the_worker(
                 assert versions == [adapted] * 4 + [base.version] * 2
                 time.sleep(4 * 0.2)  # a few refreshes: the failed version waits for load_retry_s
                 assert _metric(running.port, "inspectd_model_load_failures_total") == 1
+                ready = json.loads(get(running.port, "/readyz")[1])
+                # cam-bad still waits for its version (and is served the default), whose load failed
+                assert ready["models"]["loading"] == {"cam-bad": unloadable}, ready
+                assert FLOW_FILE in ready["models"]["failed"][unloadable], ready
                 assert get(running.port, "/healthz")[0] == 200
         finally:
             line.close()
