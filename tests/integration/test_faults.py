@@ -822,3 +822,31 @@ def test_ten_thousand_camera_ids_keep_memory_and_metric_series_bounded(
     kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _many_cameras(kafka, model_dir, tmp_path, monkeypatch, n=10_000, keep=1000)
+
+
+def test_redis_killed_without_persistence_comes_back_empty_and_the_line_goes_on(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path
+) -> None:
+    """Redis SIGKILLed and restarted empty (no persistence: the registry, verdict keys and drift states are
+    gone): the worker rides out the outage and serves its configured version, and every frame sent after the
+    restart gets exactly one verdict."""
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        try:
+            proc, port = line.start_worker()
+            wait_ready(port)
+            line.wait_verdicts(len(line.send(8)))
+            time.sleep(SETTLE_S)  # the batch's offsets are committed
+            server.stop(kill=True)
+            time.sleep(DOWNTIME_S)
+            server.start()
+            assert line.redis.dbsize() == 0  # nothing survived the kill
+            later = line.send(8, start=8)
+            line.wait_verdicts(8)
+            time.sleep(SETTLE_S)  # anything written twice would show by now
+            got = line.verdict_ids()
+            assert sorted(got) == sorted(later), line.logs()
+            assert proc.poll() is None, line.logs()
+            wait_ready(port)
+        finally:
+            line.close()
