@@ -20,6 +20,15 @@ flow and every extractor block its adapter leaves alone are the base's own tenso
 mode, so read-only), and only the adapted blocks are copies; a second adapted version of a base costs
 its adapter blocks, not a model. The base is loaded first when it is not yet.
 
+Every served version runs under the worker's serving options ([model] precision, channels_last; see
+`ModelSection.worker_serving_options`): the configured version and each loaded base are prepared
+(`csflow.inference.prepare_for_serving`) before they serve, and an adapted version built on a prepared
+base is prepared with it: its copied blocks keep the base's memory layout and its flow is the base's,
+already in bf16 for bf16-flow. Options that would change the extractor's modules (folded batch norms, a
+bf16 extractor) are refused, since adapters are loaded into copies of those modules. The worker's shadow
+candidates are built the same way on the served parent (`daemon/controller.py`), so a candidate and its
+parent are scored under the same options.
+
 A version that cannot be loaded (a missing base path, a corrupt blob, a threshold that is not a finite
 number, or any exception while loading) is logged, reported to `on_load_failed`, and the camera keeps
 what it served; it is tried again after [registry] load_retry_s, or at once when an announcement names
@@ -44,10 +53,14 @@ import torch
 from redis.client import PubSub
 
 from csflow.artifacts import ArtifactError, ModelVersion, lineage, load_adapted, load_model
+from csflow.inference import prepare_for_serving
+from csflow.model import CSFlow
+from csflow.serving_options import FP32, ServingOptions
 from daemon.registry import DEFAULT_SCOPE, Announcement, ModelRegistry
 
 MAX_MESSAGES = 1000  # announcements taken per call, so a flood cannot hold the loop
 STOP_WAIT_S = 1.0  # close(): how long to wait for the loader to finish what it is building
+PREPARED = "_inspectd_serving_options"  # set on a prepared model (and so on its copies): prepared once
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,13 @@ class ServedModels:
         on_load_failed: Callable[[str, str], None] | None = None,
         load_queue: int = 8,
         load_retry_s: float = 60.0,
+        options: ServingOptions = FP32,
     ) -> None:
+        """`fallback` is prepared for `options` here, in place (see the module docstring)."""
+        if options.fold_batch_norm or options.precision == "bf16":
+            raise ValueError(f"the worker cannot serve {options}: adapters are loaded into its extractor's blocks")
+        self.options = options
+        prepare(fallback.model, options)
         self.registry = registry
         self.cache_dir = Path(cache_dir)
         self.device = device
@@ -333,13 +352,26 @@ class ServedModels:
         if base is None:
             base_dir = directory if base_id == version else self.registry.materialise(base_id, self.cache_dir)
             base = load_model(base_dir, str(self.device))
+            prepare(base.model, self.options)
         model = base if base_id == version else load_adapted(directory, base)
+        prepare(model.model, self.options)  # built on the prepared base: already is (its copies keep the mark)
         _check_threshold(model)
         with self._lock:
             if math.isfinite(base.threshold):  # else it may hold the flow, but never serves
                 self._loaded.setdefault(base_id, base)
             self._loaded[version] = model
         return model
+
+
+def prepare(model: CSFlow, options: ServingOptions) -> None:
+    """Prepare `model` in place for `options` unless it (or the model it was copied from) already is; a model
+    prepared for other options cannot be undone, so that is an error."""
+    done = getattr(model, PREPARED, None)
+    if done is None:
+        prepare_for_serving(model, options)
+        setattr(model, PREPARED, options)
+    elif done != options:
+        raise ValueError(f"the model was prepared for {done}, not {options}")
 
 
 def _check_threshold(model: ModelVersion) -> None:

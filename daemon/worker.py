@@ -129,8 +129,11 @@ class CameraPartitions(ConsumerRebalanceListener):
 class Worker:
     def __init__(self, settings: Settings, model: ModelVersion, device: torch.device) -> None:
         """`model` is the configured version ([worker] model_dir): the registry's default when it has none,
-        and what a camera is served when its version cannot be loaded."""
+        and what a camera is served when its version cannot be loaded. Every served version runs under
+        `options` ([model] precision, channels_last; fold_batch_norm and a bf16 extractor are refused here,
+        see `ModelSection.worker_serving_options`)."""
         self.settings = settings
+        self.options = settings.model.worker_serving_options()
         self.model = model
         self.device = device
         self.metrics = WorkerMetrics(settings.worker.max_camera_series)
@@ -240,6 +243,7 @@ class Worker:
             on_load_failed=lambda version, error: self.metrics.model_load_failures.inc(),
             load_queue=cfg.registry.load_queue,
             load_retry_s=cfg.registry.load_retry_s,
+            options=self.options,
         )
         stack.callback(self.models.close)
         self._retry("redis", lambda: self.models.bootstrap(cfg.worker.model_dir))
@@ -253,6 +257,7 @@ class Worker:
             group=cfg.kafka.group_id,
             configured_version=self.model.version,
             device=str(self.device),
+            serving=str(self.options),
             http_port=self.http_port,
         )
         while not self._stop.is_set():
@@ -493,7 +498,7 @@ class Worker:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         size = version.model.image_size
         step = forward_batch(self.settings.worker.forward_batch, self.device.type, size, len(images))
-        return score_images(version.model, batch, batch_size=step).image
+        return score_images(version.model, batch, batch_size=step, options=self.options).image
 
     def _fresh(self, frames: list[Frame]) -> list[bool]:
         """Which frames have no verdict yet (one pipelined EXISTS per batch) and come first in the batch
@@ -515,7 +520,8 @@ class Worker:
 
     def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray, fresh: list[bool]) -> None:
         """A candidate in shadow scores its camera's fresh frames of this batch beside the parent, whose
-        scores are the verdicts; the controller decides once it has seen enough (adapters/shadow.py)."""
+        scores are the verdicts; the controller decides once it has seen enough (adapters/shadow.py). The
+        candidate is built on the served parent (its flow, its layout), so both run under `options`."""
         shadow = self.controller.shadow
         if shadow is None:
             return
@@ -527,7 +533,8 @@ class Worker:
             return
         t0 = time.perf_counter()
         try:
-            out = score_images(candidate, torch.stack([good[i][1] for i in idx]), nll=True)
+            images = torch.stack([good[i][1] for i in idx])
+            out = score_images(candidate, images, nll=True, options=self.options)
             candidate_scores, nll = out.image.tolist(), np.asarray(out.nll).tolist()
         except Exception as exc:  # a broken candidate must not cost the batch: it fails its shadow instead
             self._log.warning("shadow candidate failed", camera_id=camera, error=_describe(exc))
