@@ -19,9 +19,11 @@ from csflow.data import decode_image, to_tensor
 from csflow.flow import ParallelAffineCoupling
 from csflow.inference import _InPrecision
 from csflow.scoring import score_images
-from csflow.serving_options import SCORE_RTOL
+from csflow.serving_options import SCORE_RTOL, parse_options
 from daemon.config import ConfigError, LimitsSection, ModelSection, Settings
+from daemon.controller import _candidate
 from daemon.registry import ModelRegistry
+from daemon.serving import prepare
 from daemon.worker import Worker
 from lab.services import LocalKafka, LocalRedis
 
@@ -91,6 +93,27 @@ def assert_prepared(version: ModelVersion) -> None:
     weights = [p for p in version.model.extractor.parameters() if p.dim() == 4]
     assert weights and all(p.dtype == torch.float32 for p in weights)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+
+
+def test_a_shadow_candidate_runs_under_its_parents_options(model_dir: Path, tmp_path: Path) -> None:
+    """The controller builds the shadow candidate on the served parent: on a bf16-flow channels-last parent
+    it shares the parent's bf16 flow, keeps the channels-last layout, passes the adapter's digest check and
+    scores as the fp32 adapted version within SCORE_RTOL, as its parent does."""
+    options = parse_options(f"{PRECISION}+cl")
+    parent = load_model(model_dir)
+    candidate, names = adapted_copy(parent.model, seed=2)
+    save_adapter(tmp_path / "adapter", candidate, parent, names, {"shadow": 1}, "target", parent_dir=model_dir)
+    fp32_candidate = load_model(tmp_path / "adapter").model
+    prepare(parent.model, options)
+    shadow = _candidate(parent, tmp_path / "adapter")
+    assert shadow.flow is parent.model.flow
+    assert_prepared(ModelVersion(shadow, parent.manifest))
+    images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(
+        score_images(shadow, images, options=options).image,
+        score_images(fp32_candidate, images).image,
+        rtol=SCORE_RTOL[PRECISION],
+    )
 
 
 @pytest.mark.parametrize("model", [{"fold_batch_norm": True}, {"precision": "bf16"}])
