@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from adapters.augment import NO_AUGMENTATION, Augmentation, augment
 from csflow.artifacts import ModelVersion
@@ -46,6 +49,12 @@ class AdaptConfig:
     `batch_norm='frozen'` keeps the running statistics (those of one or a few shots are meaningless; BN
     scale and shift are still tuned); `'batch'` uses batch statistics in the adapted blocks while
     training and updates their running ones.
+    `micro_batch` shots go through each forward/backward pass (0: all at once), their gradients are
+    accumulated, so the update is the full batch's (to float rounding) with a fraction of its
+    activations; `checkpoint` keeps only each extractor block's input for the backward pass and
+    recomputes the block there (about one more extractor forward per step). Together they bound B5 at
+    768 px (see docs/RESULTS.md). With `batch_norm='batch'` the training pass stays one batch (its
+    statistics are those of all shots) and only the frozen blocks are checkpointed.
     """
 
     n_blocks: int = 5
@@ -61,6 +70,8 @@ class AdaptConfig:
     stop_quantile: float | None = 0.5
     stop_on: StopStatistic = "nll"
     seed: int = 0
+    micro_batch: int = 2
+    checkpoint: bool = True
 
     def __post_init__(self) -> None:
         if self.n_blocks < 1:
@@ -75,6 +86,8 @@ class AdaptConfig:
             raise ValueError(f"stop_quantile must be in [0, 1] or None, got {self.stop_quantile}")
         if self.stop_on not in ("nll", "score"):
             raise ValueError(f"stop_on must be 'nll' or 'score', got {self.stop_on!r}")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0: all shots at once), got {self.micro_batch}")
 
 
 @dataclass
@@ -237,15 +250,22 @@ def adapt(
     last_finite = _blocks_state(blocks)
     # the update's batch is the clean shots in eval mode: its forward is also the stop check's
     shared_forward = not config.augmentation.enabled and config.batch_norm == "frozen"
+    # batch BN: the adapted blocks' statistics are those of the whole batch, and a recomputed block would
+    # update its running ones twice
+    batch_bn = config.batch_norm == "batch"
+    train_micro_batch = 0 if batch_bn else config.micro_batch
+    all_blocks = list(flat_blocks(candidate.extractor).values())
+    checkpointed = (all_blocks[config.n_blocks :] if batch_bn else all_blocks) if config.checkpoint else []
     for step in range(config.max_steps + 1):
-        loss: Tensor | None = None
+        train_nll: float | None = None
         if shared_forward and step < config.max_steps:
             candidate.eval()
-            out = candidate(shots)
-            loss = per_sample_nll(out).mean()
-            record = AdaptStep(step, loss.item(), image_scores(out.z).mean().item())
+            optimizer.zero_grad(set_to_none=True)
+            nll, score = _forward_backward(candidate, shots, params, config.micro_batch, checkpointed)
+            record = AdaptStep(step, nll, score)
+            train_nll = nll  # the gradients of this pass are the update's
         else:
-            record = _evaluate(candidate, shots, step)
+            record = _evaluate(candidate, shots, step, config.micro_batch)
         history.append(record)
         if not (math.isfinite(record.nll) and math.isfinite(record.score)):
             reason = "diverged"
@@ -257,18 +277,17 @@ def adapt(
             break
         if step == config.max_steps:
             break
-        if loss is None:
+        if train_nll is None:
             _train_mode(candidate, blocks, config.batch_norm)
             batch = augment(shots, config.augmentation, generator) if config.augmentation.enabled else shots
-            loss = per_sample_nll(candidate(batch)).mean()
-            if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            train_nll, _ = _forward_backward(candidate, batch, params, train_micro_batch, checkpointed)
+            if not math.isfinite(train_nll):
                 reason = "diverged"
                 break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)  # only the adapted blocks get gradients; the shared flow gets none
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
-        record.train_nll = loss.item()
+        record.train_nll = train_nll
 
     optimizer.zero_grad(set_to_none=True)
     candidate.extractor.requires_grad_(False)
@@ -311,8 +330,56 @@ def _train_mode(model: CSFlow, blocks: dict[str, nn.Module], batch_norm: str) ->
                     module.train()
 
 
+def _forward_backward(
+    model: CSFlow, images: Tensor, params: list[nn.Parameter], micro_batch: int, checkpointed: list[nn.Module]
+) -> tuple[float, float]:
+    """Mean NLL and image score of `images`, with the gradient of the mean NLL accumulated into `params`
+    one micro-batch at a time: each part's NLL sum is divided by the whole count, so the parts' gradients
+    add up to the full batch's mean. Only one micro-batch's activations (and, for `checkpointed`
+    blocks, only their inputs) are alive at a time. Only `params` get gradients; the shared flow none."""
+    n = images.shape[0]
+    nll_sum = score_sum = 0.0
+    with _checkpointed(checkpointed):
+        for part in images.split(micro_batch or n):
+            out = model(part)
+            nll = per_sample_nll(out)
+            (nll.sum() / n).backward(inputs=params)
+            nll_sum += nll.detach().double().sum().item()
+            score_sum += image_scores([z.detach() for z in out.z]).double().sum().item()
+            del out, nll
+    return nll_sum / n, score_sum / n
+
+
+@contextmanager
+def _checkpointed(blocks: Iterable[nn.Module]) -> Iterator[None]:
+    """Run each of `blocks` under activation checkpointing: autograd keeps only the block's input and
+    recomputes its inner activations during the backward pass. Patched on the instances (not wrapped),
+    so the state-dict keys stay those of the extractor; undone on exit."""
+    patched: list[nn.Module] = []
+    try:
+        for block in blocks:
+            block.forward = _checkpoint_forward(type(block).forward.__get__(block))  # type: ignore[method-assign]
+            patched.append(block)
+        yield
+    finally:
+        for block in patched:
+            del block.forward
+
+
+def _checkpoint_forward(forward: Any) -> Any:
+    def run(x: Tensor) -> Tensor:
+        return checkpoint(forward, x, use_reentrant=False) if torch.is_grad_enabled() else forward(x)
+
+    return run
+
+
 @torch.no_grad()
-def _evaluate(model: CSFlow, shots: Tensor, step: int) -> AdaptStep:
+def _evaluate(model: CSFlow, shots: Tensor, step: int, micro_batch: int = 0) -> AdaptStep:
     model.eval()
-    out = model(shots)
-    return AdaptStep(step, per_sample_nll(out).mean().item(), image_scores(out.z).mean().item())
+    nll = score = 0.0
+    for part in shots.split(micro_batch or shots.shape[0]):
+        out = model(part)
+        nll += per_sample_nll(out).double().sum().item()
+        score += image_scores(out.z).double().sum().item()
+    n = shots.shape[0]
+    return AdaptStep(step, nll / n, score / n)

@@ -137,6 +137,9 @@ class AdaptSection(Section):
     stop_quantile: float = Field(0.5, ge=0, le=1)
     stop_on: Literal["nll", "score"] = "nll"
     seed: int = 0
+    # Memory of one step (adapters/adapt.py): shots per forward/backward pass (0: all), block checkpointing.
+    micro_batch: int = Field(2, ge=0)
+    checkpoint: bool = True
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
     min_defect_detection: float = Field(0.8, ge=0, le=1)
     min_view_recovery: float = Field(0.5, ge=0, le=1)
@@ -172,6 +175,8 @@ class AdaptSection(Section):
             stop_quantile=self.stop_quantile,
             stop_on=self.stop_on,
             seed=self.seed,
+            micro_batch=self.micro_batch,
+            checkpoint=self.checkpoint,
         )
         gate = GateConfig(
             holdout_fraction=self.holdout_fraction,

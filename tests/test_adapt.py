@@ -226,6 +226,7 @@ def test_rejects_bad_shots_and_config(parent: CSFlow, shots: Tensor) -> None:
         {"lr": 0.0},
         {"stop_quantile": 1.5},
         {"stop_on": "loss"},
+        {"micro_batch": -1},
     ):
         with pytest.raises(ValueError):
             AdaptConfig(**kwargs)
@@ -267,3 +268,49 @@ def test_synthetic_defects_are_seeded_and_visible(make_images: Callable[..., Ten
     with pytest.raises(ValueError):
         DefectConfig(kinds=("smudge",))
     assert np.isfinite(a.numpy()).all()
+
+
+@pytest.mark.parametrize(("micro_batch", "checkpoint"), [(2, False), (1, True), (2, True)])
+def test_micro_batches_and_checkpointing_give_the_full_batch_update(
+    parent: CSFlow, make_images: Callable[..., Tensor], micro_batch: int, checkpoint: bool
+) -> None:
+    """Memory bounding (issue 14) must not change the step: 3 shots split 2 + 1 (or 1 + 1 + 1), blocks
+    recomputed in the backward pass, against one full batch. Plain SGD without clipping, so the update is
+    -lr x gradient and a wrong accumulation (summed instead of averaged, parts weighted unequally, a part
+    dropped) shows in its size."""
+    shots = make_images(3, seed=12)
+    base = {"optimizer": "sgd", "momentum": 0.0, "lr": 1e-2, "grad_clip": 1e9, "max_steps": 1, "stop_quantile": None}
+    full = adapt(parent, shots, AdaptConfig(**base, micro_batch=0, checkpoint=False))
+    split = adapt(parent, shots, AdaptConfig(**base, micro_batch=micro_batch, checkpoint=checkpoint))
+    before = parent.extractor.state_dict()
+    full_state, split_state = full.model.extractor.state_dict(), split.model.extractor.state_dict()
+    moved = 0
+    for key, value in full_state.items():
+        want, got = value - before[key], split_state[key] - before[key]
+        if key.startswith(ADAPTED) and want.is_floating_point() and want.abs().max() > 0:
+            moved += 1
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+        else:
+            assert torch.equal(got, want), key
+    assert moved > 10
+    assert split.history[0].nll == pytest.approx(full.history[0].nll, rel=1e-5)
+    assert split.history[0].score == pytest.approx(full.history[0].score, rel=1e-5)
+    assert split.history[0].train_nll == pytest.approx(full.history[0].train_nll, rel=1e-5)
+    assert split.history[1].nll == pytest.approx(full.history[1].nll, rel=1e-5)
+
+
+def test_checkpointing_with_batch_norm_batch_updates_running_stats_once(parent: CSFlow, shots: Tensor) -> None:
+    """A recomputed block in train mode would update its running statistics twice: batch BN keeps the
+    adapted blocks out of checkpointing (and its training pass whole), so the result is the plain one."""
+    base = {"lr": 1e-3, "max_steps": 1, "stop_quantile": None, "batch_norm": "batch"}
+    plain = adapt(parent, shots, AdaptConfig(**base, micro_batch=0, checkpoint=False))
+    bounded = adapt(parent, shots, AdaptConfig(**base, micro_batch=1, checkpoint=True))
+    plain_state = plain.model.extractor.state_dict()
+    for key, value in bounded.model.extractor.state_dict().items():
+        torch.testing.assert_close(value, plain_state[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_checkpointing_is_undone_after_the_run(run: tuple[AdaptResult, dict[str, Tensor], dict[str, Tensor]]) -> None:
+    """The candidate is served afterwards: its blocks run their own forward, not a checkpointed one."""
+    result = run[0]
+    assert all("forward" not in vars(block) for block in flat_blocks(result.model.extractor).values())
