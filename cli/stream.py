@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    settings.model.worker_serving_options()  # options the worker cannot serve: refused before waiting for a model
     import threading
 
     from csflow.fit import resolve_device

@@ -37,6 +37,8 @@ def probe(*argv: str) -> tuple[dict, str, float]:
         (["no-such-command"], 2, "invalid choice"),
         (["models", "activate"], 2, "the following arguments are required: VERSION"),
         (["--config", "BAD", "score", "--model", "m", "x.png"], 2, "hidden_chanels"),
+        # an option the worker cannot serve: refused at once, not after a model appears
+        (["--config", "FOLD", "run"], 2, "fold_batch_norm = true"),
     ],
 )
 def test_usage_and_config_errors_do_not_load_the_model_stack(
@@ -44,7 +46,9 @@ def test_usage_and_config_errors_do_not_load_the_model_stack(
 ) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[flow]\nhidden_chanels = 8\n")  # a typo: unknown key
-    argv = [str(bad) if a == "BAD" else a for a in argv]
+    fold = tmp_path / "fold.toml"
+    fold.write_text(f"[model]\nfold_batch_norm = true\n[worker]\nmodel_dir = '{tmp_path / 'none'}'\n")
+    argv = [{"BAD": str(bad), "FOLD": str(fold)}.get(a, a) for a in argv]
     result, stderr, elapsed = probe(*argv)
     print(f"{' '.join(argv[:2])}: exit {result['code']} in {elapsed:.2f} s")
     assert result["code"] == code and message in stderr, stderr
