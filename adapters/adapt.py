@@ -223,7 +223,9 @@ def adapt(
 
     With the defaults (no augmentation, frozen BN) the update's forward pass is that of the clean shots,
     so one forward per step serves both the stop check and the gradient; augmentation or batch-BN
-    training need a separate clean pass for the check.
+    training need a separate clean pass for the check. Each micro-batch's backward runs right after its
+    forward (that is what frees its activations), before the mean NLL is known: the pass that meets the
+    target has run its backward for nothing, once per run.
 
     The parent is not modified. The candidate is returned in eval mode with its extractor frozen.
     """
