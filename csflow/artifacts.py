@@ -268,7 +268,7 @@ def load_model(directory: str | Path, device: str = "cpu", resolver: Resolver | 
     base_dir, base = chain[-1]
     model = _load_base(base_dir, base)
     for adapter_dir, manifest in reversed(chain[:-1]):
-        _apply_adapter(model, adapter_dir, manifest)
+        apply_adapter(model, adapter_dir, manifest)
     model.requires_grad_(False)  # served models carry no gradients; adaptation unfreezes what it tunes
     return ModelVersion(model.to(device).eval(), chain[0][1], tuple(m.version for _, m in chain))
 
@@ -337,8 +337,9 @@ def _load_base(directory: Path, manifest: Manifest) -> CSFlow:
     return model
 
 
-def _apply_adapter(model: CSFlow, directory: Path, manifest: Manifest) -> None:
-    """Overwrite the extractor tensors an adapter carries; the result must have the recorded digest."""
+def apply_adapter(model: CSFlow, directory: Path, manifest: Manifest) -> None:
+    """Overwrite the extractor tensors an adapter carries (in `model`, in place); the result must have the
+    recorded digest, so an adapter applied to another parent than its own is refused."""
     path = directory / DELTA_FILE
     try:
         tensors = load_file(path)
@@ -399,6 +400,6 @@ def load_adapted(directory: str | Path, base: ModelVersion, resolver: Resolver |
     except ValueError as exc:
         raise ArtifactError(f"{directory}: the adapter does not fit the base extractor: {exc}") from exc
     for adapter_dir, manifest in reversed(chain[:-1]):
-        _apply_adapter(model, adapter_dir, manifest)
+        apply_adapter(model, adapter_dir, manifest)
     model.requires_grad_(False)
     return ModelVersion(model.eval(), chain[0][1], tuple(m.version for _, m in chain))

@@ -55,22 +55,19 @@ from typing import IO, Any, Literal
 
 import redis
 import structlog
-import torch
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from adapters.shadow import ShadowEvaluation
 from csflow.artifacts import (
-    DELTA_FILE,
     ArtifactError,
     ModelVersion,
+    apply_adapter,
     read_manifest,
     save_adapter,
     verify_files,
 )
-from csflow.backbones import state_digest
 from csflow.calibration import Calibration
 from csflow.model import CSFlow
 from daemon.adaptation_job import LOG_FILE, Job, JobFailed, JobResult, command, json_safe, read_result, write_job
@@ -524,18 +521,8 @@ def _candidate(parent: ModelVersion, adapter_dir: Path) -> CSFlow:
     is shared: frozen, never written) with the adapter's tensors, checked against the adapter's digest."""
     manifest = read_manifest(adapter_dir)
     verify_files(adapter_dir, manifest)
-    tensors = load_file(adapter_dir / DELTA_FILE)
     model = copy.deepcopy(parent.model, memo={id(parent.model.flow): parent.model.flow})
-    state = model.extractor.state_dict()
-    for key, tensor in tensors.items():
-        target = state.get(key)
-        if target is None or target.shape != tensor.shape or target.dtype != tensor.dtype:
-            raise ArtifactError(f"{adapter_dir}: tensor {key!r} does not fit the parent's extractor")
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            state[key].copy_(tensor)
-    if state_digest(model.extractor) != manifest.backbone_sha256:
-        raise ArtifactError(f"{adapter_dir}: the candidate rebuilt on {parent.version} does not match its digest")
+    apply_adapter(model, adapter_dir, manifest)
     return model.eval()
 
 

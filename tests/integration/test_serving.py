@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import threading
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 import redis
 import torch
+from test_adapter_sharing import adapted_copy
 from test_faults import _metric, _verdict, in_process
 from torch import Tensor
 from worker_line import Line, frame_headers, get, png, wait_ready
 
-from adapters.adapt import first_blocks, flat_blocks
+from adapters.adapt import flat_blocks
 from csflow.artifacts import FLOW_FILE, Manifest, ModelVersion, load_model, save_adapter, save_model
 from csflow.backbones import LITE0_PACKAGE
 from csflow.calibration import calibrate
@@ -320,18 +320,6 @@ def test_adapted_versions_are_built_on_the_loaded_base(
 
 def data_ptrs(module: torch.nn.Module) -> list[int]:
     return [t.data_ptr() for t in [*module.parameters(), *module.buffers()]]
-
-
-def adapted_copy(model: CSFlow, seed: int) -> tuple[CSFlow, list[str]]:
-    """`model` with its first two blocks moved, as an adaptation would (flow shared, untouched)."""
-    candidate = copy.deepcopy(model, memo={id(model.flow): model.flow})
-    blocks = first_blocks(candidate.extractor, N_ADAPTED)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for block in blocks.values():
-            for p in block.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return candidate, list(blocks)
 
 
 def test_drift_state_is_resumed_for_the_same_version_and_settings_only(client: redis.Redis) -> None:
