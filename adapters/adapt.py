@@ -32,6 +32,7 @@ from csflow.artifacts import ModelVersion
 from csflow.calibration import Calibration
 from csflow.extractor import FeatureExtractor
 from csflow.model import CSFlow, image_scores, per_sample_nll
+from csflow.serving_options import AUTO, forward_batch
 
 StopReason = Literal["target", "max_steps", "diverged"]
 StopStatistic = Literal["nll", "score"]
@@ -49,7 +50,8 @@ class AdaptConfig:
     `batch_norm='frozen'` keeps the running statistics (those of one or a few shots are meaningless; BN
     scale and shift are still tuned); `'batch'` uses batch statistics in the adapted blocks while
     training and updates their running ones.
-    `micro_batch` shots go through each forward/backward pass (0: all at once), their gradients are
+    `micro_batch` shots go through each forward/backward pass (0: all at once; 'auto': the worker's
+    forward-batch rule, see `micro_batch_size`), their gradients are
     accumulated, so the update is the full batch's (to float rounding) with a fraction of its
     activations; `checkpoint` keeps only each extractor block's input for the backward pass and
     recomputes the block there (about one more extractor forward per step). Together they bound B5 at
@@ -70,7 +72,7 @@ class AdaptConfig:
     stop_quantile: float | None = 0.5
     stop_on: StopStatistic = "nll"
     seed: int = 0
-    micro_batch: int = 2
+    micro_batch: int | Literal["auto"] = 2
     checkpoint: bool = True
 
     def __post_init__(self) -> None:
@@ -86,8 +88,8 @@ class AdaptConfig:
             raise ValueError(f"stop_quantile must be in [0, 1] or None, got {self.stop_quantile}")
         if self.stop_on not in ("nll", "score"):
             raise ValueError(f"stop_on must be 'nll' or 'score', got {self.stop_on!r}")
-        if self.micro_batch < 0:
-            raise ValueError(f"micro_batch must be >= 0 (0: all shots at once), got {self.micro_batch}")
+        if self.micro_batch != AUTO and not (isinstance(self.micro_batch, int) and self.micro_batch >= 0):
+            raise ValueError(f"micro_batch must be >= 0 (0: all shots at once) or 'auto', got {self.micro_batch!r}")
 
 
 @dataclass
@@ -203,6 +205,15 @@ def stop_target(
         raise ValueError(f"no stopping target: {exc}; retrain the model, or set stop_quantile to None") from exc
 
 
+def micro_batch_size(setting: int | str, device_type: str, image_size: int, n_shots: int) -> int:
+    """Shots per forward/backward pass. 'auto' follows the worker's forward batch
+    (`csflow.serving_options.forward_batch`): all shots on a GPU (memory to spare, and batching pays), one
+    on a CPU from 512 px (batching does not pay there, and it is the least memory), 8 below."""
+    if setting == AUTO:
+        return forward_batch(AUTO, device_type, image_size, n_shots)
+    return min(int(setting), n_shots) or n_shots
+
+
 def adapt(
     parent: ModelVersion | CSFlow,
     shots: Tensor,
@@ -245,6 +256,7 @@ def adapt(
         p.requires_grad_(True)
     optimizer = _optimizer(params, config)
     shots = shots.to(next(candidate.extractor.parameters()).device)
+    micro_batch = micro_batch_size(config.micro_batch, shots.device.type, model.image_size, shots.shape[0])
     generator = torch.Generator().manual_seed(config.seed)
 
     history: list[AdaptStep] = []
@@ -255,7 +267,7 @@ def adapt(
     # batch BN: the adapted blocks' statistics are those of the whole batch, and a recomputed block would
     # update its running ones twice
     batch_bn = config.batch_norm == "batch"
-    train_micro_batch = 0 if batch_bn else config.micro_batch
+    train_micro_batch = 0 if batch_bn else micro_batch
     all_blocks = list(flat_blocks(candidate.extractor).values())
     checkpointed = (all_blocks[config.n_blocks :] if batch_bn else all_blocks) if config.checkpoint else []
     for step in range(config.max_steps + 1):
@@ -263,11 +275,11 @@ def adapt(
         if shared_forward and step < config.max_steps:
             candidate.eval()
             optimizer.zero_grad(set_to_none=True)
-            nll, score = _forward_backward(candidate, shots, params, config.micro_batch, checkpointed)
+            nll, score = _forward_backward(candidate, shots, params, micro_batch, checkpointed)
             record = AdaptStep(step, nll, score)
             train_nll = nll  # the gradients of this pass are the update's
         else:
-            record = _evaluate(candidate, shots, step, config.micro_batch)
+            record = _evaluate(candidate, shots, step, micro_batch)
         history.append(record)
         if not (math.isfinite(record.nll) and math.isfinite(record.score)):
             reason = "diverged"

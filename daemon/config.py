@@ -138,8 +138,16 @@ class AdaptSection(Section):
     stop_on: Literal["nll", "score"] = "nll"
     seed: int = 0
     # Memory of one step (adapters/adapt.py): shots per forward/backward pass (0: all), block checkpointing.
-    micro_batch: int = Field(2, ge=0)
+    micro_batch: int | Literal["auto"] = 2
     checkpoint: bool = True
+
+    @field_validator("micro_batch")
+    @classmethod
+    def _micro_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 (all shots at once), a positive number or auto")
+        return value
+
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
     min_defect_detection: float = Field(0.8, ge=0, le=1)
     min_view_recovery: float = Field(0.5, ge=0, le=1)

@@ -13,7 +13,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from adapters.adapt import AdaptConfig, AdaptResult, adapt, blocks_nbytes, first_blocks, flat_blocks
+from adapters.adapt import (
+    AdaptConfig,
+    AdaptResult,
+    adapt,
+    blocks_nbytes,
+    first_blocks,
+    flat_blocks,
+    micro_batch_size,
+)
 from adapters.augment import NO_AUGMENTATION, Augmentation, DefectConfig, augment, synthetic_defects
 from csflow.backbones import NO_WEIGHTS
 from csflow.calibration import Calibration
@@ -227,6 +235,7 @@ def test_rejects_bad_shots_and_config(parent: CSFlow, shots: Tensor) -> None:
         {"stop_quantile": 1.5},
         {"stop_on": "loss"},
         {"micro_batch": -1},
+        {"micro_batch": "all"},
     ):
         with pytest.raises(ValueError):
             AdaptConfig(**kwargs)
@@ -314,3 +323,22 @@ def test_checkpointing_is_undone_after_the_run(run: tuple[AdaptResult, dict[str,
     """The candidate is served afterwards: its blocks run their own forward, not a checkpointed one."""
     result = run[0]
     assert all("forward" not in vars(block) for block in flat_blocks(result.model.extractor).values())
+
+
+def test_micro_batch_size_settings() -> None:
+    """A number caps the shots per pass (0: all); 'auto' is the worker's forward-batch rule: one shot on a
+    CPU from 512 px, 8 below, all on a GPU; the [adapt] setting accepts exactly these."""
+    from pydantic import ValidationError
+
+    from daemon.config import AdaptSection
+
+    assert [micro_batch_size(m, "cpu", 768, 10) for m in (0, 1, 2, 16)] == [10, 1, 2, 10]
+    assert micro_batch_size("auto", "cpu", 768, 10) == 1
+    assert micro_batch_size("auto", "cpu", 256, 10) == 8
+    assert micro_batch_size("auto", "cpu", 256, 3) == 3
+    assert micro_batch_size("auto", "cuda", 768, 10) == 10
+    assert AdaptSection().to_configs()[0].micro_batch == 2
+    assert AdaptSection(micro_batch="auto").to_configs()[0].micro_batch == "auto"
+    for bad in (-1, "all"):
+        with pytest.raises(ValidationError):
+            AdaptSection(micro_batch=bad)
