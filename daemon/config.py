@@ -98,7 +98,7 @@ class FlowSection(Section):
 class TrainSection(Section):
     epochs: int = Field(240, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-3, gt=0)  # config.toml says how it was chosen
     adam_eps: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     grad_clip: float = Field(1.0, gt=0)

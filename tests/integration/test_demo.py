@@ -32,7 +32,7 @@ TINY = {
     "image_size": 128,
     "hidden_channels": 8,
     "epochs": 8,
-    "lr": 5e-3,  # an 8-channel flow from the identity in 8 epochs (see DemoSpec.lr)
+    "lr": 5e-3,  # an 8-channel flow from the identity in 8 epochs (config.toml [train] lr says why it is high)
     "max_train_images": 220,  # 15 % held out: 33 calibration scores, enough for a drift reference
     "shift": "style",
     "frames_before": 60,
