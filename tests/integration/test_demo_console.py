@@ -20,15 +20,23 @@ import test_console_browser
 import test_demo
 
 from cli.demo import DEMO_USER, console_beside
-from daemon.config import Settings
+from daemon.config import Settings, load_settings
 from lab.demo.run import run_demo
 from lab.demo.spec import DemoSpec
 
-elpv, out, settings, no_leftovers = test_demo.elpv, test_demo.out, test_demo.settings, test_demo.no_leftovers
+elpv, out, no_leftovers = test_demo.elpv, test_demo.out, test_demo.no_leftovers
 browser = test_console_browser.browser
 By = pytest.importorskip("selenium.webdriver.common.by").By
 SHOTS = 5
 PERSON_TIMEOUT_S = 300.0
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """The demo's settings with the console on a free port, not [console] port: two consoles on one port
+    (one still closing) would answer some of the person's requests with another user list and sessions."""
+    loaded = load_settings(test_demo.ROOT / "config.toml")
+    return loaded.model_copy(update={"console": loaded.console.model_copy(update={"port": 0})})
 
 
 class Person(threading.Thread):
@@ -36,6 +44,7 @@ class Person(threading.Thread):
         super().__init__(daemon=True)
         self.lines, self.camera = lines, camera
         self.picked: list[str] = []
+        self.seen = ""  # what the person last saw while waiting, for the timeout's message
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -51,7 +60,7 @@ class Person(threading.Thread):
             if found:
                 return found
             time.sleep(0.5)
-        raise TimeoutError(f"the person waited in vain for {what}")
+        raise TimeoutError(f"the person waited in vain for {what}; last seen: {self.seen}")
 
     def _work(self) -> None:
         line = self._wait("the console's line", lambda: next((x for x in self.lines if "console: http" in x), None))
@@ -130,6 +139,7 @@ class BrowserPerson(Person):
         def in_alarm() -> bool:
             d.get(f"{base}/line")
             tiles = d.find_elements(By.CSS_SELECTOR, tile)
+            self.seen = f"{d.current_url} {[t.get_attribute('class') for t in tiles]}"
             return bool(tiles) and "drift-alarm" in tiles[0].get_attribute("class")
 
         self._wait("the drift alarm on the line page", in_alarm)
