@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 
 from daemon.config import KafkaSection
 
@@ -35,7 +35,10 @@ def security_config(cfg: KafkaSection) -> dict[str, Any]:
     return conf
 
 
-def make_consumer(cfg: KafkaSection, max_poll_records: int) -> KafkaConsumer:
+def make_consumer(
+    cfg: KafkaSection, max_poll_records: int, listener: ConsumerRebalanceListener | None = None
+) -> KafkaConsumer:
+    """Subscribed to [kafka] topic; `listener` hears of partitions assigned and revoked."""
     consumer = KafkaConsumer(
         **security_config(cfg),
         group_id=cfg.group_id,
@@ -50,7 +53,7 @@ def make_consumer(cfg: KafkaSection, max_poll_records: int) -> KafkaConsumer:
         max_partition_fetch_bytes=cfg.max_message_bytes + FETCH_HEADROOM,
         fetch_max_bytes=max(52_428_800, cfg.max_message_bytes + FETCH_HEADROOM),
     )
-    consumer.subscribe([cfg.topic])
+    consumer.subscribe([cfg.topic], listener=listener)
     return consumer
 
 

@@ -209,9 +209,10 @@ class Worker:
         client = self._client = cfg.redis.client()  # first: its readiness is probed while Kafka is awaited
         stack.callback(client.close)
         self._probe_redis()
-        self.consumer: KafkaConsumer = self._retry("kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size))
         self.cameras = CameraPartitions(self._revoked)
-        self.consumer.subscribe([cfg.kafka.topic], listener=self.cameras)  # the same topic, with the listener
+        self.consumer: KafkaConsumer = self._retry(
+            "kafka", lambda: make_consumer(cfg.kafka, cfg.worker.batch_size, self.cameras)
+        )
         stack.callback(self.consumer.close)
         self.producer: KafkaProducer = self._retry("kafka", lambda: make_producer(cfg.kafka))
         stack.callback(self.producer.close)

@@ -537,17 +537,16 @@ def test_per_camera_metric_series_are_capped(kafka: LocalKafka, model_dir: Path,
                 )
             line.producer.flush()
             line.wait_verdicts(len(cameras))
-            metrics = get(port, "/metrics")[1].decode()
-            labels = {
-                part.split('"')[1]
-                for row in metrics.splitlines()
-                if row.startswith(("inspectd_model_info", "inspectd_drift_alarm"))
-                for part in row.split(",")
-                if 'camera_id="' in part
-            }
+            labels = _camera_labels(port, ("inspectd_model_info", "inspectd_drift_alarm"))
             assert len(labels) == 4 and "_other" in labels, labels
         finally:
             line.close()
+
+
+def _camera_labels(port: int, series: tuple[str, ...] = ("inspectd_",)) -> set[str]:
+    """The camera_id label values of the worker's metric series whose names start with one of `series`."""
+    rows = [row for row in get(port, "/metrics")[1].decode().splitlines() if row.startswith(series)]
+    return {row.split('camera_id="')[1].split('"')[0] for row in rows if 'camera_id="' in row}
 
 
 # ---------------------------------------------------------------------------------------------- crash loops
@@ -802,9 +801,7 @@ def _many_cameras(
                 worker = running.worker
                 assert len(worker.drift.cameras) <= keep and len(worker.models.cameras) <= keep
                 assert len(worker.cameras.idle(keep)) == 0  # the rebalance map was kept within the bound too
-                metrics = get(running.port, "/metrics")[1].decode()
-                rows = [row for row in metrics.splitlines() if 'camera_id="' in row]
-                labels = {row.split('camera_id="')[1].split('"')[0] for row in rows}
+                labels = _camera_labels(running.port)
                 assert len(labels) <= keep + 1, len(labels)  # + "_other"
         finally:
             line.close()
