@@ -1,4 +1,4 @@
-"""Seeded image perturbations for few-shot adaptation: augmentation of the shots and synthetic defects.
+"""Seeded image perturbations of the shots for few-shot adaptation (synthetic defects: `csflow.defects`).
 
 Every random draw comes from an explicit CPU `torch.Generator`, so a seed gives the same images on any
 device and in any process; nothing touches the global RNG. Images are (N, 3, S, S) in [0, 1].
@@ -6,7 +6,6 @@ device and in any process; nothing touches the global RNG. Images are (N, 3, S, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -67,93 +66,3 @@ def augment(images: Tensor, config: Augmentation, generator: torch.Generator) ->
 
 def _flip_some(images: Tensor, which: Tensor, dim: int) -> Tensor:
     return torch.where(which.view(-1, 1, 1, 1).to(images.device), images.flip(dim), images)
-
-
-@dataclass(frozen=True)
-class DefectConfig:
-    """Synthetic defects pasted onto normal images: alternately a scratch and a cut-paste patch.
-
-    Sizes are fractions of the image side. A scratch is a dark or bright bar about 2.5 sizes long and
-    a fifth of a size wide; a cut-paste patch is a square of one size taken from elsewhere in the same
-    image, rotated by a multiple of 90 degrees and made clearly darker or brighter (CutPaste-style).
-    The defaults give defects that an inspector would call obvious, so a model that misses them has
-    lost sensitivity rather than met a borderline case.
-    """
-
-    per_image: int = 4
-    min_size: float = 0.1
-    max_size: float = 0.2
-    kinds: tuple[str, ...] = ("scratch", "cutpaste")  # copy j of an image gets kinds[j % len(kinds)]
-
-    def __post_init__(self) -> None:
-        unknown = set(self.kinds) - set(DEFECT_KINDS)
-        if not self.kinds or unknown:
-            raise ValueError(f"kinds must be a non-empty selection of {list(DEFECT_KINDS)}, got {list(self.kinds)}")
-        if self.per_image < 1:
-            raise ValueError(f"per_image must be >= 1, got {self.per_image}")
-        if not 0.0 < self.min_size <= self.max_size <= 0.5:
-            raise ValueError(f"need 0 < min_size <= max_size <= 0.5, got {self.min_size}, {self.max_size}")
-
-
-def synthetic_defects(images: Tensor, config: DefectConfig, generator: torch.Generator) -> Tensor:
-    """`config.per_image` defective copies of each image, (N * per_image, 3, S, S); copy j of image i is
-    at index i * per_image + j and carries a defect of kind `config.kinds[j % len(config.kinds)]`."""
-    out = []
-    for image in images:
-        for j in range(config.per_image):
-            size = _uniform(config.min_size, config.max_size, generator)
-            paste = DEFECT_KINDS[config.kinds[j % len(config.kinds)]]
-            out.append(paste(image, size, generator))
-    return torch.stack(out)
-
-
-def _uniform(low: float, high: float, generator: torch.Generator) -> float:
-    return float(torch.empty(()).uniform_(low, high, generator=generator))
-
-
-def _contrasting_dark(mean: float, generator: torch.Generator) -> bool:
-    """Dark or bright at random, except where only one of them would be visible (very bright or dark)."""
-    coin = bool(torch.rand((), generator=generator) < 0.5)  # drawn always, so later draws do not shift
-    if mean > 0.7:
-        return True
-    if mean < 0.3:
-        return False
-    return coin
-
-
-def _scratch(image: Tensor, size: float, generator: torch.Generator) -> Tensor:
-    """A straight anti-aliased bar of constant grey level (dark or bright) through the central region."""
-    _, h, w = image.shape
-    side = min(h, w)
-    length = min(2.5 * size, 0.9) * side
-    width = max(2.0, 0.2 * size * side)
-    angle = _uniform(0.0, math.pi, generator)
-    cy, cx = _uniform(0.3, 0.7, generator) * h, _uniform(0.3, 0.7, generator) * w
-    dark = _contrasting_dark(float(image.mean()), generator)
-    level = _uniform(0.0, 0.1, generator) if dark else _uniform(0.9, 1.0, generator)
-    # distance of each pixel centre to the segment p0 + t*u, t in [0, length]
-    uy, ux = math.sin(angle), math.cos(angle)
-    y0, x0 = cy - uy * length / 2, cx - ux * length / 2
-    ys = torch.arange(h, dtype=torch.float32).view(-1, 1) + 0.5
-    xs = torch.arange(w, dtype=torch.float32).view(1, -1) + 0.5
-    t = ((ys - y0) * uy + (xs - x0) * ux).clamp(0.0, length)
-    dist = torch.hypot(ys - (y0 + t * uy), xs - (x0 + t * ux))
-    mask = (width / 2 + 0.5 - dist).clamp(0.0, 1.0).to(image.device, image.dtype)
-    return image * (1 - mask) + level * mask
-
-
-def _cut_paste(image: Tensor, size: float, generator: torch.Generator) -> Tensor:
-    """A square patch from one place, rotated and brightened or darkened, pasted at another place."""
-    _, h, w = image.shape
-    p = max(2, round(size * min(h, w)))
-    sy, sx, ty, tx = (int(torch.randint(0, limit - p + 1, (), generator=generator)) for limit in (h, w, h, w))
-    quarter_turns = int(torch.randint(0, 4, (), generator=generator))
-    patch = torch.rot90(image[:, sy : sy + p, sx : sx + p], quarter_turns, dims=(1, 2))
-    darker = _contrasting_dark(float(patch.mean()), generator)
-    gain = _uniform(0.4, 0.6, generator) if darker else _uniform(1.4, 1.6, generator)
-    out = image.clone()
-    out[:, ty : ty + p, tx : tx + p] = (patch * gain).clamp(0.0, 1.0)
-    return out
-
-
-DEFECT_KINDS = {"scratch": _scratch, "cutpaste": _cut_paste}

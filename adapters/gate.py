@@ -24,7 +24,7 @@ see, or (a) is trivially true: the adaptation minimised exactly those frames' sc
   inherited threshold.
 - (b) No over-adaptation, two ways, since it was measured on real photographs (shots scoring well below
   the source calibration level; defect TPR 0.95 -> 0.73): synthetic defects (scratches and cut-paste patches,
-  `adapters.augment`) pasted onto the held-out frames (with one shot: onto copies of the shot itself,
+  `csflow.defects`) pasted onto the held-out frames (with one shot: onto copies of the shot itself,
   unperturbed, so the views' inflation does not help them over the threshold) must still score above the
   threshold in at least `min_defect_detection` of cases, and the held-out frames' median score must not
   fall below the `floor_quantile` of the source calibration scores. A collapsed extractor (constant
@@ -46,9 +46,10 @@ import torch
 from torch import Tensor
 
 from adapters.adapt import AdaptConfig, AdaptResult, adapt, check_shots
-from adapters.augment import Augmentation, DefectConfig, augment, synthetic_defects
+from adapters.augment import Augmentation, augment
 from csflow.artifacts import ModelVersion
 from csflow.calibration import Calibration
+from csflow.defects import DefectConfig, synthetic_defects
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 

@@ -22,9 +22,10 @@ from adapters.adapt import (
     flat_blocks,
     micro_batch_size,
 )
-from adapters.augment import NO_AUGMENTATION, Augmentation, DefectConfig, augment, synthetic_defects
+from adapters.augment import NO_AUGMENTATION, Augmentation, augment
 from csflow.backbones import NO_WEIGHTS
 from csflow.calibration import Calibration
+from csflow.defects import DefectConfig, synthetic_defects
 from csflow.model import CSFlow
 
 ADAPTED = ("blocks.0.0.", "blocks.1.0.", "blocks.1.1.", "blocks.2.0.", "blocks.2.1.")

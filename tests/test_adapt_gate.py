@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from adapters.adapt import AdaptConfig, adapt
-from adapters.augment import DefectConfig
 from adapters.gate import GateConfig, adapt_and_gate, decide, gate, split_shots
 from csflow.artifacts import load_model, save_model
 from csflow.backbones import LITE0_PACKAGE
 from csflow.calibration import Calibration, calibrate
+from csflow.defects import DefectConfig
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from csflow.training import TrainConfig, extract_features, features_scores_and_nll, train_flow
