@@ -17,7 +17,12 @@ and the decision rests on those frames:
   source level it never quite reached.
 - Checks (each can fail): all scores finite; at its own threshold the candidate flags no more live
   frames than the parent did at the parent's; the synthetic defects of the offline gate still score
-  above the new threshold (at least `min_defect_detection`); and a fresh drift monitor whose reference
+  above the new threshold (at least `min_defect_detection`); the sensitivity probe (`csflow.defects`:
+  synthetic defects blended at graded strengths into the live frames it does not flag) detects at least
+  what the source model detects on its own held-out normals, stored in the calibration, less
+  `max_sensitivity_loss` (a candidate can keep its normals quiet by having gone blind: measured on ELPV,
+  such candidates lost a third of the real defects while their flag rates looked right); and a fresh drift
+  monitor whose reference
   is the parent's calibration carried over by the map, fed the candidate's live scores in stream order,
   raises no alarm (the statistic that raised the camera's alarm; it fails when the candidate's scores
   do not settle into one normal distribution on this camera).
@@ -25,12 +30,18 @@ and the decision rests on those frames:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from csflow.calibration import Calibration
+from csflow.defects import DefectConfig, graded_defects, probe_detection, probe_plan, sensitivity
+from csflow.model import CSFlow
+from csflow.scoring import Scores, score_images
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
 
@@ -39,11 +50,15 @@ from drift.monitor import DriftMonitor
 class ShadowConfig:
     """`frames`: live frames scored in shadow before deciding; `lower`: the quantile that, with the median,
     measures the spread of normal scores; `min_defect_detection`: share of the gate's synthetic defects
-    that must stay above the new threshold."""
+    that must stay above the new threshold; `probes_per_frame`: sensitivity probes blended into each live
+    frame; `max_sensitivity_loss`: how far the candidate's probe sensitivity may fall below the source's."""
 
     frames: int = 100
     lower: float = 0.1
     min_defect_detection: float = 0.8
+    probes_per_frame: int = 2
+    max_sensitivity_loss: float = 0.0
+    probe_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -52,6 +67,10 @@ class ShadowConfig:
             raise ValueError(f"lower must be in (0, 0.5), got {self.lower}")
         if not 0.0 <= self.min_defect_detection <= 1.0:
             raise ValueError(f"min_defect_detection must be in [0, 1], got {self.min_defect_detection}")
+        if self.probes_per_frame < 1:
+            raise ValueError(f"probes_per_frame must be >= 1, got {self.probes_per_frame}")
+        if not 0.0 <= self.max_sensitivity_loss <= 1.0:
+            raise ValueError(f"max_sensitivity_loss must be in [0, 1], got {self.max_sensitivity_loss}")
 
 
 @dataclass(frozen=True)
@@ -97,8 +116,9 @@ class ShadowDecision:
 
 @dataclass
 class ShadowEvaluation:
-    """Collects (parent score, candidate score, candidate NLL) per live frame, in stream order; `decide()`
-    once `done`. `defect_scores`: the candidate's scores of the offline gate's synthetic defects."""
+    """Collects (parent score, candidate score, candidate NLL, candidate's probe scores) per live frame, in
+    stream order; `decide()` once `done`. `defect_scores`: the candidate's scores of the offline gate's
+    synthetic defects. The probes of the next frames come from `probe_images`, before their `update`."""
 
     parent_calibration: Calibration
     defect_scores: list[float]
@@ -107,12 +127,32 @@ class ShadowEvaluation:
     parent: list[float] = field(default_factory=list)
     candidate: list[float] = field(default_factory=list)
     candidate_nll: list[float] = field(default_factory=list)
+    probe: list[float] = field(default_factory=list)
 
-    def update(self, parent_score: float, candidate_score: float, candidate_nll: float) -> ShadowEvaluation:
+    @property
+    def strengths(self) -> list[float]:
+        """The probe's strengths: those of the source's reference curve (none without one)."""
+        return sorted(float(key) for key in self.parent_calibration.probe_detection)
+
+    def probe_images(self, frames: Tensor) -> Tensor:
+        """`probes_per_frame` probes for each of the next `len(frames)` live frames, frame by frame (empty
+        without a reference to compare with)."""
+        if not self.strengths:
+            return frames[:0]
+        first, kinds = self.frames_seen, DefectConfig().kinds
+        plan = probe_plan(first, len(frames), self.config.probes_per_frame, self.strengths, len(kinds))
+        generator = torch.Generator().manual_seed(self.config.probe_seed + first)
+        return graded_defects(frames.cpu(), plan, DefectConfig(), generator)
+
+    def update(
+        self, parent_score: float, candidate_score: float, candidate_nll: float, probe_scores: Sequence[float] = ()
+    ) -> ShadowEvaluation:
+        """One live frame; `probe_scores`: the candidate's scores of its `probes_per_frame` probes."""
         if not self.done:
             self.parent.append(float(parent_score))
             self.candidate.append(float(candidate_score))
             self.candidate_nll.append(float(candidate_nll))
+            self.probe.extend(float(x) for x in probe_scores)
         return self
 
     @property
@@ -161,6 +201,7 @@ class ShadowEvaluation:
             monitor, no_monitor = None, str(exc)
         for score in cand if monitor is not None else ():
             monitor.update(float(score))
+        probe_figures, probe_ok, probe_text = self._sensitivity(flagged, point.threshold)
         figures |= {
             "threshold": point.threshold,
             "location": point.location,
@@ -169,6 +210,7 @@ class ShadowEvaluation:
             "defect_detection_rate": detection,
             "n_defects": int(defects.size),
             "drift": monitor.summary() if monitor is not None else None,
+            **probe_figures,
         }
         check(
             "flags",
@@ -182,6 +224,7 @@ class ShadowEvaluation:
             f"{detection:.0%} of {defects.size} synthetic defects above the new threshold "
             f"(need {cfg.min_defect_detection:.0%})",
         )
+        check("sensitivity", probe_ok, probe_text)
         if monitor is None:
             check("stable", False, f"cannot watch drift: {no_monitor}")
         elif monitor.alarm is not None:
@@ -201,25 +244,62 @@ class ShadowEvaluation:
             parent_cal.target_fpr,
             sorted(cand[keep].tolist()),
             sorted(np.asarray(self.candidate_nll)[keep].tolist()),
+            dict(parent_cal.probe_detection),  # the reference stays the source's, in its own domain
         )
         return ShadowDecision(True, reasons, figures, calibration)
 
+    def _sensitivity(self, flagged: np.ndarray, threshold: float) -> tuple[dict[str, Any], bool, str]:
+        """The probe's detection curve on the live frames the candidate does not flag (normal hosts),
+        against the source's reference: (figures, passed, reason)."""
+        reference = self.parent_calibration.probe_detection
+        if not reference:
+            return {}, False, "the parent's calibration has no sensitivity reference (retrain it to have one)"
+        per_frame = self.config.probes_per_frame
+        if len(self.probe) != per_frame * self.frames_seen:
+            return {}, False, f"{len(self.probe)} probe scores for {self.frames_seen} frames x {per_frame} probes"
+        plan = probe_plan(0, self.frames_seen, per_frame, self.strengths, len(DefectConfig().kinds))
+        kept = [(score, item) for score, item in zip(self.probe, plan, strict=True) if not flagged[item.host]]
+        detection = probe_detection([s for s, _ in kept], [i for _, i in kept], threshold)
+        figures: dict[str, Any] = {
+            "probe_detection": detection,
+            "probe_reference": dict(reference),
+            "n_probes": len(kept),
+        }
+        if set(detection) != set(reference):
+            return (
+                figures,
+                False,
+                f"probes at strengths {sorted(detection)} cannot match the reference's {sorted(reference)}",
+            )
+        ours, theirs = sensitivity(detection), sensitivity(reference)
+        figures |= {"sensitivity": ours, "reference_sensitivity": theirs}
+        text = (
+            f"{ours:.0%} of {len(kept)} graded synthetic defects on unflagged live frames above the new threshold, "
+            f"the source {theirs:.0%} on its held-out normals (may fall by {self.config.max_sensitivity_loss:.0%})"
+        )
+        return figures, ours >= theirs - self.config.max_sensitivity_loss, text
+
 
 def shadow_stream(
-    parent_scores: np.ndarray,
-    candidate_scores: np.ndarray,
-    candidate_nll: np.ndarray,
+    parent: CSFlow,
+    candidate: CSFlow,
+    live: Tensor,
     parent_calibration: Calibration,
     defect_scores: list[float],
     config: ShadowConfig,
     drift: DriftConfig,
-) -> ShadowDecision:
+    batch_size: int,
+) -> tuple[ShadowDecision, Scores]:
     """The shadow's decision on a recorded stream of live frames (in stream order), all of them used:
     for `inspectd adapt --live` and the protocol, which have the frames at hand rather than one batch at
-    a time."""
-    evaluation = ShadowEvaluation(
-        parent_calibration, defect_scores, replace(config, frames=max(len(candidate_scores), 1)), drift
+    a time. Also returns the candidate's scores of the live frames."""
+    evaluation = ShadowEvaluation(parent_calibration, defect_scores, replace(config, frames=max(len(live), 1)), drift)
+    probes = evaluation.probe_images(live)
+    parent_scores = score_images(parent, live, batch_size).image
+    scores = score_images(candidate, live, batch_size, nll=True)
+    probe_scores = score_images(candidate, probes, batch_size).image.reshape(
+        len(live), len(probes) // max(len(live), 1)
     )
-    for p, c, n in zip(parent_scores, candidate_scores, candidate_nll, strict=True):
-        evaluation.update(p, c, n)
-    return evaluation.decide()
+    for p, c, n, q in zip(parent_scores, scores.image, np.asarray(scores.nll), probe_scores, strict=True):
+        evaluation.update(p, c, n, q.tolist())
+    return evaluation.decide(), scores

@@ -39,6 +39,7 @@ def fit_spec(args: argparse.Namespace, settings: Settings) -> FitSpec:
         calibration_fraction=settings.calibration.heldout_fraction,
         target_fpr=settings.calibration.target_fpr,
         limits=settings.limits.to_limits(),
+        probe_strengths=settings.calibration.probe_strengths,
     )
 
 
@@ -212,13 +213,10 @@ def _overlay_picks(scores: np.ndarray, anomalous: np.ndarray) -> list[int]:
 def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import replace
 
-    import numpy as np
-
     from adapters.gate import adapt_and_gate
     from adapters.shadow import ShadowDecision, shadow_stream
     from csflow.artifacts import save_adapter
     from csflow.data import load_batch
-    from csflow.scoring import score_images
     from daemon.config import override
 
     parent = _load(args, settings)
@@ -232,15 +230,15 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     shadow: ShadowDecision | None = None
     if decision.accepted and args.live:
         live = load_batch(args.live, parent.model.image_size, settings.limits.to_limits())
-        candidate = score_images(result.model, live, settings.train.batch_size, nll=True)
-        shadow = shadow_stream(
-            score_images(parent.model, live, settings.train.batch_size).image,
-            candidate.image,
-            np.asarray(candidate.nll),
+        shadow, _ = shadow_stream(
+            parent.model,
+            result.model,
+            live,
             parent.manifest.threshold_calibration,
             list(decision.figures.get("defect_scores", [])),
             settings.adapt.shadow_config(),
             settings.drift.to_config(),
+            settings.train.batch_size,
         )
     reasons = [*decision.reasons, *(shadow.reasons if shadow else [])]
     if decision.accepted and shadow is None and gated.split.heldout_kind == "views":

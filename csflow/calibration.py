@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# The sensitivity probe's strengths (csflow.defects), from faint to the gate's obvious synthetic defects.
+DEFAULT_PROBE_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -28,12 +30,18 @@ class Calibration:
     `nll` holds the same images' per-sample NLL (the training objective, log-det included), sorted:
     adaptation minimises that NLL, so its stopping rule compares the shots' NLL with these, not with
     the image scores (which leave the log-det out). Empty for calibrations made without a flow pass.
+
+    `probe_detection` is the sensitivity probe's detection curve at this threshold (`csflow.defects`:
+    strength -> share of graded synthetic defects flagged) on the source model's held-out normals. An
+    adapted version carries its source's curve: it is the reference a candidate must keep in a new domain.
+    Empty where no probe was run (then no automatic adaptation can be accepted).
     """
 
     threshold: float
     target_fpr: float
     scores: list[float]
     nll: list[float] = field(default_factory=list)
+    probe_detection: dict[str, float] = field(default_factory=dict)
 
     @property
     def stats(self) -> dict[str, float]:
@@ -59,6 +67,8 @@ class Calibration:
         if self.nll:
             data["nll"] = list(self.nll)
             data["nll_stats"] = self.nll_stats
+        if self.probe_detection:
+            data["probe_detection"] = dict(self.probe_detection)
         return data
 
     @classmethod
@@ -68,6 +78,7 @@ class Calibration:
             float(data["target_fpr"]),
             [float(x) for x in data["scores"]],
             [float(x) for x in data.get("nll", [])],
+            {str(k): float(v) for k, v in data.get("probe_detection", {}).items()},
         )
 
 

@@ -7,6 +7,7 @@ device and in any process. Images are (N, 3, S, S) in [0, 1].
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -101,3 +102,76 @@ def _cut_paste(image: Tensor, size: float, generator: torch.Generator) -> Tensor
 
 
 DEFECT_KINDS = {"scratch": _scratch, "cutpaste": _cut_paste}
+
+
+# --- the sensitivity probe ---------------------------------------------------------------------------
+# Why. Whether a model still catches defects in a new domain cannot be read off live frames (too few of
+# them are defective, and none are labelled), and obvious synthetic defects are caught by any model that
+# is not broken. So the probe blends synthetic defects into normal images at graded strengths, from faint
+# to obvious, and measures which share of them score above the threshold: a detection curve whose mean is
+# the model's sensitivity. The calibrated model's curve on its held-out normals is the reference; an
+# adapted candidate's curve on live frames of the new domain must not fall below it. The defects are
+# pasted after the domain shift, so they are as visible in the new domain as in the old: the probe sees a
+# model that lost sensitivity, not defects that the shift itself hides (an optimistic bound for those).
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """Probe `index` of a call: a defect of `DefectConfig.kinds[kind]` on host `host` at `strength`."""
+
+    host: int
+    strength: float
+    kind: int
+
+
+def probe_plan(first: int, n_hosts: int, per_host: int, strengths: Sequence[float], n_kinds: int) -> list[ProbeItem]:
+    """Which probe goes onto which host, for hosts numbered `first`, `first + 1`, ... in stream order.
+
+    Probes are numbered through the stream (`n = host * per_host + j`); probe n gets strength
+    `strengths[n % len(strengths)]` and kind `n // len(strengths) % n_kinds`, so every run of
+    `len(strengths) * n_kinds` consecutive probes has each strength with each kind once, whatever
+    `per_host` is (the reference gives each held-out image every strength; a shadow each live frame a few).
+    Host indices in the plan count from 0 at `first`."""
+    if per_host < 1 or not strengths or n_kinds < 1:
+        raise ValueError(f"need per_host >= 1, strengths and kinds, got {per_host}, {list(strengths)}, {n_kinds}")
+    plan = []
+    for i in range(n_hosts):
+        for j in range(per_host):
+            n = (first + i) * per_host + j
+            plan.append(ProbeItem(i, float(strengths[n % len(strengths)]), n // len(strengths) % n_kinds))
+    return plan
+
+
+def graded_defects(
+    hosts: Tensor, plan: Sequence[ProbeItem], config: DefectConfig, generator: torch.Generator
+) -> Tensor:
+    """One image per plan item: its host with a synthetic defect blended in, `(1 - s) * host + s * defective`."""
+    out = []
+    for item in plan:
+        host = hosts[item.host]
+        size = _uniform(config.min_size, config.max_size, generator)
+        defective = DEFECT_KINDS[config.kinds[item.kind % len(config.kinds)]](host, size, generator)
+        out.append(torch.lerp(host, defective, item.strength))
+    return torch.stack(out) if out else hosts.new_empty((0, *hosts.shape[1:]))
+
+
+def strength_key(strength: float) -> str:
+    """How a strength names its detection rate in a manifest (JSON object keys are strings)."""
+    return f"{strength:g}"
+
+
+def probe_detection(scores: Sequence[float], plan: Sequence[ProbeItem], threshold: float) -> dict[str, float]:
+    """Per strength, the share of its probes scoring above `threshold` (a non-finite score counts as missed)."""
+    if len(scores) != len(plan):
+        raise ValueError(f"got {len(scores)} probe scores for {len(plan)} probes")
+    hits: dict[str, list[bool]] = {}
+    for score, item in zip(scores, plan, strict=True):
+        hits.setdefault(strength_key(item.strength), []).append(bool(math.isfinite(score) and score > threshold))
+    return {key: sum(h) / len(h) for key, h in sorted(hits.items(), key=lambda kv: float(kv[0]))}
+
+
+def sensitivity(detection: dict[str, float]) -> float:
+    """The mean detection rate over strengths: the area under the probe's detection curve."""
+    if not detection:
+        raise ValueError("no probe detection rates")
+    return sum(detection.values()) / len(detection)

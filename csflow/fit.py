@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,11 +12,13 @@ import torch
 from torch import Tensor
 
 from csflow.backbones import create_backbone
-from csflow.calibration import Calibration, calibrate
+from csflow.calibration import DEFAULT_PROBE_STRENGTHS, Calibration, calibrate
 from csflow.data import ImageLimits, Transform, load_batch
+from csflow.defects import DefectConfig, ProbeItem, graded_defects, probe_detection, probe_plan
 from csflow.extractor import FeatureExtractor
 from csflow.flow import FlowConfig
 from csflow.model import CSFlow
+from csflow.scoring import score_images
 from csflow.training import (
     EpochRecord,
     TrainConfig,
@@ -61,6 +63,7 @@ class FitSpec:
     calibration_fraction: float
     target_fpr: float
     limits: ImageLimits
+    probe_strengths: tuple[float, ...] = DEFAULT_PROBE_STRENGTHS  # the sensitivity probe (csflow.defects)
 
 
 @dataclass
@@ -125,4 +128,31 @@ def fit(
     result = train_flow(model, train_feats, val_feats, spec.train, device, on_epoch)
     cal_scores, cal_nll = features_scores_and_nll(model, cal_feats, bs, device)
     calibration = calibrate(cal_scores.numpy(), spec.target_fpr, cal_nll.numpy())
+    cal_paths = [normal_images[i] for i in cal_idx]
+    cal_batches = image_batches(cal_paths, spec.image_size, spec.limits, bs)
+    detection = probe_reference(model, cal_batches, calibration.threshold, spec.probe_strengths, spec.train.seed, bs)
+    calibration = replace(calibration, probe_detection=detection)
     return FitResult(model, calibration, result, extract_seconds, len(train_idx), len(val_idx))
+
+
+def probe_reference(
+    model: CSFlow,
+    batches: Iterable[Tensor],
+    threshold: float,
+    strengths: Sequence[float] = DEFAULT_PROBE_STRENGTHS,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """The sensitivity probe's detection curve (`csflow.defects`) on held-out normal images at `threshold`:
+    every strength on every image."""
+    generator = torch.Generator().manual_seed(seed)
+    defects = DefectConfig()
+    scores: list[float] = []
+    plan: list[ProbeItem] = []
+    first = 0
+    for batch in batches:
+        items = probe_plan(first, len(batch), len(strengths), strengths, len(defects.kinds))
+        scores += score_images(model, graded_defects(batch, items, defects, generator), batch_size).image.tolist()
+        plan += items
+        first += len(batch)
+    return probe_detection(scores, plan, threshold)

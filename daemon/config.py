@@ -15,6 +15,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from csflow.calibration import DEFAULT_PROBE_STRENGTHS
 from csflow.flow_config import FlowConfig
 from csflow.serving_options import Precision, ServingOptions
 from csflow.weights import LITE0, default_weights, resolve_weights
@@ -115,6 +116,14 @@ class TrainSection(Section):
 class CalibrationSection(Section):
     target_fpr: float = Field(0.01, gt=0, lt=1)
     heldout_fraction: float = Field(0.15, gt=0, lt=1)
+    probe_strengths: tuple[float, ...] = DEFAULT_PROBE_STRENGTHS
+
+    @field_validator("probe_strengths")
+    @classmethod
+    def _strengths(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0.0 < s <= 1.0 for s in value) or len(set(value)) != len(value):
+            raise ValueError("must be distinct strengths in (0, 1]")
+        return tuple(sorted(value))
 
 
 class LimitsSection(Section):
@@ -159,6 +168,8 @@ class AdaptSection(Section):
     # Shadow evaluation on the camera's live frames (adapters/shadow.py).
     shadow_frames: int = Field(100, ge=0)
     shadow_lower_quantile: float = Field(0.1, gt=0, lt=0.5)
+    shadow_probes_per_frame: int = Field(2, ge=1)
+    max_sensitivity_loss: float = Field(0.0, ge=0, le=1)
     shadow_timeout_s: float = Field(600.0, gt=0)
     # The run's child process (daemon/adaptation_job.py): its memory bound (RLIMIT_DATA, 0: none) and wall time.
     max_memory_mb: int = Field(6144, ge=0)
@@ -197,7 +208,13 @@ class AdaptSection(Section):
     def shadow_config(self) -> ShadowConfig:
         from adapters.shadow import ShadowConfig
 
-        return ShadowConfig(self.shadow_frames, self.shadow_lower_quantile, self.min_defect_detection)
+        return ShadowConfig(
+            self.shadow_frames,
+            self.shadow_lower_quantile,
+            self.min_defect_detection,
+            self.shadow_probes_per_frame,
+            self.max_sensitivity_loss,
+        )
 
 
 class ConfirmationsSection(Section):

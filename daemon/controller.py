@@ -58,6 +58,7 @@ import structlog
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 from safetensors import SafetensorError
+from torch import Tensor
 
 from adapters.shadow import ShadowEvaluation
 from csflow.artifacts import (
@@ -241,11 +242,25 @@ class AdaptationController:
             return None
         return self._shadow.run.camera, self._shadow.candidate
 
-    def observe_shadow(self, parent_scores: list[float], candidate_scores: list[float], nll: list[float]) -> None:
-        """The shadow camera's frames of one batch, in stream order: parent and candidate scores, candidate NLLs."""
+    def shadow_probes(self, frames: Tensor) -> Tensor:
+        """The sensitivity probes to score with the candidate beside these frames of the shadow camera (the
+        next ones in stream order): `probes_per_frame` per frame, frame by frame."""
+        if self._shadow is None:
+            return frames[:0]
+        return self._shadow.evaluation.probe_images(frames)
+
+    def observe_shadow(
+        self,
+        parent_scores: list[float],
+        candidate_scores: list[float],
+        nll: list[float],
+        probe_scores: list[list[float]],
+    ) -> None:
+        """The shadow camera's frames of one batch, in stream order: parent and candidate scores, candidate
+        NLLs and the candidate's scores of each frame's probes (`shadow_probes`)."""
         if self._shadow is not None:
-            for p, c, n in zip(parent_scores, candidate_scores, nll, strict=True):
-                self._shadow.evaluation.update(p, c, n)
+            for p, c, n, q in zip(parent_scores, candidate_scores, nll, probe_scores, strict=True):
+                self._shadow.evaluation.update(p, c, n, q)
 
     def step(self, alarms: Mapping[str, ModelVersion]) -> None:
         """Take up a finished run or shadow, or start a run for a camera in alarm (`alarms`: camera -> its

@@ -521,7 +521,8 @@ class Worker:
 
     def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray, fresh: list[bool]) -> None:
         """A candidate in shadow scores its camera's fresh frames of this batch beside the parent, whose
-        scores are the verdicts; the controller decides once it has seen enough (adapters/shadow.py). The
+        scores are the verdicts, and each frame's sensitivity probes; the controller decides once it has
+        seen enough (adapters/shadow.py). The
         candidate is built on the served parent (its flow, its layout), so both run under `options`."""
         shadow = self.controller.shadow
         if shadow is None:
@@ -533,16 +534,20 @@ class Worker:
         if not idx:
             return
         t0 = time.perf_counter()
-        try:
-            images = torch.stack([good[i][1] for i in idx])
-            out = score_images(candidate, images, nll=True, options=self.options)
-            candidate_scores, nll = out.image.tolist(), np.asarray(out.nll).tolist()
+        images = torch.stack([good[i][1] for i in idx])
+        probes = self.controller.shadow_probes(images)
+        per_frame = len(probes) // len(idx)
+        try:  # the frames and their probes in one pass
+            out = score_images(candidate, torch.cat([images, probes.to(images.dtype)]), nll=True, options=self.options)
+            candidate_scores, nll = out.image[: len(idx)].tolist(), np.asarray(out.nll)[: len(idx)].tolist()
+            probe_scores = out.image[len(idx) :].reshape(len(idx), per_frame).tolist()
         except Exception as exc:  # a broken candidate must not cost the batch: it fails its shadow instead
             self._log.warning("shadow candidate failed", camera_id=camera, error=_describe(exc))
             candidate_scores = nll = [float("nan")] * len(idx)
+            probe_scores = [[float("nan")] * per_frame for _ in idx]
         self.metrics.shadow_frames.inc(len(idx))
         self.metrics.shadow_seconds.inc(time.perf_counter() - t0)
-        self.controller.observe_shadow([float(scores[i]) for i in idx], candidate_scores, nll)
+        self.controller.observe_shadow([float(scores[i]) for i in idx], candidate_scores, nll, probe_scores)
 
     def _observe_drift(
         self,

@@ -44,7 +44,7 @@ from adapters.protocol import (
 )
 from adapters.shadow import ShadowConfig, operating_point, shadow_stream
 from adapters.shifts import get_shift
-from csflow.artifacts import ModelVersion, load_model, save_model
+from csflow.artifacts import MANIFEST, ModelVersion, load_model, read_manifest, save_model
 from csflow.calibration import calibrate
 from csflow.data import load_batch, load_dataset
 from csflow.evaluation import evaluate_scores
@@ -56,8 +56,9 @@ from drift.config import DriftConfig
 from lab.plots import plot_protocol
 
 RESULTS = "results.json"
-PROTOCOL_REVISION = 3  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold;
+PROTOCOL_REVISION = 4  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold;
 # 3: its shadow stream is mostly normal, as on a line (ELPV's test split is mostly defective)
+# 4: the shadow also runs the sensitivity probe (csflow.defects) against the source's reference
 STREAM_DEFECT_SHARE = 0.05
 OperatingPoint = tuple[float | None, float | None]  # (FPR, TPR) at the setting's threshold, if it has one
 Outcome = tuple[float, OperatingPoint, dict[str, Any]]  # image AUROC, operating point, details
@@ -168,11 +169,17 @@ def run_experiment(
 
 def _report_header(spec: ExperimentSpec, fingerprint: dict[str, Any], missing: int) -> str:
     incomplete = f"**Incomplete: {missing} planned cells not computed yet** (rerun to resume).\n\n" if missing else ""
+    hidden, epochs, source = spec.fit.flow.hidden_channels, spec.fit.train.epochs, "trained here"
+    if spec.source is not None and (spec.source / MANIFEST).is_file():  # the source model's own, not the settings'
+        manifest = read_manifest(spec.source)
+        hidden, epochs = manifest.flow["hidden_channels"], manifest.summary.get("epochs", "?")
+        source = f"{spec.source}, version {manifest.version}"
     return incomplete + (
         f"# Few-shot adaptation protocol on {spec.data}\n\n"
         f"Shifts {', '.join(spec.shifts)}; k = {', '.join(map(str, spec.shots))}; {spec.folds} folds "
         f"(mean ± std over folds; target and source do not depend on the fold). Backbone {spec.fit.backbone} "
-        f"at {spec.fit.image_size} px, flow hidden {spec.fit.flow.hidden_channels}, {spec.fit.train.epochs} epochs. "
+        f"at {spec.fit.image_size} px; source model ({source}): flow hidden {hidden}, {epochs} epochs; flows "
+        f"trained here: flow hidden {spec.fit.flow.hidden_channels}, {spec.fit.train.epochs} epochs. "
         f"Operating point (FPR on normal / TPR on defective test images) at each model's own calibrated "
         f"threshold; the shots-only flow has no held-out normals, hence no threshold. "
         f"Experiment id {fingerprint['id']}.\n\n"
@@ -288,19 +295,19 @@ class _Runner:
         )
         gated = adapt_and_gate(version, images, spec.adapt, spec.gate)
         test = self.test_images(shift)
-        parent = score_images(version.model, test, spec.fit.train.batch_size).image
-        candidate = score_images(gated.result.model, test, spec.fit.train.batch_size, nll=True)
+        candidate = score_images(gated.result.model, test, spec.fit.train.batch_size)
         stream, judged = self._stream_split(k, fold)
         calibration = version.manifest.threshold_calibration
         live = stream[: spec.shadow.frames]
-        decision = shadow_stream(
-            parent[live],
-            candidate.image[live],
-            np.asarray(candidate.nll)[live],
+        decision, _ = shadow_stream(
+            version.model,
+            gated.result.model,
+            test[live],
             calibration,
             list(gated.decision.figures.get("defect_scores", [])),
             spec.shadow,
             spec.drift,
+            spec.fit.train.batch_size,
         )
         try:  # the candidate's own threshold, also for a refused one (to judge the refusal)
             threshold = operating_point(candidate.image[stream], calibration, spec.shadow.lower).threshold
@@ -320,7 +327,17 @@ class _Runner:
             "offline_accepted": gated.accepted,
             "shadow_accepted": decision.accepted,
             "reasons": [r for r in [*gated.decision.reasons, *decision.reasons] if not r.startswith("ok")],
-            "shadow": {key: decision.figures.get(key) for key in ("candidate_flag_rate", "parent_flag_rate", "scale")},
+            "shadow": {
+                key: decision.figures.get(key)
+                for key in (
+                    "candidate_flag_rate",
+                    "parent_flag_rate",
+                    "scale",
+                    "sensitivity",
+                    "reference_sensitivity",
+                    "probe_detection",
+                )
+            },
             # What the line flagged before the drift: the shadow's frames, unshifted, under the source.
             "line_flag_rate_before": float((self.source_clean_scores()[live] > version.threshold).mean()),
             "source_clean_tpr": self._metrics(self.source_clean_scores(), version.threshold)[1][1],

@@ -78,6 +78,9 @@ def test_train_writes_a_verified_model(model_dir: Path) -> None:
     assert (manifest["summary"]["n_weight_selection"], manifest["summary"]["n_fit"]) == (3, 6)
     assert len(manifest["calibration"]["scores"]) == len(manifest["calibration"]["nll"]) == 3
     assert manifest["flow_revision"] == 2
+    # the sensitivity probe's reference: every strength measured on the held-out normals
+    detection = manifest["calibration"]["probe_detection"]
+    assert list(detection) == ["0.25", "0.5", "0.75", "1"] and all(0.0 <= v <= 1.0 for v in detection.values())
 
 
 def test_score_prints_verdicts(model_dir: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:

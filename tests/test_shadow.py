@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from adapters.shadow import ShadowConfig, ShadowEvaluation, operating_point
 from csflow.calibration import Calibration, calibrate
+from csflow.defects import probe_plan
 
 RNG = np.random.default_rng(11)
 SOURCE = RNG.gamma(9.0, 0.1, 200)  # held-out normal scores of the parent in its own domain
-CALIBRATION = calibrate(SOURCE, 0.01)
-CONFIG = ShadowConfig(frames=100, lower=0.1, min_defect_detection=0.8)
+# the source's sensitivity probe on its held-out normals: faint defects half caught, obvious ones all
+REFERENCE = {"0.25": 0.5, "0.5": 0.7, "0.75": 0.9, "1": 1.0}
+CALIBRATION = replace(calibrate(SOURCE, 0.01), probe_detection=REFERENCE)
+CONFIG = ShadowConfig(frames=100, lower=0.1, min_defect_detection=0.8, probes_per_frame=2)
 
 
 def live_stream(normal: np.ndarray, defects: np.ndarray, every: int = 20) -> np.ndarray:
@@ -21,10 +27,13 @@ def live_stream(normal: np.ndarray, defects: np.ndarray, every: int = 20) -> np.
     return out
 
 
-def evaluate(parent: np.ndarray, candidate: np.ndarray, defect_scores: np.ndarray) -> ShadowEvaluation:
+def evaluate(
+    parent: np.ndarray, candidate: np.ndarray, defect_scores: np.ndarray, probe_rise: float = 10.0
+) -> ShadowEvaluation:
+    """Each frame's two probes score `probe_rise` above the frame (by default: far above any threshold)."""
     ev = ShadowEvaluation(CALIBRATION, defect_scores.tolist(), CONFIG)
     for p, c in zip(parent, candidate, strict=True):
-        ev.update(p, c, c * 3.0)
+        ev.update(p, c, c * 3.0, [c + probe_rise] * 2)
     return ev
 
 
@@ -106,6 +115,7 @@ def test_the_calibration_it_returns_round_trips() -> None:
     decision = evaluate(normal * 3.0, normal, RNG.uniform(4.0, 6.0, 20)).decide()
     assert decision.calibration is not None
     assert Calibration.from_dict(decision.calibration.to_dict()) == decision.calibration
+    assert decision.calibration.probe_detection == REFERENCE  # the source's reference travels on
 
 
 def test_no_drift_check_without_enough_calibration_scores_means_no_activation() -> None:
@@ -116,3 +126,70 @@ def test_no_drift_check_without_enough_calibration_scores_means_no_activation() 
     decision = ev.decide()
     assert not decision.accepted
     assert any(r.startswith("FAIL shadow stable: cannot watch drift") for r in decision.reasons), decision.reasons
+
+
+def test_refused_when_the_candidate_has_gone_blind_to_defects() -> None:
+    """The fault measured on ELPV: a candidate whose live flag rate looks right (it flags no more than the
+    parent, shows no drift, its obvious synthetic defects pass) but catches far fewer defects than the
+    source did. Probes pasted onto its live frames barely rise above the frames: refused."""
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6
+    parent, candidate = normal * 3.0, normal
+    blind = evaluate(parent, candidate, RNG.uniform(4.0, 6.0, 20), probe_rise=0.05).decide()
+    assert not blind.accepted
+    assert [r for r in blind.reasons if r.startswith("FAIL")] == [blind.reasons[-2]], blind.reasons
+    assert blind.reasons[-2].startswith("FAIL shadow sensitivity"), blind.reasons
+    assert blind.figures["sensitivity"] < blind.figures["reference_sensitivity"] == pytest.approx(0.775)
+    sharp = evaluate(parent, candidate, RNG.uniform(4.0, 6.0, 20)).decide()  # the same, probes caught
+    assert sharp.accepted, sharp.reasons
+    assert sharp.figures["sensitivity"] == 1.0 and sharp.figures["n_probes"] == 2 * sum(
+        candidate <= sharp.figures["threshold"]
+    )
+
+
+def test_sensitivity_may_fall_by_the_configured_loss_and_no_further() -> None:
+    """Probes at half the strengths caught (0.5 against the reference's 0.775): refused at the default
+    loss 0, accepted when 0.3 may be lost."""
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6
+    strengths = [item.strength for item in probe_plan(0, 100, 2, [0.25, 0.5, 0.75, 1.0], 2)]
+    for loss, accepted in ((0.0, False), (0.3, True)):
+        ev = ShadowEvaluation(CALIBRATION, [5.0] * 20, replace(CONFIG, max_sensitivity_loss=loss))
+        for i, c in enumerate(normal):
+            ev.update(3 * c, c, c, [c + (10.0 if s >= 0.75 else 0.0) for s in strengths[2 * i : 2 * i + 2]])
+        decision = ev.decide()
+        assert decision.figures["sensitivity"] == pytest.approx(0.5)
+        assert decision.accepted is accepted, decision.reasons
+
+
+def test_probes_on_frames_the_candidate_flags_do_not_count() -> None:
+    """A flagged frame may be a defect: probes pasted onto it say nothing about sensitivity."""
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6
+    candidate = live_stream(normal, RNG.uniform(40.0, 60.0, 100))  # five obvious defects
+    ev = ShadowEvaluation(CALIBRATION, [80.0] * 20, CONFIG)
+    for c in candidate:  # probes on the defects score below the threshold, on normal frames far above it
+        ev.update(3 * c, c, c, [0.0 if c > 30 else c + 10.0] * 2)
+    decision = ev.decide()
+    assert decision.accepted, decision.reasons
+    unflagged = int((candidate <= decision.figures["threshold"]).sum())
+    assert unflagged <= 95 and decision.figures["sensitivity"] == 1.0 and decision.figures["n_probes"] == 2 * unflagged
+
+
+def test_a_parent_without_a_sensitivity_reference_is_never_adapted_automatically() -> None:
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6
+    ev = ShadowEvaluation(calibrate(SOURCE, 0.01), [5.0] * 20, CONFIG)
+    assert len(ev.probe_images(torch.rand(3, 3, 8, 8))) == 0  # nothing to probe against
+    for c in normal:
+        ev.update(3 * c, c, c)
+    decision = ev.decide()
+    assert not decision.accepted
+    assert any(r.startswith("FAIL shadow sensitivity: the parent's calibration has no") for r in decision.reasons)
+
+
+def test_probe_images_follow_the_stream() -> None:
+    """Probes for the next frames, `probes_per_frame` each, seeded by the position in the stream."""
+    frames = torch.rand(5, 3, 16, 16)
+    ev = ShadowEvaluation(CALIBRATION, [], CONFIG)
+    first = ev.probe_images(frames)
+    assert first.shape == (10, 3, 16, 16)
+    torch.testing.assert_close(ev.probe_images(frames), first)  # same position, same probes
+    ev.update(1.0, 1.0, 1.0, [2.0, 2.0])
+    assert not torch.equal(ev.probe_images(frames), first)  # one frame on: the next frames' probes

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from adapters.shadow import ShadowConfig, ShadowEvaluation
+from csflow.calibration import Calibration
 from csflow.model import CSFlow
 from daemon.config import Settings
 from daemon.worker import Worker
@@ -22,13 +24,23 @@ def test_only_fresh_frames_reach_the_shadow(
     model = make_tiny_model(perturb=0.05)
     worker = Worker(Settings(), SimpleNamespace(model=model), torch.device("cpu"))  # type: ignore[arg-type]
     seen: list[list[float]] = []
+    probes: list[list[list[float]]] = []
+    reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
+    evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=3))
+
+    def observe(parent: list[float], candidate: list[float], nll: list[float], probe: list[list[float]]) -> None:
+        seen.append(parent)
+        probes.append(probe)
+
     worker.controller = SimpleNamespace(  # type: ignore[assignment]
-        shadow=("cam-1", model), observe_shadow=lambda parent, candidate, nll: seen.append(parent)
+        shadow=("cam-1", model), shadow_probes=evaluation.probe_images, observe_shadow=observe
     )
     frames: list[Any] = [SimpleNamespace(camera_id=c) for c in ("cam-1", "cam-1", "cam-2", "cam-1")]
     good = list(zip(frames, make_images(4), strict=True))
     scores = np.array([1.0, 2.0, 3.0, 4.0])
     worker._score_shadow(good, scores, [True, False, True, True])  # the second was a redelivery
     assert seen == [[1.0, 4.0]]
+    # each fresh frame's probes were scored by the candidate in the same pass: 3 finite scores per frame
+    assert len(probes[0]) == 2 and all(len(p) == 3 and np.isfinite(p).all() for p in probes[0])
     worker._score_shadow(good, scores, [False, False, False, False])
     assert seen == [[1.0, 4.0]]

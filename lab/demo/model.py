@@ -8,6 +8,7 @@ from pathlib import Path
 
 from csflow.artifacts import ArtifactError, read_manifest, save_model
 from csflow.data import GOOD, load_dataset
+from csflow.defects import strength_key
 from csflow.elpv import ElpvExport, export_elpv
 from csflow.fit import FitSpec, Progress, fit, no_progress, resolve_device
 from csflow.training import EpochRecord
@@ -38,6 +39,7 @@ def cached_model(model_dir: Path, fit_spec: FitSpec, data: str, n_train: int) ->
         and manifest.summary.get("train_config") == asdict(fit_spec.train)
         and manifest.summary.get("demo_data") == data
         and manifest.summary.get("n_train") == n_train
+        and list(manifest.calibration.get("probe_detection", {})) == [strength_key(s) for s in fit_spec.probe_strengths]
     )
 
 
@@ -54,6 +56,7 @@ def demo_fit_spec(spec: DemoSpec, settings: Settings) -> FitSpec:
         calibration_fraction=settings.calibration.heldout_fraction,
         target_fpr=settings.calibration.target_fpr,
         limits=settings.limits.to_limits(),
+        probe_strengths=settings.calibration.probe_strengths,
     )
 
 

@@ -19,6 +19,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from csflow.artifacts import read_manifest, save_model
 from csflow.backbones import LITE0, LITE0_PACKAGE
 from csflow.calibration import calibrate
 from csflow.data import to_tensor
-from csflow.fit import build_model
+from csflow.fit import build_model, probe_reference
 from csflow.flow import FlowConfig
 from csflow.training import TrainConfig, extract_features, features_scores_and_nll, train_flow
 from daemon.events import Event, EventKind
@@ -73,15 +74,19 @@ def trained_dir(make_images: Callable[..., Tensor], tmp_path_factory: pytest.Tem
     model = build_model(LITE0, LITE0_PACKAGE, 128, FlowConfig(hidden_channels=8)).eval()
     device = torch.device("cpu")
 
-    def features(n: int, seed: int) -> list[Tensor]:
-        images = torch.stack([to_tensor(x, 128) for x in to_uint8(make_images(n, seed))])  # as decoded from PNG
-        return extract_features(model, [images], device)
+    def decoded(n: int, seed: int) -> Tensor:
+        return torch.stack([to_tensor(x, 128) for x in to_uint8(make_images(n, seed))])  # as decoded from PNG
 
-    train, held_out = features(32, 100), features(40, 101)
+    held_out_images = decoded(40, 101)
+    train, held_out = (
+        extract_features(model, [decoded(32, 100)], device),
+        extract_features(model, [held_out_images], device),
+    )
     # a fresh flow is the identity (as the original): 40 epochs at 5e-3 make it a usable density model
     train_flow(model, train, held_out, TrainConfig(epochs=40, batch_size=8, lr=5e-3, eval_every=5), device)
     scores, nll = features_scores_and_nll(model, held_out, 8, device)
     calibration = calibrate(scores.numpy(), 0.05, nll.numpy())
+    calibration = replace(calibration, probe_detection=probe_reference(model, [held_out_images], calibration.threshold))
     out = tmp_path_factory.mktemp("trained")
     save_model(out, model, LITE0_PACKAGE, calibration, {"purpose": "adaptation loop tests"})
     return out
@@ -223,6 +228,7 @@ def test_shift_is_adapted_to_by_every_worker_and_rolled_back(loop: Loop, trained
     on_line = accepted.detail["figures"]["shadow"]
     assert on_line["frames_seen"] == 16 and on_line["candidate_flag_rate"] <= on_line["parent_flag_rate"]
     assert any(r.startswith("ok shadow stable") for r in accepted.detail["reasons"])
+    assert any(r.startswith("ok shadow sensitivity") for r in accepted.detail["reasons"]), accepted.detail["reasons"]
     manifest = read_manifest(next(loop.line.tmp_path.glob(f"cache-*/{adapted}")))
     assert manifest.calibration["threshold"] == on_line["threshold"]  # its own operating point, not the parent's
     assert len(manifest.calibration["scores"]) >= 12  # its drift reference: the live frames it did not flag
