@@ -41,7 +41,7 @@ from torch import Tensor
 from csflow.calibration import Calibration
 from csflow.defects import DefectConfig, graded_defects, probe_detection, probe_plan, sensitivity
 from csflow.model import CSFlow
-from csflow.scoring import Scores, score_images
+from csflow.scoring import score_images
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
 
@@ -289,10 +289,10 @@ def shadow_stream(
     config: ShadowConfig,
     drift: DriftConfig,
     batch_size: int,
-) -> tuple[ShadowDecision, Scores]:
+) -> ShadowDecision:
     """The shadow's decision on a recorded stream of live frames (in stream order), all of them used:
     for `inspectd adapt --live` and the protocol, which have the frames at hand rather than one batch at
-    a time. Also returns the candidate's scores of the live frames."""
+    a time."""
     evaluation = ShadowEvaluation(parent_calibration, defect_scores, replace(config, frames=max(len(live), 1)), drift)
     probes = evaluation.probe_images(live)
     parent_scores = score_images(parent, live, batch_size).image
@@ -302,4 +302,4 @@ def shadow_stream(
     )
     for p, c, n, q in zip(parent_scores, scores.image, np.asarray(scores.nll), probe_scores, strict=True):
         evaluation.update(p, c, n, q.tolist())
-    return evaluation.decide(), scores
+    return evaluation.decide()

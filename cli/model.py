@@ -230,7 +230,7 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     shadow: ShadowDecision | None = None
     if decision.accepted and args.live:
         live = load_batch(args.live, parent.model.image_size, settings.limits.to_limits())
-        shadow, _ = shadow_stream(
+        shadow = shadow_stream(
             parent.model,
             result.model,
             live,

@@ -299,7 +299,7 @@ class _Runner:
         stream, judged = self._stream_split(k, fold)
         calibration = version.manifest.threshold_calibration
         live = stream[: spec.shadow.frames]
-        decision, _ = shadow_stream(
+        decision = shadow_stream(
             version.model,
             gated.result.model,
             test[live],
