@@ -51,14 +51,15 @@ from csflow.evaluation import evaluate_scores
 from csflow.fit import FitSpec, Progress, fit, image_batches, no_progress
 from csflow.model import CSFlow
 from csflow.scoring import score_images
-from csflow.training import Features, extract_features, features_scores, split_indices, train_flow
+from csflow.training import Features, extract_features, features_scores, split_indices, split_normals, train_flow
 from drift.config import DriftConfig
 from lab.plots import plot_protocol
 
 RESULTS = "results.json"
-PROTOCOL_REVISION = 4  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold;
+PROTOCOL_REVISION = 5  # 2: the adapted setting is gated (offline + shadow) and judged at its own threshold;
 # 3: its shadow stream is mostly normal, as on a line (ELPV's test split is mostly defective)
-# 4: the shadow also runs the sensitivity probe (csflow.defects) against the source's reference
+# 4: the shadow also runs the sensitivity probe (csflow.defects) against the source's reference;
+# 5: the flows trained from scratch pick their kept epoch and set their threshold on disjoint held-out images
 STREAM_DEFECT_SHARE = 0.05
 OperatingPoint = tuple[float | None, float | None]  # (FPR, TPR) at the setting's threshold, if it has one
 Outcome = tuple[float, OperatingPoint, dict[str, Any]]  # image AUROC, operating point, details
@@ -195,7 +196,12 @@ class _Runner:
         if not self.dataset.test:
             raise ExperimentError(f"{spec.data} has no test/ folder")
         self.train_paths = [s.path for s in self.dataset.train]
-        self.train_idx, self.val_idx = split_indices(len(self.train_paths), spec.fit.val_fraction, spec.fit.train.seed)
+        # shots are drawn from train_idx; the flows trained from scratch split as `fit` does: one part trains,
+        # one picks the kept epoch, another sets the threshold (disjoint, so the threshold is not biased low)
+        self.train_idx, _ = split_indices(len(self.train_paths), spec.fit.val_fraction, spec.fit.train.seed)
+        self.fit_idx, self.select_idx, self.cal_idx = split_normals(
+            len(self.train_paths), spec.fit.val_fraction, spec.fit.calibration_fraction, spec.fit.train.seed
+        )
         self.anomalous = np.array([s.anomalous for s in self.dataset.test])
         self.defect_types = [s.defect_type for s in self.dataset.test]
         self.source_version = cache(self._source_version)
@@ -261,9 +267,8 @@ class _Runner:
     # --- settings ---------------------------------------------------------------------------------
     def _target(self, shift: str, k: None, fold: None) -> Outcome:
         feats = self.train_features(shift)
-        model = self._train(_take(feats, self.train_idx), _take(feats, self.val_idx), self.spec.fit.train.epochs)
-        val_scores = features_scores(model, _take(feats, self.val_idx), self.spec.fit.train.batch_size, self.device)
-        return self._evaluate_flow(model, shift, calibrate(val_scores.numpy(), self.spec.fit.target_fpr).threshold)
+        model = self._train(_take(feats, self.fit_idx), _take(feats, self.select_idx), self.spec.fit.train.epochs)
+        return self._evaluate_flow(model, shift, self._calibrated(model, _take(feats, self.cal_idx)))
 
     def _source(self, shift: str, k: None, fold: None) -> Outcome:
         version = self.source_version()
@@ -279,12 +284,9 @@ class _Runner:
     def _source_plus_shots(self, shift: str, k: int, fold: int) -> Outcome:
         shots = self._shot_indices(k, fold)
         source, target = self.train_features(None), self.train_features(shift)
-        train = [torch.cat([s[self.train_idx], t[shots]]) for s, t in zip(source, target, strict=True)]
-        val = _take(source, self.val_idx)
-        model = self._train(train, val, self.spec.fit.train.epochs)
-        val_scores = features_scores(model, val, self.spec.fit.train.batch_size, self.device)
-        threshold = calibrate(val_scores.numpy(), self.spec.fit.target_fpr).threshold
-        auroc, op, detail = self._evaluate_flow(model, shift, threshold)
+        train = [torch.cat([s[self.fit_idx], t[shots]]) for s, t in zip(source, target, strict=True)]
+        model = self._train(train, _take(source, self.select_idx), self.spec.fit.train.epochs)
+        auroc, op, detail = self._evaluate_flow(model, shift, self._calibrated(model, _take(source, self.cal_idx)))
         return auroc, op, {**detail, "shots": shots}
 
     def _adapted(self, shift: str, k: int, fold: int) -> Outcome:
@@ -374,6 +376,10 @@ class _Runner:
         model = CSFlow(source.extractor, source.image_size, source.flow_config, source.extractor_name).to(self.device)
         train_flow(model, train, val, config, self.device)
         return model
+
+    def _calibrated(self, model: CSFlow, held_out: Features) -> float:
+        scores = features_scores(model, held_out, self.spec.fit.train.batch_size, self.device)
+        return calibrate(scores.numpy(), self.spec.fit.target_fpr).threshold
 
     def _evaluate_flow(self, model: CSFlow, shift: str, threshold: float | None) -> Outcome:
         scores = features_scores(model, self.test_features(shift), self.spec.fit.train.batch_size, self.device).numpy()
