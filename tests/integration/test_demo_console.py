@@ -174,9 +174,15 @@ def test_a_person_in_a_browser_confirms_and_sees_the_adapted_version_serving(
     lines: list[str] = []
     # Long enough for the page to show the new version. The tiny flow misses most synthetic defects at any
     # threshold (the gate and the shadow refuse its candidates for it, rightly): this test is about the page,
-    # so the defect checks are off here.
-    env = {**test_demo.TINY["worker_env"], "INSPECTD_ADAPT__MIN_DEFECT_DETECTION": "0"}
-    tiny = {**test_demo.TINY, "frames_after": 80, "worker_env": env}
+    # so the defect checks and the sensitivity probe's are off here.
+    env = {
+        **test_demo.TINY["worker_env"],
+        "INSPECTD_ADAPT__MIN_DEFECT_DETECTION": "0",
+        "INSPECTD_ADAPT__MAX_SENSITIVITY_LOSS": "1",
+    }
+    # The shadow scores each frame three times (the frame and its two probes): on loaded cores the adaptation
+    # and its shadow outlast the tiny demo's 90 s.
+    tiny = {**test_demo.TINY, "frames_after": 80, "worker_env": env, "adapt_timeout_s": 300.0}
     spec = DemoSpec(out=out, data=elpv, person=True, person_timeout_s=PERSON_TIMEOUT_S, **tiny)
     person = BrowserPerson(lines, spec.camera, browser, tmp_path / "screenshots")
     person.start()
