@@ -134,6 +134,9 @@ class BrowserPerson(Person):
         d.find_element(By.ID, "username").send_keys(user)
         d.find_element(By.ID, "password").send_keys(password)
         d.find_element(By.ID, "login").click()
+        # The click does not wait for the login's POST: a page asked for before its answer can cancel it, and
+        # the person then stands at the login page for good (seen on loaded cores). So wait until it is past it.
+        self._wait("the login to finish", lambda: "/login" not in d.current_url)
         tile = f'[data-camera="{self.camera}"]'
 
         def in_alarm() -> bool:
