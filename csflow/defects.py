@@ -117,7 +117,7 @@ DEFECT_KINDS = {"scratch": _scratch, "cutpaste": _cut_paste}
 
 @dataclass(frozen=True)
 class ProbeItem:
-    """Probe `index` of a call: a defect of `DefectConfig.kinds[kind]` on host `host` at `strength`."""
+    """One probe: a defect of `DefectConfig.kinds[kind]` blended into image `host` of a batch at `strength`."""
 
     host: int
     strength: float

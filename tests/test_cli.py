@@ -272,6 +272,26 @@ def test_experiment_runs_every_setting_and_resumes(
     assert "Incomplete: 12 planned cells not computed" in table and "| k = 3: AUROC (FPR / TPR) |" in table
 
 
+def test_the_protocols_baselines_pick_weights_and_threshold_on_different_images(dataset: Path, tmp_path: Path) -> None:
+    """The flows the protocol trains from scratch split their normals as `fit` does: the images that pick the
+    kept epoch are not the ones that set the threshold (it would sit too low), nor trained on."""
+    import torch
+
+    from adapters.adapt import AdaptConfig
+    from cli.main import build_parser
+    from cli.model import fit_spec
+    from csflow.fit import no_progress
+    from daemon.config import load_settings
+    from lab.experiment import ExperimentSpec, _Runner
+
+    args = build_parser().parse_args(["experiment", "--data", str(dataset), "--shift", "dark", "--out", str(tmp_path)])
+    spec = ExperimentSpec(dataset, tmp_path, ("dark",), (1,), 1, fit_spec(args, load_settings()), AdaptConfig())
+    runner = _Runner(spec, torch.device("cpu"), no_progress)
+    fit, select, cal = (set(idx) for idx in (runner.fit_idx, runner.select_idx, runner.cal_idx))
+    assert fit and select and cal and not (fit & select or fit & cal or select & cal)
+    assert fit | select | cal == set(range(len(runner.train_paths)))
+
+
 def test_experiment_refuses_an_unknown_shift_before_working(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
