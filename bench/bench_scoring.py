@@ -28,7 +28,9 @@ from csflow.data import ImageLimits, decode_image, to_tensor
 from csflow.elpv import elpv_labels
 from csflow.fit import build_model, resolve_device
 from csflow.flow import FlowConfig
+from csflow.inference import prepare_for_serving
 from csflow.model import image_scores, per_sample_nll
+from csflow.serving_options import ServingOptions
 
 CONFIGS = [(LITE0, 256), (LITE0, 384), (LITE0, 512), ("tf_efficientnet_b5", 512), ("tf_efficientnet_b5", 768)]
 
@@ -55,7 +57,7 @@ def bench_one(backbone: str, size: int, args: argparse.Namespace) -> dict:
     weights = LITE0_PACKAGE if backbone == LITE0 else NO_WEIGHTS
     model = build_model(backbone, weights, size, FlowConfig(hidden_channels=args.hidden)).to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        prepare_for_serving(model, ServingOptions(channels_last=True))
     blobs = elpv_png_bytes(args.images)
     limits = ImageLimits()
     stages = {"decode": 0.0, "preprocess": 0.0, "extractor": 0.0, "flow": 0.0}

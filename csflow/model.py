@@ -59,7 +59,8 @@ class CSFlow(nn.Module):
         return self.extractor(images)
 
     def flow_forward(self, features: Sequence[Tensor]) -> FlowOutput:
-        z, log_jac_det = self.flow(list(features))
+        # Contiguous whatever the extractor's layout (see csflow.inference.prepare_for_serving).
+        z, log_jac_det = self.flow([f.contiguous() for f in features])
         return FlowOutput(list(z), log_jac_det)
 
     def forward(self, images: Tensor) -> FlowOutput:

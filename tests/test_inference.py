@@ -75,6 +75,21 @@ def test_serving_leaves_no_gradients_and_fp32_latents(model: CSFlow, images: Ten
     assert all(z.dtype == torch.float32 for z in out.z) and out.log_jac_det.dtype == torch.float32
 
 
+def test_channels_last_is_the_extractors_layout_and_the_flow_stays_contiguous(model: CSFlow, images: Tensor) -> None:
+    """The flow's convolutions run on maps of a few pixels a side, where the contiguous layout is the faster
+    one on a CPU (docs/RESULTS.md): whatever the extractor's layout, the flow's weights and inputs stay so."""
+    served = prepare_for_serving(copy.deepcopy(model), parse_options("fp32+cl"))
+    extractor_weights = [p for p in served.extractor.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert extractor_weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in extractor_weights)
+    flow_weights = [p for p in served.flow.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert flow_weights and all(p.is_contiguous() for p in flow_weights)
+    inputs: list[Tensor] = []
+    first_conv = next(m for m in served.flow.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    score_images(served, images[:2], options=parse_options("fp32+cl"))
+    assert inputs and all(x.is_contiguous() for x in inputs)
+
+
 def test_unknown_serving_modes_are_refused() -> None:
     with pytest.raises(ValueError, match="precision"):
         ServingOptions(precision="fp16")  # type: ignore[arg-type]
