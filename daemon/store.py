@@ -28,6 +28,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,6 +69,9 @@ end
 return 0
 """
 NEW, DUPLICATE = 1, 2
+# zlib level of cached frames: 1 encodes a 256 px frame about 4.5x faster than Pillow's default 6, for
+# about 18 % more bytes (ELPV cells); the cache is bounded by [redis] frame_ttl_s and its sampling policy.
+CACHE_PNG_LEVEL = 1
 COMPACT = (",", ":")  # JSON separators of verdict keys: a plant holds an hour of them (~2 million)
 
 
@@ -236,7 +240,7 @@ def cached_bytes(frame: Frame, image: Any | None) -> bytes:
         if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
             pixels = pixels[..., 0]
         out = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(pixels)).save(out, "PNG")
+        Image.fromarray(np.ascontiguousarray(pixels)).save(out, "PNG", compress_level=CACHE_PNG_LEVEL)
     except (ValueError, TypeError, OSError):  # not an image of the expected layout: the frame is kept as sent
         return frame.data
     encoded = out.getvalue()
@@ -270,16 +274,22 @@ class VerdictStore:
         return self.write_all(verdicts, frames)[0]
 
     def to_cache(
-        self, verdicts: Sequence[Verdict], frames: Sequence[Frame], images: Sequence[Any] | None = None
+        self,
+        verdicts: Sequence[Verdict],
+        frames: Sequence[Frame],
+        images: Sequence[Any] | None = None,
+        executor: Executor | None = None,
     ) -> dict[str, bytes]:
         """The bytes to cache by frame id, for the verdicts the policy keeps (`images`, aligned with
-        `frames`, are the model's inputs: what is stored when given, see `cached_bytes`)."""
+        `frames`, are the model's inputs: what is stored when given, see `cached_bytes`). `executor`
+        encodes them in parallel (Pillow's PNG encoder releases the GIL)."""
         keep = {v.frame_id for v in verdicts if self.policy.reason(v) is not None}
-        return {
-            f.frame_id: cached_bytes(f, None if images is None else images[i])
-            for i, f in enumerate(frames)
-            if f.frame_id in keep
-        }
+        kept = [i for i, f in enumerate(frames) if f.frame_id in keep]
+        kept_frames = [frames[i] for i in kept]
+        kept_images = [None if images is None else images[i] for i in kept]
+        encode = executor.map if executor is not None else map
+        encoded = encode(cached_bytes, kept_frames, kept_images)
+        return {f.frame_id: data for f, data in zip(kept_frames, encoded, strict=True)}
 
     def write_all(
         self, verdicts: Sequence[Verdict], frames: Sequence[Frame] | Mapping[str, bytes]

@@ -426,7 +426,7 @@ class Worker:
             for (f, _), v, s, d in zip(good, versions, scores, drift_states, strict=True)
         ]
         # only frames an operator may confirm are cached, as the model saw them (its input size)
-        cache = self.store.to_cache(verdicts, [f for f, _ in good], [image for _, image in good])
+        cache = self.store.to_cache(verdicts, [f for f, _ in good], [image for _, image in good], pool)
         new, duplicates = self._retry("redis", lambda: self.store.write_all(verdicts, cache))
         for i in duplicates:  # the id has a verdict for other bytes: never a silent drop
             frame = good[i][0]

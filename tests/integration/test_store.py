@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -100,6 +101,23 @@ def test_a_frame_near_or_over_the_threshold_is_cached_at_the_models_input_size(
     # adaptation decodes it and resizes to the model's input: exactly the tensor the model scored
     assert torch.equal(to_tensor(decode_image(data, ImageLimits()), MODEL_PX), model_input(f))
     assert 0 < client.ttl(KEYS.frame(frame_id)) <= FRAME_TTL_S
+
+
+def test_frames_encoded_on_the_workers_pool_are_the_same_bytes_in_frame_order() -> None:
+    """The worker encodes a batch's cached frames on its thread pool: the same lossless bytes, each under
+    its own frame id, as encoding them one by one."""
+    s = store(redis.Redis())  # to_cache talks to no server
+    frame_ids = ids("cam-1", 6, 1000, sampled=False)
+    frames = [frame(i, data=jpeg(seed)) for seed, i in enumerate(frame_ids)]
+    verdicts = [verdict(i, 1.5 if k % 3 else 0.2) for k, i in enumerate(frame_ids)]  # 4 of 6 over the threshold
+    inputs = [model_input(f) for f in frames]
+    with ThreadPoolExecutor(2) as pool:
+        parallel = s.to_cache(verdicts, frames, inputs, pool)
+    assert parallel == s.to_cache(verdicts, frames, inputs)
+    assert list(parallel) == [v.frame_id for v in verdicts if v.anomalous]
+    for f, x in zip(frames, inputs, strict=True):
+        if f.frame_id in parallel:
+            assert torch.equal(to_tensor(decode_image(parallel[f.frame_id], ImageLimits()), MODEL_PX), x)
 
 
 def test_below_the_near_ratio_is_not_cached_and_a_negative_threshold_is_measured_the_same_way() -> None:
