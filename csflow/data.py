@@ -69,9 +69,15 @@ def read_image(path: str | Path, limits: ImageLimits) -> np.ndarray:
 
 
 def to_tensor(rgb: np.ndarray, size: int) -> Tensor:
-    """An RGB uint8 array resized to size x size, as a float tensor (3, size, size) in [0, 1]."""
-    resized = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255.0)
+    """An RGB uint8 array resized to size x size, as a float tensor (3, size, size) in [0, 1].
+
+    NumPy does the arithmetic, not torch: the worker decodes on a thread pool, and a torch op there gives
+    each pool thread an OpenMP team of its own. Once libgomp manages more threads than there are CPUs, it
+    stops spinning between parallel regions, and every forward pass on the scoring thread slows down."""
+    resized = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    chw = np.ascontiguousarray(resized.transpose(2, 0, 1))
+    chw /= 255.0
+    return torch.from_numpy(chw)
 
 
 def read_mask(path: Path, size: int) -> np.ndarray:

@@ -327,6 +327,10 @@ class ServedModels:
 
     # the loader thread -------------------------------------------------------------------------
     def _load_forever(self) -> None:
+        # One OpenMP thread here: this thread lives as long as the worker, and so would a team of its own,
+        # which slows every forward pass of the scoring thread (libgomp spins less once it manages more
+        # threads than there are CPUs). Loading is I/O and copies; the scoring thread keeps its own count.
+        torch.set_num_threads(1)
         while not self._stopping.is_set():
             version = self._requests.get()
             if version is None or self._stopping.is_set():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -181,6 +184,54 @@ def test_to_tensor_resizes_and_scales() -> None:
     t = to_tensor(arr, 16)
     assert t.shape == (3, 16, 16) and t.dtype == torch.float32
     assert torch.allclose(t[0], torch.ones(16, 16)) and torch.count_nonzero(t[1:]) == 0
+
+
+def test_to_tensor_is_the_exact_pixel_over_255_in_channel_first_layout() -> None:
+    arr = rgb_array(40, 30, seed=3)
+    t = to_tensor(arr, 40)  # the height is kept; the width is resized
+    resized = np.array(Image.fromarray(arr).resize((40, 40), Image.Resampling.BILINEAR))
+    assert t.is_contiguous()
+    assert torch.equal(t, torch.from_numpy(resized).permute(2, 0, 1).float() / 255.0)
+
+
+# Run with two OpenMP threads (conftest.py pins the tests' process to one, under which no team is started).
+NATIVE_THREADS_AFTER_DECODE_ON_A_THREAD = """
+import os, threading
+import numpy as np, torch
+from csflow.data import to_tensor
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+torch.ones(1 << 20).add_(1)  # the scoring thread's own OpenMP team
+before = native_threads()
+decoded, release = threading.Event(), threading.Event()
+
+def decode() -> None:
+    to_tensor(np.zeros((300, 300, 3), np.uint8), 256)
+    decoded.set()
+    release.wait()
+
+pool_thread = threading.Thread(target=decode)
+pool_thread.start()
+decoded.wait()
+print(native_threads() - before)
+release.set()
+pool_thread.join()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_decoding_on_another_thread_starts_no_openmp_team() -> None:
+    """A torch op on a decode thread gave that thread an OpenMP team of its own; with more threads to manage
+    than CPUs, libgomp stops spinning between parallel regions and the scoring thread's passes slowed
+    (bench/bench_pipeline.py: worker/bare 0.64-0.75 with it, 0.86 without)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run(
+        [sys.executable, "-c", NATIVE_THREADS_AFTER_DECODE_ON_A_THREAD], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 0, "the decode thread started OpenMP threads of its own"
 
 
 def save_png(path: Path, seed: int = 0, mask: bool = False) -> None:

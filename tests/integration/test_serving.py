@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -100,6 +101,40 @@ def follow_until(served: ServedModels, done: Callable[[], bool], timeout: float 
         assert time.monotonic() < deadline, "timed out following the registry"
         served.follow()
         time.sleep(0.02)
+
+
+def native_threads() -> int:
+    """Threads of this process that Python did not start (OpenMP's, here)."""
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_a_version_loads_without_an_openmp_team_of_its_own(
+    registry: ModelRegistry, version_dirs: list[Path], tmp_path: Path
+) -> None:
+    """The loader thread outlives its loads, and so would an OpenMP team started on it: more threads for
+    libgomp to manage than CPUs, so it stops spinning between the scoring thread's parallel regions."""
+    fallback = load_model(version_dirs[0])
+    swaps: list[Swap] = []
+    torch.set_num_threads(2)  # conftest.py pins one, under which no team is ever started
+    try:
+        torch.ones(1 << 20).add_(1)  # the scoring thread's own team
+        before = native_threads()
+        served = ServedModels(registry, tmp_path / "cache", torch.device("cpu"), REFRESH_S, fallback, swaps.append)
+        try:
+            served.bootstrap(version_dirs[0])
+            served.follow()
+            served.models(["cam-1"])
+            other = registry.publish(version_dirs[1]).version
+            registry.activate(own_scope(registry, "cam-1"), other)
+            follow_until(served, lambda: len(swaps) == 2)
+            assert served.models(["cam-1"])["cam-1"].version == other
+            assert native_threads() == before, "the loader thread started OpenMP threads of its own"
+            assert torch.get_num_threads() == 2, "the scoring thread lost its threads"
+        finally:
+            served.close()
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_cameras_follow_the_registry_and_keep_serving_when_a_version_cannot_load(
