@@ -178,10 +178,10 @@ def main() -> None:
         publish(producer, "frames", blobs, "backlog")
         worker = Worker(settings, load_model(model_dir, str(device)), device)
         measured: dict[str, Any] = {}
-        # The worker runs on the main thread, as under `inspectd run`: torch scored 1.2-1.4x slower from a
-        # second thread on this CPU (glibc's per-thread malloc arenas are part of it: MALLOC_ARENA_MAX=1
-        # narrowed the gap), which would charge the worker for the benchmark's own threading. The driver
-        # thread only sleeps, polls XLEN and publishes the paced frames.
+        # The worker runs on the main thread, as under `inspectd run`. Scoring on a second thread would start
+        # a second OpenMP team beside the one the bare model left on this thread, and libgomp spins less once
+        # it manages more threads than CPUs (1.17x slower here): that would charge the worker for the
+        # benchmark's own threading. The driver thread only sleeps, polls XLEN and publishes paced frames.
         driver = threading.Thread(
             target=drive, args=(worker, producer, client, key, warm, blobs, bare * args.latency_load, measured)
         )
