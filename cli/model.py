@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from cli.common import EXIT_ERROR, EXIT_REJECTED, progress
+from cli.common import EXIT_ERROR, EXIT_REJECTED, progress, warn_if_bf16_emulated
 
 if TYPE_CHECKING:  # the model stack is imported by the commands that use it, so the CLI answers at once
     import numpy as np
@@ -106,10 +106,13 @@ def _load(args: argparse.Namespace, settings: Settings) -> ModelVersion:
 
 def _load_served(args: argparse.Namespace, settings: Settings) -> ModelVersion:
     """A version prepared to serve under the [model] serving settings (not for adapting: it may be folded)."""
+    from csflow.fit import resolve_device
     from csflow.inference import prepare_for_serving
 
+    options = settings.model.serving_options()
+    warn_if_bf16_emulated(options, resolve_device(settings.model.device))
     version = _load(args, settings)
-    prepare_for_serving(version.model, settings.model.serving_options())
+    prepare_for_serving(version.model, options)
     return version
 
 

@@ -7,6 +7,8 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cli.common import warn_if_bf16_emulated
+
 if TYPE_CHECKING:
     from daemon.config import Settings
 
@@ -20,6 +22,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.worker import Worker
 
     device = resolve_device(settings.model.device)
+    warn_if_bf16_emulated(settings.model.worker_serving_options(), device)
     stop = threading.Event()
     worker: Worker | None = None
 

@@ -88,6 +88,17 @@ def _to_float(out: Any) -> Any:
     return type(out)(_to_float(o) for o in out)
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` has fast bf16 convolutions. oneDNN's bf16 kernels need AVX-512 (or AMX); on an
+    AVX2-only CPU it emulates them, and B5 at 256 px scored 17x slower with bf16-flow than in fp32
+    (docs/RESULTS.md). GPUs run bf16 natively from compute capability 8.0 (Ampere) on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True  # another accelerator: no claim either way
+
+
 def prepare_for_serving(model: CSFlow, options: ServingOptions) -> CSFlow:
     """Make `model` (in place) ready to serve under `options`; eval mode, gradients off."""
     model.eval().requires_grad_(False)

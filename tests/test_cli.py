@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cli.main import main
+from csflow.inference import bf16_is_native
 
 TINY = {
     "INSPECTD_FLOW__HIDDEN_CHANNELS": "8",
@@ -91,6 +93,18 @@ def test_score_prints_verdicts(model_dir: Path, dataset: Path, capsys: pytest.Ca
     for row in rows:
         assert row["anomalous"] == (row["score"] > row["threshold"])
         assert np.isfinite(row["score"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-flow"])
+def test_score_says_when_bf16_would_be_emulated(
+    model_dir: Path, dataset: Path, precision: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bf16 on a CPU without native bf16 (AVX2 only) scores right, 17x slower: a warning naming the setting,
+    on such a CPU only (this test's expectation follows the CPU it runs on)."""
+    monkeypatch.setenv("INSPECTD_MODEL__PRECISION", precision)
+    assert main(["score", "--model", str(model_dir), str(dataset / "test/good/000.png")]) == 0
+    warned = "model.precision is bf16 on a device without native bf16" in capsys.readouterr().err
+    assert warned == (precision != "fp32" and not bf16_is_native(torch.device("cpu")))
 
 
 def test_score_reports_a_corrupt_image_and_goes_on(
