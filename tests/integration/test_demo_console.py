@@ -82,6 +82,7 @@ class Person(threading.Thread):
         assert f"{SHOTS} frame(s) confirmed as normal by {user}" in done.text, done.text
 
 
+@pytest.mark.slow  # the browser test below runs the same demo and checks the same, through a real page
 def test_a_person_confirms_in_the_console_and_the_worker_adapts(
     elpv: Path, out: Path, settings: Settings, no_leftovers: None
 ) -> None:
@@ -199,6 +200,12 @@ def test_a_person_in_a_browser_confirms_and_sees_the_adapted_version_serving(
     assert person.error is None, f"{person.error!r}\n{log}"
     summary = json.loads(result.summary_path.read_text())
     assert summary["adaptation"]["confirmed"] == [person.picked], log
+    confirmed = [e for e in summary["events"] if e["kind"] == "frames_confirmed"]
+    assert [e["detail"] for e in confirmed] == [{"operator": DEMO_USER, "frame_ids": person.picked}]
+    assert [e["kind"] for e in summary["events"]].count("adaptation_started") == 1, log
+    assert f"operator {DEMO_USER} (console): confirmed {SHOTS} frames" in log
+    assert "operator demo-operator" not in log  # nobody simulated
     assert summary["adaptation"]["accepted"], summary["outcome"]
     assert person.serving == [summary["model"]["version"], summary["adaptation"]["version"]], log
+    assert summary["processes"]["worker"]["exit_code"] == 0
     print(f"screenshots: {sorted(p.name for p in (tmp_path / 'screenshots').iterdir())}")
