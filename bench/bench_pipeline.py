@@ -6,7 +6,9 @@ frames and configuration:
      serving options and forward batch, before and after the worker (their mean is the reference);
   2. worker throughput: a backlog of frames in the topic, drained by `inspectd run`'s Worker;
      images/s from the first verdict to the last (start-up and group join excluded);
-  3. worker latency: frames produced at a fixed share of the bare rate; produce -> verdict in Redis,
+  3. where the worker's batches spend their time during the backlog (its own stage metrics: decode, score,
+     Redis writes, commit);
+  4. worker latency: frames produced at a fixed share of the bare rate; produce -> verdict in Redis,
      p50/p99 (from the frame's ts header to the verdict stream entry's time).
 The ratio worker/bare is the pipeline's overhead. Usage:
 
@@ -111,6 +113,20 @@ def wait_for(client: redis.Redis, key: str, total: int, timeout: float) -> None:
         time.sleep(0.25)
 
 
+STAGES = ("decode", "score", "redis", "commit")  # the worker's batch stages (inspectd_stage_seconds)
+
+
+def stage_means(worker: Worker) -> dict[str, float]:
+    """Mean milliseconds per batch of each of the worker's stages so far, from its own metrics."""
+    sample = worker.metrics.registry.get_sample_value
+    means = {}
+    for stage in STAGES:
+        total = sample("inspectd_stage_seconds_sum", {"stage": stage}) or 0.0
+        count = sample("inspectd_stage_seconds_count", {"stage": stage}) or 0.0
+        means[stage] = 1000 * total / max(count, 1.0)
+    return means
+
+
 def drive(
     worker: Worker,
     producer: KafkaProducer,
@@ -127,6 +143,7 @@ def drive(
         done, _ = stream_times(client, key, "backlog")
         first_batch = sum(1 for t in done if t == done[0])
         measured["throughput"] = (len(done) - first_batch) / max((done[-1] - done[0]) / 1000, 1e-9)
+        measured["stages"] = stage_means(worker)  # the backlog's batches (and the warm-up's)
         paced = blobs[: max(64, len(blobs) // 2)]
         publish(producer, "frames", paced, "latency", rate=rate)
         wait_for(client, key, len(warm) + len(blobs) + len(paced), timeout=3600)
@@ -200,6 +217,8 @@ def main() -> None:
         f"(before the worker {bare:.2f}, after {bare_after:.2f})"
     )
     print(f"worker, Kafka -> Redis (backlog):        {throughput:8.2f} frames/s  ratio {throughput / bare_mean:.3f}")
+    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in measured["stages"].items())
+    print(f"worker's batch stages in the backlog, mean ms per batch: {stages}")
     print(
         f"latency at {rate:.1f} frames/s ({args.latency_load:.0%} of bare): p50 {np.percentile(latency, 50):.0f} ms, "
         f"p99 {np.percentile(latency, 99):.0f} ms"
