@@ -225,7 +225,7 @@ pool_thread.join()
 def test_decoding_on_another_thread_starts_no_openmp_team() -> None:
     """A torch op on a decode thread gave that thread an OpenMP team of its own; with more threads to manage
     than CPUs, libgomp stops spinning between parallel regions and the scoring thread's passes slowed
-    (bench/bench_pipeline.py: worker/bare 0.68-0.83 with it, median 1.03 without; docs/RESULTS.md)."""
+    (bench/bench_pipeline.py: worker/bare 0.68-0.83 with it, median 1.02 without; docs/RESULTS.md)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
     out = subprocess.run(
         [sys.executable, "-c", NATIVE_THREADS_AFTER_DECODE_ON_A_THREAD], env=env, capture_output=True, text=True
