@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    settings.model.worker_serving_options()  # options the worker cannot serve: refused before waiting for a model
+    options = settings.model.worker_serving_options()  # what the worker cannot serve: refused before waiting
     import threading
 
     from csflow.fit import resolve_device
@@ -22,7 +22,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from daemon.worker import Worker
 
     device = resolve_device(settings.model.device)
-    warn_if_bf16_emulated(settings.model.worker_serving_options(), device)
+    warn_if_bf16_emulated(options, device)
     stop = threading.Event()
     worker: Worker | None = None
 
