@@ -39,7 +39,14 @@ import torch
 from torch import Tensor
 
 from csflow.calibration import Calibration
-from csflow.defects import DefectConfig, graded_defects, probe_detection, probe_plan, sensitivity
+from csflow.defects import (
+    PROBE_REVISION,
+    DefectConfig,
+    graded_defects,
+    probe_detection,
+    probe_plan,
+    sensitivity,
+)
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from drift.config import DriftConfig
@@ -245,6 +252,7 @@ class ShadowEvaluation:
             sorted(cand[keep].tolist()),
             sorted(np.asarray(self.candidate_nll)[keep].tolist()),
             dict(parent_cal.probe_detection),  # the reference stays the source's, in its own domain
+            parent_cal.probe_revision,
         )
         return ShadowDecision(True, reasons, figures, calibration)
 
@@ -254,6 +262,14 @@ class ShadowEvaluation:
         reference = self.parent_calibration.probe_detection
         if not reference:
             return {}, False, "the parent's calibration has no sensitivity reference (retrain it to have one)"
+        if self.parent_calibration.probe_revision != PROBE_REVISION:
+            return (
+                {},
+                False,
+                f"the parent's sensitivity reference was measured with probe revision "
+                f"{self.parent_calibration.probe_revision}, this inspectd probes with revision {PROBE_REVISION} "
+                "(retrain it to re-measure the reference)",
+            )
         per_frame = self.config.probes_per_frame
         if len(self.probe) != per_frame * self.frames_seen:
             return {}, False, f"{len(self.probe)} probe scores for {self.frames_seen} frames x {per_frame} probes"

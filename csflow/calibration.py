@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from csflow.defects import PROBE_REVISION
+
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 # The sensitivity probe's strengths (csflow.defects), from faint to the gate's obvious synthetic defects.
 DEFAULT_PROBE_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
@@ -34,7 +36,9 @@ class Calibration:
     `probe_detection` is the sensitivity probe's detection curve at this threshold (`csflow.defects`:
     strength -> share of graded synthetic defects flagged) on the source model's held-out normals. An
     adapted version carries its source's curve: it is the reference a candidate must keep in a new domain.
-    Empty where no probe was run (then no automatic adaptation can be accepted).
+    Empty where no probe was run (then no automatic adaptation can be accepted). `probe_revision` names
+    the probe's kind of defects it was measured with (`csflow.defects.PROBE_REVISION`; 1 in manifests
+    written before the revision was recorded).
     """
 
     threshold: float
@@ -42,6 +46,7 @@ class Calibration:
     scores: list[float]
     nll: list[float] = field(default_factory=list)
     probe_detection: dict[str, float] = field(default_factory=dict)
+    probe_revision: int = PROBE_REVISION
 
     @property
     def stats(self) -> dict[str, float]:
@@ -69,6 +74,7 @@ class Calibration:
             data["nll_stats"] = self.nll_stats
         if self.probe_detection:
             data["probe_detection"] = dict(self.probe_detection)
+            data["probe_revision"] = self.probe_revision
         return data
 
     @classmethod
@@ -79,6 +85,7 @@ class Calibration:
             [float(x) for x in data["scores"]],
             [float(x) for x in data.get("nll", [])],
             {str(k): float(v) for k, v in data.get("probe_detection", {}).items()},
+            int(data.get("probe_revision", 1)),
         )
 
 

@@ -23,12 +23,24 @@ class DefectConfig:
     image, rotated by a multiple of 90 degrees and made clearly darker or brighter (CutPaste-style).
     The defaults give defects that an inspector would call obvious, so a model that misses them has
     lost sensitivity rather than met a borderline case.
+
+    How dark or bright is measured in the host image's own contrast: a scratch's grey level lies
+    `scratch_contrast` standard deviations of the host's intensities (per channel) from its mean, a
+    patch is moved by `patch_contrast` of them. So a defect changes with the image as a real one does when
+    the light, the exposure or the colour of the line changes (for a gain and an offset per channel,
+    pasting before or after the change gives the same image): on a dimmer or flatter line it is as faint
+    as a real crack there, not a black bar that any model catches. The defaults are about as far from
+    the mean as a near-black bar and a halved patch are on a mid-grey textured part.
     """
 
     per_image: int = 4
     min_size: float = 0.1
     max_size: float = 0.2
     kinds: tuple[str, ...] = ("scratch", "cutpaste")  # copy j of an image gets kinds[j % len(kinds)]
+    scratch_contrast: tuple[float, float] = (3.0, 5.0)
+    patch_contrast: tuple[float, float] = (2.0, 3.0)
+    # A flat host (a blank frame) still gets a visible defect: its standard deviation counts as at least this.
+    min_std: float = 0.02
 
     def __post_init__(self) -> None:
         unknown = set(self.kinds) - set(DEFECT_KINDS)
@@ -38,6 +50,12 @@ class DefectConfig:
             raise ValueError(f"per_image must be >= 1, got {self.per_image}")
         if not 0.0 < self.min_size <= self.max_size <= 0.5:
             raise ValueError(f"need 0 < min_size <= max_size <= 0.5, got {self.min_size}, {self.max_size}")
+        for name in ("scratch_contrast", "patch_contrast"):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high:
+                raise ValueError(f"{name} needs 0 < low <= high, got {getattr(self, name)}")
+        if self.min_std <= 0.0:
+            raise ValueError(f"min_std must be > 0, got {self.min_std}")
 
 
 def synthetic_defects(images: Tensor, config: DefectConfig, generator: torch.Generator) -> Tensor:
@@ -48,7 +66,7 @@ def synthetic_defects(images: Tensor, config: DefectConfig, generator: torch.Gen
         for j in range(config.per_image):
             size = _uniform(config.min_size, config.max_size, generator)
             paste = DEFECT_KINDS[config.kinds[j % len(config.kinds)]]
-            out.append(paste(image, size, generator))
+            out.append(paste(image, size, config, generator))
     return torch.stack(out)
 
 
@@ -56,26 +74,34 @@ def _uniform(low: float, high: float, generator: torch.Generator) -> float:
     return float(torch.empty(()).uniform_(low, high, generator=generator))
 
 
-def _contrasting_dark(mean: float, generator: torch.Generator) -> bool:
-    """Dark or bright at random, except where only one of them would be visible (very bright or dark)."""
+def _contrasting_offset(
+    pixels: Tensor, contrast: tuple[float, float], config: DefectConfig, generator: torch.Generator
+) -> Tensor:
+    """Per channel (3, 1, 1): `contrast` standard deviations of `pixels` (a drawn multiple), darker or brighter
+    at random, except where only one side has room within [0, 1] (a very bright or dark image)."""
     coin = bool(torch.rand((), generator=generator) < 0.5)  # drawn always, so later draws do not shift
-    if mean > 0.7:
-        return True
-    if mean < 0.3:
-        return False
-    return coin
+    z = _uniform(*contrast, generator)
+    flat = pixels.flatten(1)
+    mean = flat.mean(dim=1)
+    offset = z * flat.std(dim=1).clamp_min(config.min_std)
+    dark_fits, bright_fits = bool((mean - offset >= 0).all()), bool((mean + offset <= 1).all())
+    if dark_fits == bright_fits:  # both sides have room (or neither): the coin, or the side with more room
+        dark = coin if dark_fits else bool(mean.mean() > 0.5)
+    else:
+        dark = dark_fits
+    return (-offset if dark else offset).view(-1, 1, 1)
 
 
-def _scratch(image: Tensor, size: float, generator: torch.Generator) -> Tensor:
-    """A straight anti-aliased bar of constant grey level (dark or bright) through the central region."""
+def _scratch(image: Tensor, size: float, config: DefectConfig, generator: torch.Generator) -> Tensor:
+    """A straight anti-aliased bar of constant level, darker or brighter than the image, through its centre region."""
     _, h, w = image.shape
     side = min(h, w)
     length = min(2.5 * size, 0.9) * side
     width = max(2.0, 0.2 * size * side)
     angle = _uniform(0.0, math.pi, generator)
     cy, cx = _uniform(0.3, 0.7, generator) * h, _uniform(0.3, 0.7, generator) * w
-    dark = _contrasting_dark(float(image.mean()), generator)
-    level = _uniform(0.0, 0.1, generator) if dark else _uniform(0.9, 1.0, generator)
+    mean = image.flatten(1).mean(dim=1).view(-1, 1, 1)
+    level = (mean + _contrasting_offset(image, config.scratch_contrast, config, generator)).clamp(0.0, 1.0)
     # distance of each pixel centre to the segment p0 + t*u, t in [0, length]
     uy, ux = math.sin(angle), math.cos(angle)
     y0, x0 = cy - uy * length / 2, cx - ux * length / 2
@@ -84,20 +110,19 @@ def _scratch(image: Tensor, size: float, generator: torch.Generator) -> Tensor:
     t = ((ys - y0) * uy + (xs - x0) * ux).clamp(0.0, length)
     dist = torch.hypot(ys - (y0 + t * uy), xs - (x0 + t * ux))
     mask = (width / 2 + 0.5 - dist).clamp(0.0, 1.0).to(image.device, image.dtype)
-    return image * (1 - mask) + level * mask
+    return image * (1 - mask) + level.to(image.dtype) * mask
 
 
-def _cut_paste(image: Tensor, size: float, generator: torch.Generator) -> Tensor:
-    """A square patch from one place, rotated and brightened or darkened, pasted at another place."""
+def _cut_paste(image: Tensor, size: float, config: DefectConfig, generator: torch.Generator) -> Tensor:
+    """A square patch from one place, rotated and made darker or brighter, pasted at another place."""
     _, h, w = image.shape
     p = max(2, round(size * min(h, w)))
     sy, sx, ty, tx = (int(torch.randint(0, limit - p + 1, (), generator=generator)) for limit in (h, w, h, w))
     quarter_turns = int(torch.randint(0, 4, (), generator=generator))
     patch = torch.rot90(image[:, sy : sy + p, sx : sx + p], quarter_turns, dims=(1, 2))
-    darker = _contrasting_dark(float(patch.mean()), generator)
-    gain = _uniform(0.4, 0.6, generator) if darker else _uniform(1.4, 1.6, generator)
+    offset = _contrasting_offset(image, config.patch_contrast, config, generator)
     out = image.clone()
-    out[:, ty : ty + p, tx : tx + p] = (patch * gain).clamp(0.0, 1.0)
+    out[:, ty : ty + p, tx : tx + p] = (patch + offset.to(image.dtype)).clamp(0.0, 1.0)
     return out
 
 
@@ -105,14 +130,19 @@ DEFECT_KINDS = {"scratch": _scratch, "cutpaste": _cut_paste}
 
 
 # --- the sensitivity probe ---------------------------------------------------------------------------
+# Raised whenever the probe's defects change, so that a reference curve is only compared with probes of
+# its own kind (1: absolute grey levels; 2: levels in the host's own contrast).
+PROBE_REVISION = 2
+
 # Why. Whether a model still catches defects in a new domain cannot be read off live frames (too few of
 # them are defective, and none are labelled), and obvious synthetic defects are caught by any model that
 # is not broken. So the probe blends synthetic defects into normal images at graded strengths, from faint
 # to obvious, and measures which share of them score above the threshold: a detection curve whose mean is
 # the model's sensitivity. The calibrated model's curve on its held-out normals is the reference; an
 # adapted candidate's curve on live frames of the new domain must not fall below it. The defects are
-# pasted after the domain shift, so they are as visible in the new domain as in the old: the probe sees a
-# model that lost sensitivity, not defects that the shift itself hides (an optimistic bound for those).
+# pasted after the domain shift, but in the frame's own contrast (DefectConfig), so where the shift
+# dims or flattens the image they fade with it as real defects do. Shifts that blur or restructure the
+# texture hide real defects in ways a pasted one does not copy: for those the probe stays optimistic.
 
 
 @dataclass(frozen=True)
@@ -150,7 +180,7 @@ def graded_defects(
     for item in plan:
         host = hosts[item.host]
         size = _uniform(config.min_size, config.max_size, generator)
-        defective = DEFECT_KINDS[config.kinds[item.kind % len(config.kinds)]](host, size, generator)
+        defective = DEFECT_KINDS[config.kinds[item.kind % len(config.kinds)]](host, size, config, generator)
         out.append(torch.lerp(host, defective, item.strength))
     return torch.stack(out) if out else hosts.new_empty((0, *hosts.shape[1:]))
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cli.main import main
+from csflow.defects import PROBE_REVISION
 from csflow.inference import bf16_is_native
 
 TINY = {
@@ -83,6 +84,7 @@ def test_train_writes_a_verified_model(model_dir: Path) -> None:
     # the sensitivity probe's reference: every strength measured on the held-out normals
     detection = manifest["calibration"]["probe_detection"]
     assert list(detection) == ["0.25", "0.5", "0.75", "1"] and all(0.0 <= v <= 1.0 for v in detection.values())
+    assert manifest["calibration"]["probe_revision"] == PROBE_REVISION  # which probe measured it
 
 
 def test_score_prints_verdicts(model_dir: Path, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,15 @@ from collections import Counter
 import pytest
 import torch
 
-from csflow.defects import DefectConfig, ProbeItem, graded_defects, probe_detection, probe_plan, sensitivity
+from csflow.defects import (
+    DefectConfig,
+    ProbeItem,
+    graded_defects,
+    probe_detection,
+    probe_plan,
+    sensitivity,
+    synthetic_defects,
+)
 
 STRENGTHS = [0.25, 0.5, 0.75, 1.0]
 
@@ -48,3 +56,26 @@ def test_detection_per_strength_and_its_mean() -> None:
         probe_detection(scores[:-1], plan, 1.0)
     with pytest.raises(ValueError):
         sensitivity({})
+
+
+@pytest.mark.parametrize("kind", ["scratch", "cutpaste"])
+def test_a_defect_changes_with_the_light_as_the_image_does(kind: str) -> None:
+    """Dimming, tinting or lifting the image (a gain and an offset per channel) before pasting gives the same
+    image as pasting first: a probe on a dimmer line is as faint as a real defect there (absolute grey
+    levels were not: a near-black bar stayed near-black on any line)."""
+    coarse = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(5))
+    images = 0.4 + 0.2 * torch.nn.functional.interpolate(coarse, size=(48, 48), mode="bilinear")
+    gain, offset = torch.tensor([0.7, 0.6, 0.8]).view(1, 3, 1, 1), torch.tensor([0.05, 0.15, 0.0]).view(1, 3, 1, 1)
+    config = DefectConfig(per_image=4, kinds=(kind,))
+    pasted_then_dimmed = synthetic_defects(images, config, torch.Generator().manual_seed(1)) * gain + offset
+    dimmed_then_pasted = synthetic_defects(images * gain + offset, config, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(dimmed_then_pasted, pasted_then_dimmed)
+    assert ((pasted_then_dimmed - images.repeat_interleave(4, 0) * gain - offset).abs() > 0.05).any()
+
+
+def test_a_flat_frame_still_gets_a_visible_defect() -> None:
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    out = synthetic_defects(flat, DefectConfig(per_image=2), torch.Generator().manual_seed(0))
+    assert ((out - flat).abs() >= 2 * DefectConfig().min_std).any(dim=(1, 2, 3)).all()
+    with pytest.raises(ValueError, match="scratch_contrast"):
+        DefectConfig(scratch_contrast=(2.0, 1.0))

@@ -10,7 +10,7 @@ import torch
 
 from adapters.shadow import ShadowConfig, ShadowEvaluation, operating_point
 from csflow.calibration import Calibration, calibrate
-from csflow.defects import probe_plan
+from csflow.defects import PROBE_REVISION, probe_plan
 
 RNG = np.random.default_rng(11)
 SOURCE = RNG.gamma(9.0, 0.1, 200)  # held-out normal scores of the parent in its own domain
@@ -182,6 +182,25 @@ def test_a_parent_without_a_sensitivity_reference_is_never_adapted_automatically
     decision = ev.decide()
     assert not decision.accepted
     assert any(r.startswith("FAIL shadow sensitivity: the parent's calibration has no") for r in decision.reasons)
+
+
+def test_a_reference_measured_with_other_probes_is_not_compared() -> None:
+    """A manifest written before the probe's defects followed the frame's contrast (no `probe_revision`:
+    revision 1) holds a curve of other defects: comparing the new probes with it would be a silent mix."""
+    legacy = {k: v for k, v in CALIBRATION.to_dict().items() if k != "probe_revision"}
+    old = Calibration.from_dict(legacy)
+    assert old.probe_revision == 1 and old.probe_detection == REFERENCE
+    assert Calibration.from_dict(CALIBRATION.to_dict()).probe_revision == PROBE_REVISION
+    normal = 1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6
+    for calibration, accepted in ((CALIBRATION, True), (old, False)):
+        ev = ShadowEvaluation(calibration, RNG.uniform(4.0, 6.0, 20).tolist(), CONFIG)
+        for c in normal:
+            ev.update(3 * c, c, c * 3.0, [c + 10.0] * 2)
+        decision = ev.decide()
+        assert decision.accepted is accepted, decision.reasons
+    assert any(
+        "measured with probe revision 1" in r and r.startswith("FAIL shadow sensitivity") for r in decision.reasons
+    )
 
 
 def test_probe_images_follow_the_stream() -> None:

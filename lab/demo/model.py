@@ -8,7 +8,7 @@ from pathlib import Path
 
 from csflow.artifacts import ArtifactError, read_manifest, save_model
 from csflow.data import GOOD, load_dataset
-from csflow.defects import strength_key
+from csflow.defects import PROBE_REVISION, strength_key
 from csflow.elpv import ElpvExport, export_elpv
 from csflow.fit import FitSpec, Progress, fit, no_progress, resolve_device
 from csflow.training import EpochRecord
@@ -40,6 +40,7 @@ def cached_model(model_dir: Path, fit_spec: FitSpec, data: str, n_train: int) ->
         and manifest.summary.get("demo_data") == data
         and manifest.summary.get("n_train") == n_train
         and list(manifest.calibration.get("probe_detection", {})) == [strength_key(s) for s in fit_spec.probe_strengths]
+        and manifest.calibration.get("probe_revision") == PROBE_REVISION
     )
 
 
