@@ -85,7 +85,7 @@ class Calibration:
             [float(x) for x in data["scores"]],
             [float(x) for x in data.get("nll", [])],
             {str(k): float(v) for k, v in data.get("probe_detection", {}).items()},
-            int(data.get("probe_revision", 1)),
+            int(data.get("probe_revision", 1 if "probe_detection" in data else PROBE_REVISION)),
         )
 
 
