@@ -38,15 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from csflow.calibration import Calibration
-from csflow.defects import (
-    PROBE_REVISION,
-    DefectConfig,
-    graded_defects,
-    probe_detection,
-    probe_plan,
-    sensitivity,
-)
+from csflow.calibration import PROBE_REVISION, Calibration
+from csflow.defects import DefectConfig, graded_defects, probe_detection, probe_plan, sensitivity
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from drift.config import DriftConfig

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from csflow.defects import PROBE_REVISION
-
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 # The sensitivity probe's strengths (csflow.defects), from faint to the gate's obvious synthetic defects.
 DEFAULT_PROBE_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
+# Raised whenever the probe's defects (csflow.defects) change, so that a reference curve is only compared
+# with probes of its own kind (1: absolute grey levels; 2: levels in the host's own contrast).
+PROBE_REVISION = 2
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -37,7 +38,7 @@ class Calibration:
     strength -> share of graded synthetic defects flagged) on the source model's held-out normals. An
     adapted version carries its source's curve: it is the reference a candidate must keep in a new domain.
     Empty where no probe was run (then no automatic adaptation can be accepted). `probe_revision` names
-    the probe's kind of defects it was measured with (`csflow.defects.PROBE_REVISION`; 1 in manifests
+    the probe's kind of defects it was measured with (`PROBE_REVISION`; 1 in manifests
     written before the revision was recorded).
     """
 

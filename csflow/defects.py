@@ -130,10 +130,6 @@ DEFECT_KINDS = {"scratch": _scratch, "cutpaste": _cut_paste}
 
 
 # --- the sensitivity probe ---------------------------------------------------------------------------
-# Raised whenever the probe's defects change, so that a reference curve is only compared with probes of
-# its own kind (1: absolute grey levels; 2: levels in the host's own contrast).
-PROBE_REVISION = 2
-
 # Why. Whether a model still catches defects in a new domain cannot be read off live frames (too few of
 # them are defective, and none are labelled), and obvious synthetic defects are caught by any model that
 # is not broken. So the probe blends synthetic defects into normal images at graded strengths, from faint

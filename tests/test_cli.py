@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cli.main import main
-from csflow.defects import PROBE_REVISION
+from csflow.calibration import PROBE_REVISION
 from csflow.inference import bf16_is_native
 
 TINY = {

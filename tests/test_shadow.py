@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from adapters.shadow import ShadowConfig, ShadowEvaluation, operating_point
-from csflow.calibration import Calibration, calibrate
-from csflow.defects import PROBE_REVISION, probe_plan
+from csflow.calibration import PROBE_REVISION, Calibration, calibrate
+from csflow.defects import probe_plan
 
 RNG = np.random.default_rng(11)
 SOURCE = RNG.gamma(9.0, 0.1, 200)  # held-out normal scores of the parent in its own domain

@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from csflow.artifacts import ArtifactError, read_manifest, save_model
+from csflow.calibration import PROBE_REVISION
 from csflow.data import GOOD, load_dataset
-from csflow.defects import PROBE_REVISION, strength_key
+from csflow.defects import strength_key
 from csflow.elpv import ElpvExport, export_elpv
 from csflow.fit import FitSpec, Progress, fit, no_progress, resolve_device
 from csflow.training import EpochRecord
