@@ -38,8 +38,8 @@ class Calibration:
     strength -> share of graded synthetic defects flagged) on the source model's held-out normals. An
     adapted version carries its source's curve: it is the reference a candidate must keep in a new domain.
     Empty where no probe was run (then no automatic adaptation can be accepted). `probe_revision` names
-    the probe's kind of defects it was measured with (`PROBE_REVISION`; 1 in manifests
-    written before the revision was recorded).
+    the kind of defects it was measured with (`PROBE_REVISION`; 1 in manifests written before it was
+    recorded).
     """
 
     threshold: float

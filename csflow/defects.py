@@ -76,9 +76,9 @@ def _uniform(low: float, high: float, generator: torch.Generator) -> float:
 
 def _contrasting_offset(
     pixels: Tensor, contrast: tuple[float, float], config: DefectConfig, generator: torch.Generator
-) -> Tensor:
-    """Per channel (3, 1, 1): `contrast` standard deviations of `pixels` (a drawn multiple), darker or brighter
-    at random, except where only one side has room within [0, 1] (a very bright or dark image)."""
+) -> tuple[Tensor, Tensor]:
+    """Per channel (3, 1, 1), the mean of `pixels` and an offset of `contrast` standard deviations of them (a
+    drawn multiple), darker or brighter at random, except where only one side has room within [0, 1]."""
     coin = bool(torch.rand((), generator=generator) < 0.5)  # drawn always, so later draws do not shift
     z = _uniform(*contrast, generator)
     flat = pixels.flatten(1)
@@ -89,7 +89,7 @@ def _contrasting_offset(
         dark = coin if dark_fits else bool(mean.mean() > 0.5)
     else:
         dark = dark_fits
-    return (-offset if dark else offset).view(-1, 1, 1)
+    return mean.view(-1, 1, 1), (-offset if dark else offset).view(-1, 1, 1)
 
 
 def _scratch(image: Tensor, size: float, config: DefectConfig, generator: torch.Generator) -> Tensor:
@@ -100,8 +100,8 @@ def _scratch(image: Tensor, size: float, config: DefectConfig, generator: torch.
     width = max(2.0, 0.2 * size * side)
     angle = _uniform(0.0, math.pi, generator)
     cy, cx = _uniform(0.3, 0.7, generator) * h, _uniform(0.3, 0.7, generator) * w
-    mean = image.flatten(1).mean(dim=1).view(-1, 1, 1)
-    level = (mean + _contrasting_offset(image, config.scratch_contrast, config, generator)).clamp(0.0, 1.0)
+    mean, offset = _contrasting_offset(image, config.scratch_contrast, config, generator)
+    level = (mean + offset).clamp(0.0, 1.0)
     # distance of each pixel centre to the segment p0 + t*u, t in [0, length]
     uy, ux = math.sin(angle), math.cos(angle)
     y0, x0 = cy - uy * length / 2, cx - ux * length / 2
@@ -120,7 +120,7 @@ def _cut_paste(image: Tensor, size: float, config: DefectConfig, generator: torc
     sy, sx, ty, tx = (int(torch.randint(0, limit - p + 1, (), generator=generator)) for limit in (h, w, h, w))
     quarter_turns = int(torch.randint(0, 4, (), generator=generator))
     patch = torch.rot90(image[:, sy : sy + p, sx : sx + p], quarter_turns, dims=(1, 2))
-    offset = _contrasting_offset(image, config.patch_contrast, config, generator)
+    _, offset = _contrasting_offset(image, config.patch_contrast, config, generator)
     out = image.clone()
     out[:, ty : ty + p, tx : tx + p] = (patch + offset.to(image.dtype)).clamp(0.0, 1.0)
     return out
