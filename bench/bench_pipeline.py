@@ -7,7 +7,8 @@ frames and configuration:
   2. worker throughput: a backlog of frames in the topic, drained by `inspectd run`'s Worker;
      images/s from the first verdict to the last (start-up and group join excluded);
   3. where the worker's batches spend their time during the backlog (its own stage metrics: decode, score,
-     Redis writes, commit);
+     Redis writes, commit; "decode" is the wait for what is left of it when the batch comes to be scored,
+     since under a backlog a batch decodes while the one before it is scored);
   4. worker latency: frames produced at a fixed share of the bare rate; produce -> verdict in Redis,
      p50/p99 (from the frame's ts header to the verdict stream entry's time).
 The ratio worker/bare is the pipeline's overhead. Usage:

@@ -3,7 +3,9 @@
 Each iteration: collect a batch (size or max wait), parse and decode (thread pool), score each camera's
 frames with the version it is served (daemon/serving.py), update the cameras' drift monitors
 (daemon/drift_watch.py), write verdicts and drift states to Redis, send bad frames to the dead-letter
-topic, commit. Between batches: operator confirmations, model swaps announced by the registry, and the
+topic, commit that batch's offsets. Under a backlog (a full batch) the next batch is polled before the
+current one is scored, so that the pool decodes it meanwhile; it is committed only once it is done
+itself, and a stop leaves it uncommitted, to be redelivered. Between batches: operator confirmations, model swaps announced by the registry, and the
 adaptation controller (daemon/controller.py, whose runs are in the background). Outages are retried with
 backoff while /readyz reports not-ready; nothing is committed before it is durable, so a crash at any
 point only causes redelivery, and idempotent verdict writes turn that into exactly one verdict.
@@ -18,10 +20,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -84,6 +86,31 @@ class DrainTimeout(RuntimeError):
 
 class Stopped(Exception):
     """Stopping was requested while retrying with no batch in flight: nothing to finish, exit now."""
+
+
+@dataclass
+class Batch:
+    """Records polled together and what is known of them before scoring: the dead letters found so far
+    (records poll() could not read, frames that do not parse) and, on the hot path, the parsed frames with
+    their decodes running in the pool. `counts`: the records' attempts when one of them was in flight at a
+    crash; such a batch is not decoded ahead but taken one record at a time (`Worker._attempt`)."""
+
+    records: list[Any]
+    dead: list[DeadLetter]
+    counts: list[int] | None = None
+    parsed: list[tuple[Any, Frame]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    decoded: Iterator[torch.Tensor | BadFrame] = field(default_factory=lambda: iter(()))
+
+    @property
+    def offsets(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        """What committing this batch commits: past its last record or dead letter in each partition. Not the
+        consumer's positions: under a backlog those are already past the next batch, polled ahead."""
+        last: dict[TopicPartition, int] = {}
+        for item in [*self.records, *self.dead]:
+            tp = TopicPartition(item.topic, item.partition)
+            last[tp] = max(last.get(tp, -1), item.offset)
+        return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
 
 
 class CameraPartitions(ConsumerRebalanceListener):
@@ -149,7 +176,6 @@ class Worker:
         self._next_lag_check = 0.0
         self._next_status_check = 0.0
         self._beat = time.monotonic()  # the loop's last sign of progress (an iteration or a retry)
-        self._upto: Any = None  # a record handled by itself (after a crash): commit up to it only
         self._log = structlog.get_logger()
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -261,21 +287,28 @@ class Worker:
             serving=str(self.options),
             http_port=self.http_port,
         )
+        ahead: Batch | None = None  # polled while the batch before it was scored (a backlog)
         while not self._stop.is_set():
             self._beat = time.monotonic()
-            records = self._collect()
-            if records or self._stubs:
+            batch, ahead = ahead or self._next_batch(pool), None
+            if batch is not None:
                 self._in_flight = True
                 try:
-                    self._attempt(records, pool)
+                    if len(batch.records) >= cfg.worker.batch_size and batch.counts is None:
+                        ahead = self._next_batch(pool)  # a backlog: it decodes while this batch is scored
+                    self._attempt(batch, pool)
+                except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was the outage)
+                    self._release(batch, ahead)
+                    raise
                 finally:
-                    self._in_flight = False
+                    self._in_flight = ahead is not None
                     self._beat = time.monotonic()  # a finished batch is progress, before the next poll returns
             elif self.attempts.pending:  # idle: clear the last batch's attempt counters now
                 self._retry("redis", self.attempts.flush)
             self._confirm()
             self._follow_models()
             self._check_kafka()
+        self._release(ahead)  # stopping: the batch polled ahead is not committed, so it is redelivered
         if self.attempts.pending:
             self._retry("redis", self.attempts.flush)
         self._log.info("worker stopped")
@@ -311,6 +344,41 @@ class Worker:
             records += got
         return records
 
+    def _next_batch(self, pool: ThreadPoolExecutor) -> Batch | None:
+        """Poll a batch and count its attempt (before anything decodes it: a decoder that kills the process
+        must find its record counted); on the hot path, parse it and start decoding it in the pool."""
+        records = self._collect()
+        stubs, self._stubs = self._stubs, []
+        if not records and not stubs:
+            return None
+        counts = self._retry("redis", lambda: self.attempts.begin(records)) if records else None
+        return Batch(records, stubs, counts) if counts is not None else self._prepare(records, stubs, pool)
+
+    def _prepare(self, records: list[Any], dead: list[DeadLetter], pool: ThreadPoolExecutor) -> Batch:
+        """Parse the records (one that does not parse is a dead letter) and start decoding their frames in the
+        pool, at the input size of the version each camera is served now."""
+        dead = list(dead)
+        parsed: list[tuple[Any, Frame]] = []
+        for record in records:
+            try:
+                parsed.append((record, parse_record(record, self.settings.kafka.max_message_bytes)))
+            except BadFrame as exc:
+                dead.append(DeadLetter.of(record, exc.reason, exc.detail))
+            except Exception as exc:
+                dead.append(DeadLetter.of(record, "parse_error", _describe(exc)))
+        for record, frame in parsed:
+            self.cameras.seen(frame.camera_id, record.topic, record.partition)
+        served = self._retry("redis", lambda: self.models.models({f.camera_id for _, f in parsed}))
+        sizes = [served[f.camera_id].model.image_size for _, f in parsed]
+        return Batch(records, dead, None, parsed, sizes, pool.map(self._decode, [f for _, f in parsed], sizes))
+
+    def _release(self, *batches: Batch | None) -> None:
+        """Batches left unfinished on the way out: their records were not in flight at a crash, so their
+        attempt counts go (best effort). A batch that carries a crash's counts keeps them."""
+        records = [r for batch in batches if batch is not None and batch.counts is None for r in batch.records]
+        if records:
+            self.attempts.abandon(records)
+
     def _skip_unreadable(self, exc: Exception) -> bool:
         """An exception out of poll() that concerns one record (not the broker): skip that record by offset
         and queue a stub dead letter naming it. kafka-python parses a whole record batch at once, so the
@@ -331,60 +399,49 @@ class Worker:
         self._log.warning("unreadable record skipped", source=f"{tp.topic}:{tp.partition}:{offset}", error=detail)
         return True
 
-    def _attempt(self, records: list[Any], pool: ThreadPoolExecutor) -> None:
-        """One batch, its attempt counted first (daemon/attempts.py). If one of its records was in flight
-        when a process died, the records are taken one at a time, each counted and committed on its own,
-        so that only the record that kills the process is counted again; one that has reached
+    def _attempt(self, batch: Batch, pool: ThreadPoolExecutor) -> None:
+        """One batch, its attempt counted when it was polled (daemon/attempts.py). If one of its records was in
+        flight when a process died, the records are taken one at a time, each counted and committed on its
+        own, so that only the record that kills the process is counted again; one that has reached
         [worker] max_attempts is dead-lettered (crash_loop) without being decoded."""
-        counts = self._retry("redis", lambda: self.attempts.begin(records)) if records else None
-        if counts is None:  # the hot path: nothing of this batch was in flight at a crash
-            try:
-                self._handle(records, pool)
-            except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was the outage)
-                self.attempts.abandon(records)
-                raise
+        records = batch.records
+        if batch.counts is None:  # the hot path: nothing of this batch was in flight at a crash
+            self._handle(batch, pool)
             self.attempts.finish(records)
             return
         cap = self.settings.worker.max_attempts
         self._log.warning(
             "records in flight at a crash: one at a time",
-            sources=[f"{r.topic}:{r.partition}:{r.offset}" for r, n in zip(records, counts, strict=True) if n],
+            sources=[f"{r.topic}:{r.partition}:{r.offset}" for r, n in zip(records, batch.counts, strict=True) if n],
         )
-        for record, count in zip(records, counts, strict=True):
-            self._upto = record  # each one committed by itself: a later death redelivers only the rest
-            try:
-                if count >= cap:
-                    detail = f"in flight when the process died {count} times ([worker] max_attempts {cap})"
-                    self._handle([], pool, [DeadLetter.of(record, CRASH_LOOP, detail)])
-                else:
-                    self._retry("redis", lambda record=record: self.attempts.start(record))
-                    self._handle([record], pool)
-            finally:
-                self._upto = None
+        stubs = batch.dead  # sent with the first record, committed with the batch (they may lie past it)
+        for record, count in zip(records, batch.counts, strict=True):
+            if count >= cap:
+                detail = f"in flight when the process died {count} times ([worker] max_attempts {cap})"
+                one = Batch([], [*stubs, DeadLetter.of(record, CRASH_LOOP, detail)])
+            else:
+                self._retry("redis", lambda record=record: self.attempts.start(record))
+                one = self._prepare([record], stubs, pool)
+            # committed by itself: a later death redelivers only the rest
+            self._handle(one, pool, Batch([record], []).offsets)
+            stubs = []
             self.attempts.finish([record])
-        self._commit()  # the positions: records poll() skipped are past the last one handled
+        self._commit(batch.offsets)
 
-    def _handle(self, records: list[Any], pool: ThreadPoolExecutor, dead: list[DeadLetter] | None = None) -> None:
-        """One batch. Whatever one frame does (unparsable, undecodable, the model raising on it) sends that
-        frame to the DLQ with a reason code; the others get their verdicts. `dead`: letters decided before."""
-        cfg = self.settings
+    def _handle(
+        self, batch: Batch, pool: ThreadPoolExecutor, offsets: dict[TopicPartition, OffsetAndMetadata] | None = None
+    ) -> None:
+        """One batch, committed up to `offsets` (default: the whole batch). Whatever one frame does
+        (unparsable, undecodable, the model raising on it) sends that frame to the DLQ with a reason code;
+        the others get their verdicts."""
         t0 = time.perf_counter()
-        dead, self._stubs = [*self._stubs, *(dead or [])], []
-        parsed: list[tuple[Any, Frame]] = []
-        for record in records:
-            try:
-                parsed.append((record, parse_record(record, cfg.kafka.max_message_bytes)))
-            except BadFrame as exc:
-                dead.append(DeadLetter.of(record, exc.reason, exc.detail))
-            except Exception as exc:
-                dead.append(DeadLetter.of(record, "parse_error", _describe(exc)))
-        for record, frame in parsed:
-            self.cameras.seen(frame.camera_id, record.topic, record.partition)
+        dead, parsed = list(batch.dead), batch.parsed
+        # again: a swap between polling and now may serve a camera a version with another input size
         served = self._retry("redis", lambda: self.models.models({f.camera_id for _, f in parsed}))
-        sizes = [served[f.camera_id].model.image_size for _, f in parsed]
         decoded_ok: list[tuple[Any, Frame, torch.Tensor]] = []
-        decoded = pool.map(self._decode, [f for _, f in parsed], sizes)
-        for (record, frame), image in zip(parsed, decoded, strict=True):
+        for (record, frame), size, image in zip(parsed, batch.sizes, batch.decoded, strict=True):
+            if served[frame.camera_id].model.image_size != size:
+                image = self._decode(frame, served[frame.camera_id].model.image_size)
             if isinstance(image, BadFrame):
                 dead.append(DeadLetter.of(record, image.reason, image.detail))
             else:
@@ -440,14 +497,14 @@ class Worker:
         if dead:
             self._dead_letter(dead)
         self._retry("redis", self.durability.after_write)  # [redis] durability: the writes are safe to commit
-        self._commit()
+        self._commit(batch.offsets if offsets is None else offsets)
         if idle := self.cameras.idle(self.settings.worker.max_cameras):  # after the batch's drift states are saved
             self._forget(idle, "cameras idle longest beyond [worker] max_cameras forgotten")
         t4 = time.perf_counter()
         self._observe(verdicts, dead, {"decode": t1 - t0, "score": t2 - t1, "redis": t3 - t2, "commit": t4 - t3})
         self._log.info(
             "batch",
-            frames=len(records),
+            frames=len(batch.records),
             scored=len(verdicts),
             new_verdicts=new,
             dead_lettered=len(dead),
@@ -604,16 +661,15 @@ class Worker:
             )
         pipe.execute()
 
-    def _commit(self) -> None:
-        """The consumer's positions, or only up to the record `_attempt` is handling by itself."""
-        upto = self._upto
-        offsets = (
-            None
-            if upto is None
-            else {TopicPartition(upto.topic, upto.partition): OffsetAndMetadata(upto.offset + 1, "", -1)}
-        )
+    def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """Commit these offsets, for the partitions this worker still holds: one that a rebalance moved away
+        is another worker's now, which re-scores from its committed offset (idempotently)."""
+        assigned = self.consumer.assignment()
+        held = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not held:
+            return
         try:
-            self._retry("kafka", lambda: self.consumer.commit(offsets, timeout_ms=KAFKA_CALL_TIMEOUT_MS))
+            self._retry("kafka", lambda: self.consumer.commit(held, timeout_ms=KAFKA_CALL_TIMEOUT_MS))
         except REBALANCE_ERRORS as exc:  # partitions moved to another worker: it re-scores, idempotently
             self._log.warning("commit failed after a rebalance", error=str(exc))
 
