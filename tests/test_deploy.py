@@ -91,8 +91,14 @@ def settings_from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> S
 # A small kustomize: enough for what deploy/k8s uses, and it refuses anything else.
 
 # Strategic-merge keys of the lists these patches touch (from the Kubernetes API's patchMergeKey).
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort"}
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+}
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "configMapGenerator", "patches", "images"}
 GENERATED = "__generated__"
 
@@ -182,10 +188,16 @@ def apply_images(spec: dict[str, Any], docs: list[dict[str, Any]]) -> None:
 def kustomize_hash(cm: dict[str, Any]) -> str:
     """kustomize's name suffix of a generated ConfigMap (api/hasher): sha256 of Go's JSON encoding of
     kind, data and an empty name (kustomize 5 hashes before naming), first 10 hex digits, vowels mapped."""
-    encoded = json.dumps({"data": cm["data"], "kind": "ConfigMap", "name": ""}, separators=(",", ":"),
-                         sort_keys=True, ensure_ascii=False)
-    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"),
-                         ("\u2029", "\\u2029")):
+    encoded = json.dumps(
+        {"data": cm["data"], "kind": "ConfigMap", "name": ""}, separators=(",", ":"), sort_keys=True, ensure_ascii=False
+    )
+    for char, escape in (
+        ("&", "\\u0026"),
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         encoded = encoded.replace(char, escape)
     hexdigest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
     return hexdigest.translate(str.maketrans("013ae", "ghkmt"))
@@ -208,8 +220,9 @@ def accumulate(root: Path, kind: str = "Kustomization", docs: list[dict[str, Any
             path = (root / f).resolve()
             assert path.is_relative_to(root.resolve()), f"{f}: kustomize refuses files outside {root}"
             data[path.name] = path.read_text()
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data,
-                     GENERATED: True})
+        docs.append(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data, GENERATED: True}
+        )
     docs = apply_patches(root, spec, docs)
     apply_images(spec, docs)
     return docs
@@ -229,8 +242,11 @@ def render(root: Path) -> list[dict[str, Any]]:
             if "configMap" in volume:
                 volume["configMap"]["name"] = renamed.get(volume["configMap"]["name"], volume["configMap"]["name"])
         for c in pod.get("containers", []):
-            refs = [e["valueFrom"]["configMapKeyRef"] for e in c.get("env", []) if "configMapKeyRef" in
-                    e.get("valueFrom", {})] + [e["configMapRef"] for e in c.get("envFrom", []) if "configMapRef" in e]
+            refs = [
+                e["valueFrom"]["configMapKeyRef"]
+                for e in c.get("env", [])
+                if "configMapKeyRef" in e.get("valueFrom", {})
+            ] + [e["configMapRef"] for e in c.get("envFrom", []) if "configMapRef" in e]
             for ref in refs:
                 ref["name"] = renamed.get(ref["name"], ref["name"])
     return docs
@@ -249,12 +265,16 @@ def variant_dir(name: str, tmp: Path) -> Path:
     # kustomize accepts only relative paths: an operator's overlay elsewhere that pulls in both components.
     tmp.mkdir(parents=True, exist_ok=True)
     rel = Path(os.path.relpath(K8S, tmp))
-    (tmp / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [str(rel / "overlays" / "gpu")],
-        "components": [str(rel / "components" / "monitoring"), str(rel / "components" / "keda")],
-    }))
+    (tmp / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(rel / "overlays" / "gpu")],
+                "components": [str(rel / "components" / "monitoring"), str(rel / "components" / "keda")],
+            }
+        )
+    )
     return tmp
 
 
@@ -271,8 +291,11 @@ def component(doc: dict[str, Any]) -> str | None:
 def one(docs: list[dict[str, Any]], kind: str, of: str = "worker") -> dict[str, Any]:
     """The single object of `kind` of the workers (by default: everything but the console's), or of `of`
     ("console": labelled so; shared objects such as the ConfigMap have no component label)."""
-    found = [d for d in docs if d["kind"] == kind and (component(d) != CONSOLE if of == "worker" else
-                                                        component(d) in (of, None))]
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind and (component(d) != CONSOLE if of == "worker" else component(d) in (of, None))
+    ]
     assert len(found) == 1, f"{len(found)} {kind} objects of the {of}"
     return found[0]
 
@@ -309,8 +332,9 @@ def test_renderer_matches_kustomize(variant: str, rendered: dict, tmp_path: Path
     command = kustomize_command()
     if command is None:
         pytest.skip("no kustomize or kubectl binary: only the built-in renderer is used")
-    out = subprocess.run([*command, str(variant_dir(variant, tmp_path))], capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run(
+        [*command, str(variant_dir(variant, tmp_path))], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(load_docs_text(out.stdout), key=key) == sorted(rendered[variant], key=key)
@@ -322,8 +346,14 @@ def test_manifests_validate_against_kubernetes_schemas(variant: str, k8s_version
     kv = pytest.importorskip("kubernetes_validate", reason="test dependency kubernetes-validate (dev extra)")
     version = str(kv.latest_version()) if k8s_version == "latest" else k8s_version
     docs = rendered[variant]
-    assert {d["kind"] for d in docs} >= {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget",
-                                         "PersistentVolumeClaim", "ServiceAccount"}
+    assert {d["kind"] for d in docs} >= {
+        "Deployment",
+        "ConfigMap",
+        "Service",
+        "PodDisruptionBudget",
+        "PersistentVolumeClaim",
+        "ServiceAccount",
+    }
     for doc in docs:
         if doc["kind"] in CRD_KINDS:
             continue
@@ -352,8 +382,9 @@ def test_validation_catches_mistakes(rendered: dict) -> None:
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu", COMBINED])
-def test_deployment_runs_the_worker_as_configured(variant: str, rendered: dict,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deployment_runs_the_worker_as_configured(
+    variant: str, rendered: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     docs = rendered[variant]
     deployment = one(docs, "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -460,8 +491,12 @@ def test_console_deployment_and_service(variant: str, rendered: dict, monkeypatc
 
 def metric_names() -> set[str]:
     """Every series name the worker exports (counters with _total, histograms with their suffixes...)."""
-    suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
-                "gauge": [""], "info": ["_info"]}
+    suffixes = {
+        "counter": ["_total", "_created"],
+        "histogram": ["_bucket", "_sum", "_count", "_created"],
+        "gauge": [""],
+        "info": ["_info"],
+    }
     return {f.name + s for f in WorkerMetrics().registry.collect() for s in suffixes[f.type]}
 
 
@@ -537,14 +572,30 @@ def test_every_inspectd_variable_is_a_setting() -> None:
 
 def test_readme_covers_operations() -> None:
     text = (DEPLOY / "README.md").read_text()
-    for needle in ("docs/RESULTS.md", "inspectd models rollback", "partitions", "model_dir", CREDENTIALS_SECRET,
-                   "/healthz", "/readyz", "systemctl", "kubectl", "docker compose"):
+    for needle in (
+        "docs/RESULTS.md",
+        "inspectd models rollback",
+        "partitions",
+        "model_dir",
+        CREDENTIALS_SECRET,
+        "/healthz",
+        "/readyz",
+        "systemctl",
+        "kubectl",
+        "docker compose",
+    ):
         assert needle in text, needle
     known = metric_names()
     named = set(re.findall(r"\binspectd_[a-z_]+", text))
-    assert {"inspectd_frames_total", "inspectd_bad_frames_total", "inspectd_consumer_lag",
-            "inspectd_end_to_end_latency_seconds", "inspectd_stage_seconds", "inspectd_retries_total",
-            "inspectd_model_info"} <= named
+    assert {
+        "inspectd_frames_total",
+        "inspectd_bad_frames_total",
+        "inspectd_consumer_lag",
+        "inspectd_end_to_end_latency_seconds",
+        "inspectd_stage_seconds",
+        "inspectd_retries_total",
+        "inspectd_model_info",
+    } <= named
     histograms = {f.name for f in WorkerMetrics().registry.collect() if f.type == "histogram"}
     assert named <= known | histograms, f"unknown metrics in deploy/README.md: {named - known - histograms}"
 
@@ -599,8 +650,11 @@ def test_systemd_unit_options(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from_env(monkeypatch, env)
     assert Path(settings.worker.model_dir).is_absolute()
     # The dedicated user comes from the sysusers.d file.
-    sysusers = [ln.split() for ln in (SYSTEMD / "inspectd.sysusers.conf").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    sysusers = [
+        ln.split()
+        for ln in (SYSTEMD / "inspectd.sysusers.conf").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     assert ["u", "inspectd"] == sysusers[0][:2]
 
 
@@ -633,24 +687,37 @@ def verify_copy(tmp_path: Path) -> Path:
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = verify_copy(tmp_path)
-    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
-                         check=False, cwd=tmp_path)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path
+    )
     complaints = [ln for ln in (out.stdout + out.stderr).splitlines() if "inspectd" in ln]
     assert out.returncode == 0 and not complaints, out.stdout + out.stderr
     # The check itself works: an unknown key is reported.
     broken = tmp_path / "broken" / UNIT.name
     broken.parent.mkdir()
     broken.write_text(unit.read_text().replace("UMask=0027", "UMask=0027\nProtectEverything=yes"))
-    out = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True, text=True, timeout=60,
-                         check=False, cwd=tmp_path)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
     assert "ProtectEverything" in out.stderr
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_security_exposure(tmp_path: Path) -> None:
     unit = verify_copy(tmp_path)
-    out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
-                         capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
     if "--offline" in out.stderr or "unrecognized option" in out.stderr:
         pytest.skip("systemd-analyze security --offline needs systemd >= 250")
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", out.stdout + out.stderr)
@@ -679,8 +746,9 @@ def dockerignore_included(rel: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         negate = pattern.startswith("!")
         p = pattern.lstrip("!").rstrip("/")
-        hit = any(fnmatch.fnmatch(c, p) or (p.startswith("**/") and fnmatch.fnmatch(Path(c).name, p[3:]))
-                  for c in candidates)
+        hit = any(
+            fnmatch.fnmatch(c, p) or (p.startswith("**/") and fnmatch.fnmatch(Path(c).name, p[3:])) for c in candidates
+        )
         if hit:
             included = negate
     return included
@@ -688,8 +756,11 @@ def dockerignore_included(rel: str, patterns: list[str]) -> bool:
 
 def test_dockerfile_builds_from_project_files() -> None:
     steps = dockerfile_instructions(DOCKERFILE)
-    ignore = [ln.strip() for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-              if ln.strip() and not ln.startswith("#")]
+    ignore = [
+        ln.strip()
+        for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     sources = []
     for op, args in steps:
         if op == "COPY" and not args.startswith("--from"):
@@ -712,7 +783,7 @@ def test_dockerfile_builds_from_project_files() -> None:
 
 def test_dockerfile_runtime_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     steps = dockerfile_instructions(DOCKERFILE)
-    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM") :]
     last = {op: args for op, args in final}
     assert json.loads(last["ENTRYPOINT"]) == ["inspectd"]
     cmd = json.loads(last["CMD"])
@@ -732,8 +803,10 @@ def test_dockerfile_runtime_contract(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_dockerfile_pins_match_pyproject() -> None:
     args = dict(a.split("=", 1) for op, a in dockerfile_instructions(DOCKERFILE) if op == "ARG" and "=" in a)
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    specs = {re.match(r"[A-Za-z0-9_.-]+", d)[0].lower(): SpecifierSet(d[len(re.match(r"[A-Za-z0-9_.-]+", d)[0]):])
-             for d in deps}
+    specs = {
+        re.match(r"[A-Za-z0-9_.-]+", d)[0].lower(): SpecifierSet(d[len(re.match(r"[A-Za-z0-9_.-]+", d)[0]) :])
+        for d in deps
+    }
     assert Version(args["TORCH_VERSION"]) in specs["torch"]
     assert Version(args["TORCHVISION_VERSION"]) in specs["torchvision"]
     assert args["PYTHON_IMAGE"].startswith("python:3.11")
@@ -758,8 +831,10 @@ def compose(name: str = "compose.yaml") -> dict[str, Any]:
 @pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
 def test_compose_files_follow_the_compose_spec(name: str) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    vendor = pytest.importorskip("check_jsonschema.builtin_schemas.vendor",
-                                 reason="test dependency check-jsonschema (ships the compose-spec schema)")
+    vendor = pytest.importorskip(
+        "check_jsonschema.builtin_schemas.vendor",
+        reason="test dependency check-jsonschema (ships the compose-spec schema)",
+    )
     schema = json.loads((Path(vendor.__file__).parent / "compose-spec.json").read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(compose(name)), key=lambda e: list(e.path))

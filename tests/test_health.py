@@ -59,4 +59,3 @@ def test_a_silent_connection_is_closed_after_the_timeout(server: HealthServer) -
             pytest.fail("the silent connection was still open 5 s after the server's timeout")
     finally:
         idle.close()
-
