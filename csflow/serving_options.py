@@ -1,4 +1,5 @@
-"""How a served model runs: precision, memory layout, batch-norm folding, and the forward batch.
+"""How a served model runs: precision, memory layout, batch-norm folding, the forward batch, and whether the
+next batch decodes while one is scored.
 
 Kept free of torch so that settings validate these without loading it; `csflow.inference` applies them.
 """
@@ -62,3 +63,13 @@ def forward_batch(setting: int | str, device_type: str, image_size: int, collect
         return max(1, collected)
     cap = CPU_LARGE_IMAGE_BATCH if image_size >= CPU_LARGE_IMAGE_PX else CPU_SMALL_IMAGE_BATCH
     return max(1, min(cap, collected))
+
+
+def decodes_ahead(setting: bool | str, device_type: str, cores: int, torch_threads: int, decode_threads: int) -> bool:
+    """Whether the worker decodes the next batch while it scores the current one: the setting when it is a
+    boolean, else yes where decoding does not take CPU time from the forward pass (an accelerator scores, or
+    the decode threads have cores beside torch's). On 2 cores with torch on both, decoding ahead slowed the
+    forward pass by more than it hid (docs/RESULTS.md)."""
+    if setting != AUTO:
+        return bool(setting)
+    return device_type != "cpu" or cores >= torch_threads + decode_threads

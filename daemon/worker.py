@@ -3,12 +3,13 @@
 Each iteration: collect a batch (size or max wait), parse and decode (thread pool), score each camera's
 frames with the version it is served (daemon/serving.py), update the cameras' drift monitors
 (daemon/drift_watch.py), write verdicts and drift states to Redis, send bad frames to the dead-letter
-topic, commit that batch's offsets. Under a backlog (a full batch) the next batch is polled before the
-current one is scored, so that the pool decodes it meanwhile; it is committed only once it is done
-itself, and a stop leaves it uncommitted, to be redelivered. Between batches: operator confirmations, model swaps announced by the registry, and the
-adaptation controller (daemon/controller.py, whose runs are in the background). Outages are retried with
-backoff while /readyz reports not-ready; nothing is committed before it is durable, so a crash at any
-point only causes redelivery, and idempotent verdict writes turn that into exactly one verdict.
+topic, commit that batch's offsets. Under a backlog (a full batch), where `[worker] decode_ahead` says so,
+the next batch is polled before the current one is scored, so that the pool decodes it meanwhile; it is
+committed only once it is done itself, and a stop leaves it uncommitted, to be redelivered. Between
+batches: operator confirmations, model swaps announced by the registry, and the adaptation controller
+(daemon/controller.py, whose runs are in the background). Outages are retried with backoff while /readyz
+reports not-ready; nothing is committed before it is durable, so a crash at any point only causes
+redelivery, and idempotent verdict writes turn that into exactly one verdict.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from kafka.structs import OffsetAndMetadata
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.scoring import score_images
-from csflow.serving_options import forward_batch
+from csflow.serving_options import decodes_ahead, forward_batch
 from daemon import dead_letters
 from daemon.attempts import CRASH_LOOP, Attempts
 from daemon.config import Settings
@@ -165,6 +166,10 @@ class Worker:
         self.device = device
         self.metrics = WorkerMetrics(settings.worker.max_camera_series)
         self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
+        cfg = settings.worker
+        self._decode_ahead = decodes_ahead(
+            cfg.decode_ahead, device.type, len(os.sched_getaffinity(0)), torch.get_num_threads(), cfg.decode_threads
+        )
         self.status = {"model": True, "kafka": False, "redis": False, "dlq": True}
         self.reasons: dict[str, str] = {"kafka": "not connected yet", "redis": "not connected yet"}
         self._stubs: list[DeadLetter] = []  # records poll() could not deserialise, skipped by offset
@@ -285,6 +290,7 @@ class Worker:
             configured_version=self.model.version,
             device=str(self.device),
             serving=str(self.options),
+            decode_ahead=self._decode_ahead,
             http_port=self.http_port,
         )
         ahead: Batch | None = None  # polled while the batch before it was scored (a backlog)
@@ -294,7 +300,8 @@ class Worker:
             if batch is not None:
                 self._in_flight = True
                 try:
-                    if len(batch.records) >= cfg.worker.batch_size and batch.counts is None:
+                    backlog = len(batch.records) >= cfg.worker.batch_size
+                    if backlog and self._decode_ahead and batch.counts is None:
                         ahead = self._next_batch(pool)  # a backlog: it decodes while this batch is scored
                     self._attempt(batch, pool)
                 except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was the outage)

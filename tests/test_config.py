@@ -71,6 +71,7 @@ def test_serving_settings_build_the_serving_options(tmp_path: Path, monkeypatch:
         ("[train\n", {}, "not valid TOML"),
         ("[model]\nprecision = 'fp16'\n", {}, "model.precision"),
         ("", {"INSPECTD_WORKER__FORWARD_BATCH": "0"}, "worker.forward_batch"),
+        ("", {"INSPECTD_WORKER__DECODE_AHEAD": "sometimes"}, "worker.decode_ahead"),
     ],
 )
 def test_invalid_config_names_the_key(

@@ -20,6 +20,7 @@ from csflow.serving_options import (
     CPU_SMALL_IMAGE_BATCH,
     SCORE_RTOL,
     ServingOptions,
+    decodes_ahead,
     forward_batch,
     parse_options,
 )
@@ -105,3 +106,12 @@ def test_forward_batch_fits_the_device_and_image_size() -> None:
     assert forward_batch(4, "cpu", 768, 16) == 4
     assert forward_batch(32, "cuda", 768, 5) == 5
     assert forward_batch("auto", "cpu", 768, 0) == 1
+
+
+def test_decoding_ahead_only_where_it_takes_no_cpu_from_the_forward_pass() -> None:
+    assert not decodes_ahead("auto", "cpu", cores=2, torch_threads=2, decode_threads=2)
+    assert not decodes_ahead("auto", "cpu", cores=8, torch_threads=8, decode_threads=2)
+    assert decodes_ahead("auto", "cpu", cores=16, torch_threads=8, decode_threads=2)
+    assert decodes_ahead("auto", "cuda", cores=2, torch_threads=2, decode_threads=2)
+    assert decodes_ahead(True, "cpu", cores=2, torch_threads=2, decode_threads=2)
+    assert not decodes_ahead(False, "cuda", cores=16, torch_threads=2, decode_threads=2)

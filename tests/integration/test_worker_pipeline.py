@@ -56,24 +56,26 @@ def _overlaps(spans: dict[str, list[tuple[float, float]]]) -> int:
     return sum(any(d0 < f1 and f0 < d1 for f0, f1 in spans["forward"]) for d0, d1 in spans["decode"])
 
 
+@pytest.mark.parametrize("ahead", [True, False])
 def test_the_next_batch_decodes_while_the_current_one_is_scored(
-    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any, ahead: bool
 ) -> None:
-    """A backlog of six batches: every frame gets its verdict, and decodes of a batch run during the forward
-    pass of the batch before it. The loop used to decode, score and write one batch after the other, so no
-    decode ever overlapped a forward pass."""
+    """A backlog of six batches: every frame gets its verdict, and with `[worker] decode_ahead` the decodes of
+    a batch run during the forward pass of the batch before it; without it none does. The loop used to
+    decode, score and write one batch after the other whatever the settings."""
     with LocalRedis() as server:
         line = Line(kafka, server.url, model_dir, tmp_path)
         ids = line.send(FRAMES)  # the backlog is there before the worker joins
         try:
-            with in_process(line, model_dir, monkeypatch) as running:
+            with in_process(line, model_dir, monkeypatch, INSPECTD_WORKER__DECODE_AHEAD=str(ahead).lower()) as running:
                 got = line.wait_verdicts(FRAMES)
         finally:
             line.close()
     assert running.outcome.get("rc") == 0, running.outcome
     assert sorted(got) == sorted(ids)
     assert len(timed["forward"]) >= FRAMES // BATCH
-    assert _overlaps(timed) >= BATCH, f"{_overlaps(timed)} of {len(timed['decode'])} decodes overlapped"
+    overlapped = _overlaps(timed)
+    assert overlapped >= BATCH if ahead else overlapped == 0, f"{overlapped} of {len(timed['decode'])} decodes"
 
 
 def test_a_stop_leaves_the_batch_polled_ahead_uncommitted_and_uncounted(
@@ -87,7 +89,7 @@ def test_a_stop_leaves_the_batch_polled_ahead_uncommitted_and_uncounted(
         line = Line(kafka, server.url, model_dir, tmp_path)
         try:
             ids = line.send(FRAMES)
-            with in_process(line, model_dir, monkeypatch) as running:
+            with in_process(line, model_dir, monkeypatch, INSPECTD_WORKER__DECODE_AHEAD="true") as running:
                 line.wait_verdicts(BATCH)
             assert running.outcome.get("rc") == 0, running.outcome
             scored = line.verdict_ids()
