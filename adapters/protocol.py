@@ -156,7 +156,7 @@ def gate_class(cell: Cell) -> str | None:
     accepted, clean_tpr = cell.detail.get("accepted"), cell.detail.get("source_clean_tpr")
     if cell.setting != "adapted" or accepted is None or clean_tpr is None or cell.fpr is None or cell.tpr is None:
         return None
-    good = cell.fpr <= GOOD_MAX_FPR and cell.tpr >= clean_tpr - GOOD_MAX_TPR_DROP
+    good = cell.fpr <= GOOD_MAX_FPR and cell.tpr >= _least_good_tpr(cell)
     return f"{'accepted' if accepted else 'rejected'}-{'good' if good else 'bad'}"
 
 
@@ -194,4 +194,17 @@ def gate_markdown(cells: Sequence[Cell]) -> str:
     lines.append("| all | | " + " | ".join(f"**{len(total[n])}**" for n in GATE_CLASSES) + " |")
     bad = total["accepted-bad"]
     lines.append("\nAccepted but bad: " + (", ".join(bad) if bad else "none") + ".\n")
+    reachable = [c for c in adapted if c.detail.get("best_tpr_at_good_fpr") is not None]
+    if reachable:
+        good_model = [c for c in reachable if c.detail["best_tpr_at_good_fpr"] >= _least_good_tpr(c)]
+        good_rule = [c for c in good_model if gate_class(c) in ("accepted-good", "rejected-good")]
+        lines.append(
+            f"With the best threshold for the judged images (an oracle that reads their labels), "
+            f"{len(good_model)} of {len(reachable)} candidates would be good; at their own threshold, "
+            f"{len(good_rule)} of those are.\n"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _least_good_tpr(cell: Cell) -> float:
+    return float(cell.detail["source_clean_tpr"]) - GOOD_MAX_TPR_DROP

@@ -14,6 +14,7 @@ frames and configuration:
 The ratio worker/bare is the pipeline's overhead. Usage:
 
     python bench/bench_pipeline.py [--model DIR] [--image-size 256] [--hidden 64] [--frames 320]
+        [--stream mixed|normal]
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ from daemon.worker import Worker
 from lab.services import LocalKafka, LocalRedis
 
 
-def frames(n: int) -> list[bytes]:
+def frames(n: int, stream: str) -> list[bytes]:
+    """The first n ELPV cells in the label file's order ("mixed": about a third defective) or only normal ones
+    (defect probability 0: a line in its steady state)."""
     data_dir, rows = elpv_labels()
-    return [(data_dir / name).read_bytes() for name, _, _ in rows[:n]]
+    chosen = rows if stream == "mixed" else [row for row in rows if row[1] == 0.0]
+    return [(data_dir / name).read_bytes() for name, _, _ in chosen[:n]]
 
 
 def make_model(args: argparse.Namespace, out: Path) -> Path:
@@ -163,12 +167,19 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=64, help="flow hidden channels of the random model")
     parser.add_argument("--frames", type=int, default=320)
+    parser.add_argument(
+        "--stream",
+        choices=("mixed", "normal"),
+        default="mixed",
+        help="mixed: cells in the label file's order, about a third defective (the drift monitor alarms and the "
+        "worker caches more frames for confirmation); normal: defect-free cells, a line in its steady state",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--latency-load", type=float, default=0.5, help="latency phase rate as share of bare")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    blobs = frames(args.frames)
+    blobs = frames(args.frames, args.stream)
     with tempfile.TemporaryDirectory() as tmp, LocalKafka() as kafka, LocalRedis() as server:
         model_dir = make_model(args, Path(tmp) / "model")
         kafka.create_topic("frames", 4)
@@ -212,7 +223,10 @@ def main() -> None:
         bare_after = bare_rate(model_dir, blobs, settings, device)
     bare_mean = (bare + bare_after) / 2
     throughput, rate, latency = measured["throughput"], measured["rate"], measured["latency"]
-    print(f"device {device}, image size {args.image_size}, batch {args.batch}, {len(blobs)} ELPV frames (PNG)")
+    print(
+        f"device {device}, image size {args.image_size}, batch {args.batch}, "
+        f"{len(blobs)} ELPV frames (PNG, {args.stream})"
+    )
     print(
         f"bare model (decode + preprocess + score): {bare_mean:8.2f} frames/s "
         f"(before the worker {bare:.2f}, after {bare_after:.2f})"

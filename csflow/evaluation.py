@@ -51,6 +51,14 @@ def operating_point(scores: np.ndarray, anomalous: np.ndarray, threshold: float)
     return OperatingPoint(threshold, fpr, tpr, 0.5 * ((1.0 - fpr) + tpr))
 
 
+def best_operating_point(scores: np.ndarray, anomalous: np.ndarray, max_fpr: float) -> OperatingPoint:
+    """The highest TPR any threshold reaches while flagging at most `max_fpr` of the normal images. It reads
+    the test labels: a bound for judging a threshold rule (is the rule or the model short?), never a rule."""
+    normal = np.sort(np.asarray(scores, dtype=np.float64)[~anomalous])
+    allowed = int(np.floor(max_fpr * len(normal) + 1e-9))  # normals that may lie above the threshold
+    return operating_point(scores, anomalous, float(normal[len(normal) - allowed - 1]))
+
+
 def roc(scores: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = roc_curve(anomalous, scores)
     return fpr, tpr

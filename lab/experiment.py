@@ -32,6 +32,7 @@ from torch import Tensor
 from adapters.adapt import AdaptConfig
 from adapters.gate import GateConfig, adapt_and_gate
 from adapters.protocol import (
+    GOOD_MAX_FPR,
     PER_SHIFT,
     SETTINGS,
     Cell,
@@ -47,7 +48,7 @@ from adapters.shifts import get_shift
 from csflow.artifacts import MANIFEST, ModelVersion, load_model, read_manifest, save_model
 from csflow.calibration import calibrate
 from csflow.data import load_batch, load_dataset
-from csflow.evaluation import evaluate_scores
+from csflow.evaluation import best_operating_point, evaluate_scores
 from csflow.fit import FitSpec, Progress, fit, image_batches, no_progress
 from csflow.model import CSFlow
 from csflow.scoring import score_images
@@ -346,6 +347,10 @@ class _Runner:
             "fpr_inherited_threshold": float(
                 (candidate.image[judged][~self.anomalous[judged]] > version.threshold).mean()
             ),
+            # the best any threshold could do on the judged images: is the threshold or the model short?
+            "best_tpr_at_good_fpr": best_operating_point(
+                candidate.image[judged], self.anomalous[judged], GOOD_MAX_FPR
+            ).tpr,
             "scores": candidate.image.tolist(),
         }
         op = evaluation.operating_point

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from adapters.protocol import (
@@ -14,6 +15,7 @@ from adapters.protocol import (
     shots_epochs,
     summarise,
 )
+from csflow.evaluation import best_operating_point
 
 
 def test_shots_are_reproducible_distinct_and_differ_between_folds() -> None:
@@ -59,8 +61,8 @@ def test_unknown_setting_is_refused() -> None:
         cell_key("finetuned", "dark", 1, 0)
 
 
-def _adapted(fold: int, fpr: float, tpr: float, accepted: bool, clean_tpr: float = 0.8) -> Cell:
-    detail = {"accepted": accepted, "source_clean_tpr": clean_tpr}
+def _adapted(fold: int, fpr: float, tpr: float, accepted: bool, clean_tpr: float = 0.8, **extra: float) -> Cell:
+    detail = {"accepted": accepted, "source_clean_tpr": clean_tpr, **extra}
     return Cell("adapted", "dark", 1, fold, 0.9, fpr, tpr, 1.0, detail)
 
 
@@ -83,4 +85,27 @@ def test_gate_confusion_scores_each_decision_against_the_operating_point() -> No
     text = gate_markdown(cells)
     assert "| dark | 1 | 1 | 2 | 1 | 1 |" in text
     assert "Accepted but bad: dark/adapted/k=1/fold=1, dark/adapted/k=1/fold=2." in text
+    assert "oracle" not in text  # no cell carries the best threshold's TPR
     assert gate_markdown(cells[-1:]) == ""
+
+
+def test_the_gate_table_says_how_many_candidates_the_best_threshold_would_make_good() -> None:
+    """Cells that carry the best TPR at FPR <= 0.05 on their judged images: the table counts the candidates
+    good at that oracle threshold, and how many of those are good at their own."""
+    cells = [
+        _adapted(0, 0.02, 0.80, True, best_tpr_at_good_fpr=0.78),  # good, and the model could be (0.78 >= 0.75)
+        _adapted(1, 0.00, 0.60, False, best_tpr_at_good_fpr=0.78),  # the model could be good: the rule is short
+        _adapted(2, 0.00, 0.60, False, best_tpr_at_good_fpr=0.70),  # no threshold makes this model good
+    ]
+    assert "2 of 3 candidates would be good; at their own threshold, 1 of those are." in gate_markdown(cells)
+
+
+def test_the_best_operating_point_flags_at_most_the_allowed_share_of_normals() -> None:
+    normal = np.arange(20, dtype=float)  # 0 .. 19
+    defects = np.array([18.5, 17.5, 10.0, 30.0])
+    scores = np.r_[normal, defects]
+    anomalous = np.r_[np.zeros(20, bool), np.ones(4, bool)]
+    op = best_operating_point(scores, anomalous, 0.05)  # one of 20 normals may be flagged
+    assert (op.threshold, op.fpr, op.tpr) == (18.0, 0.05, 0.5)
+    assert best_operating_point(scores, anomalous, 0.0).tpr == 0.25  # above every normal: only 30.0
+    assert best_operating_point(scores, anomalous, 0.5).tpr == 1.0  # threshold 9: every defect
