@@ -303,6 +303,7 @@ class Worker:
                     backlog = len(batch.records) >= cfg.worker.batch_size
                     if backlog and self._decode_ahead and batch.counts is None:
                         ahead = self._next_batch(pool)  # a backlog: it decodes while this batch is scored
+                        batch = self._still_held(batch)  # that poll may have rebalanced the group
                     self._attempt(batch, pool)
                 except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was the outage)
                     self._release(batch, ahead)
@@ -378,6 +379,31 @@ class Worker:
         served = self._retry("redis", lambda: self.models.models({f.camera_id for _, f in parsed}))
         sizes = [served[f.camera_id].model.image_size for _, f in parsed]
         return Batch(records, dead, None, parsed, sizes, pool.map(self._decode, [f for _, f in parsed], sizes))
+
+    def _still_held(self, batch: Batch) -> Batch:
+        """The batch without the records of partitions that a rebalance (inside the poll ahead) took away while
+        it waited: their new owner scores them from its committed offset, and two workers must not feed one
+        camera's drift monitor. Their attempt counters are cleared with the next call."""
+        assigned = self.consumer.assignment()
+
+        def held(item: Any) -> bool:
+            return TopicPartition(item.topic, item.partition) in assigned
+
+        if all(held(item) for item in [*batch.records, *batch.dead]):
+            return batch
+        gone = [r for r in batch.records if not held(r)]
+        self.attempts.finish(gone)
+        self._log.info("records of revoked partitions left to their new owner", records=len(gone))
+        decoded = zip(batch.parsed, batch.sizes, batch.decoded, strict=True)
+        kept = [(parsed, size, image) for parsed, size, image in decoded if held(parsed[0])]
+        return Batch(
+            [r for r in batch.records if held(r)],
+            [d for d in batch.dead if held(d)],
+            batch.counts,
+            [p for p, _, _ in kept],
+            [size for _, size, _ in kept],
+            iter([image for _, _, image in kept]),
+        )
 
     def _release(self, *batches: Batch | None) -> None:
         """Batches left unfinished on the way out: their records were not in flight at a crash, so their
