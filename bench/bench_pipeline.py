@@ -36,7 +36,7 @@ from csflow.artifacts import load_model, save_model
 from csflow.backbones import LITE0, LITE0_PACKAGE
 from csflow.calibration import calibrate
 from csflow.data import ImageLimits, decode_image, to_tensor
-from csflow.elpv import elpv_labels
+from csflow.elpv import ElpvExport, elpv_labels
 from csflow.fit import build_model, resolve_device
 from csflow.flow import FlowConfig
 from csflow.inference import prepare_for_serving
@@ -49,10 +49,12 @@ from lab.services import LocalKafka, LocalRedis
 
 
 def frames(n: int, stream: str) -> list[bytes]:
-    """The first n ELPV cells in the label file's order ("mixed": about a third defective) or only normal ones
-    (defect probability 0: a line in its steady state)."""
+    """The first n ELPV cells in the label file's order ("mixed": both cell types, about a third defective) or
+    only normal cells of the type the models here train on (defect probability 0, `ElpvExport.cell_type`: a line
+    in its steady state, where the drift monitor stays quiet)."""
     data_dir, rows = elpv_labels()
-    chosen = rows if stream == "mixed" else [row for row in rows if row[1] == 0.0]
+    cell_type = ElpvExport().cell_type
+    chosen = rows if stream == "mixed" else [row for row in rows if row[1] == 0.0 and row[2] == cell_type]
     return [(data_dir / name).read_bytes() for name, _, _ in chosen[:n]]
 
 
@@ -171,8 +173,9 @@ def main() -> None:
         "--stream",
         choices=("mixed", "normal"),
         default="mixed",
-        help="mixed: cells in the label file's order, about a third defective (the drift monitor alarms and the "
-        "worker caches more frames for confirmation); normal: defect-free cells, a line in its steady state",
+        help="mixed: cells in the label file's order, both cell types, about a third defective (the drift monitor "
+        "alarms and the worker caches more frames for confirmation); normal: defect-free cells of the trained "
+        "type, a line in its steady state",
     )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--latency-load", type=float, default=0.5, help="latency phase rate as share of bare")
