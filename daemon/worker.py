@@ -294,29 +294,31 @@ class Worker:
             http_port=self.http_port,
         )
         ahead: Batch | None = None  # polled while the batch before it was scored (a backlog)
-        while not self._stop.is_set():
-            self._beat = time.monotonic()
-            batch, ahead = ahead or self._next_batch(pool), None
-            if batch is not None:
-                self._in_flight = True
-                try:
-                    backlog = len(batch.records) >= cfg.worker.batch_size
-                    if backlog and self._decode_ahead and batch.counts is None:
-                        ahead = self._next_batch(pool)  # a backlog: it decodes while this batch is scored
-                        batch = self._still_held(batch)  # that poll may have rebalanced the group
-                    self._attempt(batch, pool)
-                except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was the outage)
-                    self._release(batch, ahead)
-                    raise
-                finally:
-                    self._in_flight = ahead is not None
-                    self._beat = time.monotonic()  # a finished batch is progress, before the next poll returns
-            elif self.attempts.pending:  # idle: clear the last batch's attempt counters now
-                self._retry("redis", self.attempts.flush)
-            self._confirm()
-            self._follow_models()
-            self._check_kafka()
-        self._release(ahead)  # stopping: the batch polled ahead is not committed, so it is redelivered
+        try:
+            while not self._stop.is_set():
+                self._beat = time.monotonic()
+                batch, ahead = ahead or self._next_batch(pool), None
+                if batch is not None:
+                    self._in_flight = True
+                    try:
+                        backlog = len(batch.records) >= cfg.worker.batch_size
+                        if backlog and self._decode_ahead and batch.counts is None:
+                            ahead = self._next_batch(pool)  # a backlog: it decodes while this batch is scored
+                            batch = self._still_held(batch)  # that poll may have rebalanced the group
+                        self._attempt(batch, pool)
+                    except DrainTimeout:  # not a crash: leave no count behind if Redis lets us (Kafka was out)
+                        self._release(batch)
+                        raise
+                    finally:
+                        self._in_flight = False  # a batch polled ahead is not finished on a stop
+                        self._beat = time.monotonic()  # a finished batch is progress, before the next poll returns
+                elif self.attempts.pending:  # idle: clear the last batch's attempt counters now
+                    self._retry("redis", self.attempts.flush)
+                self._confirm()
+                self._follow_models()
+                self._check_kafka()
+        finally:  # however the loop ends, the batch polled ahead is not committed: it is redelivered whole
+            self._release(ahead)
         if self.attempts.pending:
             self._retry("redis", self.attempts.flush)
         self._log.info("worker stopped")
