@@ -407,12 +407,11 @@ class Worker:
             iter([image for _, _, image in kept]),
         )
 
-    def _release(self, *batches: Batch | None) -> None:
-        """Batches left unfinished on the way out: their records were not in flight at a crash, so their
-        attempt counts go (best effort). A batch that carries a crash's counts keeps them."""
-        records = [r for batch in batches if batch is not None and batch.counts is None for r in batch.records]
-        if records:
-            self.attempts.abandon(records)
+    def _release(self, batch: Batch | None) -> None:
+        """A batch left unfinished on the way out: its records were not in flight at a crash, so their attempt
+        counts go (best effort). A batch that carries a crash's counts keeps them."""
+        if batch is not None and batch.counts is None and batch.records:
+            self.attempts.abandon(batch.records)
 
     def _skip_unreadable(self, exc: Exception) -> bool:
         """An exception out of poll() that concerns one record (not the broker): skip that record by offset
