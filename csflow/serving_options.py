@@ -65,11 +65,11 @@ def forward_batch(setting: int | str, device_type: str, image_size: int, collect
     return max(1, min(cap, collected))
 
 
-def decodes_ahead(setting: bool | str, device_type: str, cores: int, torch_threads: int, decode_threads: int) -> bool:
-    """Whether the worker decodes the next batch while it scores the current one: the setting when it is a
-    boolean, else yes where decoding does not take CPU time from the forward pass (an accelerator scores, or
-    the decode threads have cores beside torch's). On 2 cores with torch on both, decoding ahead slowed the
-    forward pass by more than it hid (docs/RESULTS.md)."""
+def overlaps_forward(setting: bool | str, device_type: str, cores: int, torch_threads: int, threads: int) -> bool:
+    """Whether the worker runs a stage beside the forward pass (decoding the next batch, writing the last one),
+    on `threads` threads of its own: the setting when it is a boolean, else yes where that stage does not take
+    CPU time from the forward pass (an accelerator scores, or those threads have cores beside torch's). On 2
+    cores with torch on both, decoding ahead slowed the forward pass by more than it hid (docs/RESULTS.md)."""
     if setting != AUTO:
         return bool(setting)
-    return device_type != "cpu" or cores >= torch_threads + decode_threads
+    return device_type != "cpu" or cores >= torch_threads + threads

@@ -361,6 +361,7 @@ class WorkerSection(Section):
 
     decode_threads: int = Field(2, ge=1, le=64)
     decode_ahead: bool | Literal["auto"] = "auto"
+    write_behind: bool | Literal["auto"] = "auto"
     http_host: str = "0.0.0.0"
     http_port: int = Field(8080, ge=0, le=65535)
     retry_backoff_s: float = Field(0.5, gt=0)

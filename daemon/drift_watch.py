@@ -32,6 +32,15 @@ from drift.thresholds import Thresholds
 OFF = "off"
 
 
+@dataclass(frozen=True)
+class DriftSave:
+    """What `DriftWatch.write` persists: each touched camera's monitor state (JSON) and the alarms to
+    announce, (version, summary) by camera."""
+
+    states: dict[str, str]
+    alarms: dict[str, tuple[str, dict]]
+
+
 @dataclass
 class _Watch:
     version: ModelVersion
@@ -86,26 +95,34 @@ class DriftWatch:
             states.append(monitor.state)
         return states
 
-    def save(self) -> dict[str, dict]:
-        """Persist the monitors updated since the last call and announce new alarms, in one round trip;
-        returns the summaries of the monitors that went into alarm, by camera."""
-        if not self._touched:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        alarmed = {}
+    def snapshot(self) -> DriftSave:
+        """The monitors updated since the last call, as they stand now, and the alarms to announce. Taken when
+        a batch is scored: written behind the next batch's forward pass (`write`), it still says what this
+        batch left, not what the next one adds."""
+        states: dict[str, str] = {}
+        alarms: dict[str, tuple[str, dict]] = {}
         for camera in self._touched:
             watch = self._watches[camera]
             monitor, version = watch.monitor, watch.version.version
-            state = {"version": version, "state": monitor.state_dict()}
-            pipe.set(self.keys.drift(camera), json.dumps(state, allow_nan=False), ex=self.state_ttl_s)
+            states[camera] = json.dumps({"version": version, "state": monitor.state_dict()}, allow_nan=False)
             if monitor.drift_detected and not watch.announced:
-                alarmed[camera] = monitor.summary()
-                self.events.append(Event(EventKind.DRIFT_ALARM, camera, version, alarmed[camera]), pipe)
-        pipe.execute()
-        for camera in alarmed:
-            self._watches[camera].announced = True
+                alarms[camera] = (version, monitor.summary())
+                watch.announced = True  # the snapshot is written or the worker exits without committing
         self._touched.clear()
-        return alarmed
+        return DriftSave(states, alarms)
+
+    def write(self, save: DriftSave) -> dict[str, dict]:
+        """Persist a snapshot and announce its alarms, in one round trip; returns the summaries of the
+        monitors that went into alarm, by camera."""
+        if not save.states:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for camera, state in save.states.items():
+            pipe.set(self.keys.drift(camera), state, ex=self.state_ttl_s)
+        for camera, (version, summary) in save.alarms.items():
+            self.events.append(Event(EventKind.DRIFT_ALARM, camera, version, summary), pipe)
+        pipe.execute()
+        return {camera: summary for camera, (_, summary) in save.alarms.items()}
 
     def alarms(self) -> dict[str, ModelVersion]:
         """Cameras whose monitor is in alarm, with the version it watches."""

@@ -5,7 +5,9 @@ frames with the version it is served (daemon/serving.py), update the cameras' dr
 (daemon/drift_watch.py), write verdicts and drift states to Redis, send bad frames to the dead-letter
 topic, commit that batch's offsets. Under a backlog (a full batch), where `[worker] decode_ahead` says so,
 the next batch is polled before the current one is scored, so that the pool decodes it meanwhile; it is
-committed only once it is done itself, and a stop leaves it uncommitted, to be redelivered. Between
+committed only once it is done itself, and a stop leaves it uncommitted, to be redelivered. Where `[worker]
+write_behind` says so, a batch's Redis writes run in a thread of their own while the next batch is scored,
+and it is committed after them, before the next batch's writes start. Between
 batches: operator confirmations, model swaps announced by the registry, and the adaptation controller
 (daemon/controller.py, whose runs are in the background). Outages are retried with backoff while /readyz
 reports not-ready; nothing is committed before it is durable, so a crash at any point only causes
@@ -22,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
@@ -38,14 +40,14 @@ from kafka.structs import OffsetAndMetadata
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
 from csflow.scoring import score_images
-from csflow.serving_options import decodes_ahead, forward_batch
+from csflow.serving_options import forward_batch, overlaps_forward
 from daemon import dead_letters
 from daemon.attempts import CRASH_LOOP, Attempts
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ConfirmationProcessor
 from daemon.controller import AdaptationController
 from daemon.dead_letters import DeadLetter, DeadLetterRefused
-from daemon.drift_watch import DriftWatch
+from daemon.drift_watch import DriftSave, DriftWatch
 from daemon.durability import Durability
 from daemon.events import EventLog
 from daemon.frames import BadFrame, Frame, decode_frame, parse_record
@@ -114,6 +116,36 @@ class Batch:
         return {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in last.items()}
 
 
+@dataclass
+class Scored:
+    """A batch scored, its Redis writes still to do: what `Worker._write` writes and what `Worker._finish`
+    needs afterwards. `records`: those whose attempt counters finishing clears; `sources`: the record of each
+    frame source, for a duplicate id's dead letter; `stages`: seconds spent decoding and scoring."""
+
+    polled: int
+    records: list[Any]
+    offsets: dict[TopicPartition, OffsetAndMetadata]
+    verdicts: list[Verdict]
+    frames: list[Frame]
+    images: list[torch.Tensor]
+    dead: list[DeadLetter]
+    sources: dict[str, Any]
+    drift: DriftSave
+    stages: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a batch's writes returned: verdicts new to Redis, positions of reused frame ids, drift alarms
+    announced (summaries by camera), the seconds they took and when they were done (ms since the epoch)."""
+
+    new: int
+    duplicates: list[int]
+    alarms: dict[str, dict]
+    seconds: float
+    at_ms: float
+
+
 class CameraPartitions(ConsumerRebalanceListener):
     """Which partitions carry each camera, learnt from the frames that arrive, least recently seen first (so
     that `idle` can name the cameras to forget beyond [worker] max_cameras). When partitions are revoked,
@@ -167,15 +199,17 @@ class Worker:
         self.metrics = WorkerMetrics(settings.worker.max_camera_series)
         self._limits = settings.limits.to_limits()  # built once, not per frame on the decode path
         cfg = settings.worker
-        self._decode_ahead = decodes_ahead(
-            cfg.decode_ahead, device.type, len(os.sched_getaffinity(0)), torch.get_num_threads(), cfg.decode_threads
-        )
+        cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+        self._decode_ahead = overlaps_forward(cfg.decode_ahead, device.type, cores, threads, cfg.decode_threads)
+        self._write_behind = overlaps_forward(cfg.write_behind, device.type, cores, threads, 1)  # one writer thread
         self.status = {"model": True, "kafka": False, "redis": False, "dlq": True}
         self.reasons: dict[str, str] = {"kafka": "not connected yet", "redis": "not connected yet"}
         self._stubs: list[DeadLetter] = []  # records poll() could not deserialise, skipped by offset
         self.http_port: int | None = None
         self._stop = threading.Event()
-        self._in_flight = False  # a batch is between fetch and commit: a stop finishes it first
+        self._in_flight = False  # a batch is being handled (polled, scored, written unless behind)
+        self._pending: Scored | None = None  # scored, written behind the next batch's forward pass, not committed
+        self._pending_write: Future[Written] | None = None
         self._client: redis.Redis | None = None
         self._stop_deadline: float | None = None
         self._next_lag_check = 0.0
@@ -191,6 +225,11 @@ class Worker:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def _busy(self) -> bool:
+        """A batch is between fetch and commit (being scored, or written behind): a stop finishes it first."""
+        return self._in_flight or self._pending is not None
 
     def not_ready(self) -> dict[str, str]:
         """What is not ready, with the reason when one is known."""
@@ -283,6 +322,7 @@ class Worker:
         self.controller = AdaptationController(cfg, registry, buffer, events, self.metrics)
         stack.callback(self.controller.close)
         pool = stack.enter_context(ThreadPoolExecutor(cfg.worker.decode_threads, thread_name_prefix="decode"))
+        self._writer = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="write"))
         self._log.info(
             "worker started",
             topic=cfg.kafka.topic,
@@ -291,6 +331,7 @@ class Worker:
             device=str(self.device),
             serving=str(self.options),
             decode_ahead=self._decode_ahead,
+            write_behind=self._write_behind,
             http_port=self.http_port,
         )
         ahead: Batch | None = None  # polled while the batch before it was scored (a backlog)
@@ -312,13 +353,17 @@ class Worker:
                     finally:
                         self._in_flight = False  # a batch polled ahead is not finished on a stop
                         self._beat = time.monotonic()  # a finished batch is progress, before the next poll returns
-                elif self.attempts.pending:  # idle: clear the last batch's attempt counters now
-                    self._retry("redis", self.attempts.flush)
+                else:  # idle: the batch written behind is committed now, and its attempt counters cleared
+                    self._finish_pending()
+                    if self.attempts.pending:
+                        self._retry("redis", self.attempts.flush)
                 self._confirm()
                 self._follow_models()
                 self._check_kafka()
+            self._finish_pending()  # a stop: the batch written behind is committed like the one before it
         finally:  # however the loop ends, the batch polled ahead is not committed: it is redelivered whole
             self._release(ahead)
+            self._drop_pending()
         if self.attempts.pending:
             self._retry("redis", self.attempts.flush)
         self._log.info("worker stopped")
@@ -441,8 +486,8 @@ class Worker:
         records = batch.records
         if batch.counts is None:  # the hot path: nothing of this batch was in flight at a crash
             self._handle(batch, pool)
-            self.attempts.finish(records)
             return
+        self._finish_pending()  # committed in order: the batch before this one first
         cap = self.settings.worker.max_attempts
         self._log.warning(
             "records in flight at a crash: one at a time",
@@ -457,17 +502,33 @@ class Worker:
                 self._retry("redis", lambda record=record: self.attempts.start(record))
                 one = self._prepare([record], stubs, pool)
             # committed by itself: a later death redelivers only the rest
-            self._handle(one, pool, Batch([record], []).offsets)
+            self._handle(one, pool, Batch([record], []).offsets, [record])
             stubs = []
-            self.attempts.finish([record])
         self._commit(batch.offsets)
 
     def _handle(
-        self, batch: Batch, pool: ThreadPoolExecutor, offsets: dict[TopicPartition, OffsetAndMetadata] | None = None
+        self,
+        batch: Batch,
+        pool: ThreadPoolExecutor,
+        offsets: dict[TopicPartition, OffsetAndMetadata] | None = None,
+        done: list[Any] | None = None,
     ) -> None:
-        """One batch, committed up to `offsets` (default: the whole batch). Whatever one frame does
-        (unparsable, undecodable, the model raising on it) sends that frame to the DLQ with a reason code;
-        the others get their verdicts."""
+        """One batch, committed up to `offsets` (default: the whole batch), the attempt counters of `done`
+        (default: its records) cleared. On the hot path with `[worker] write_behind`, its writes run while
+        the next batch is scored; otherwise they run now."""
+        scored = self._score_batch(batch, offsets or batch.offsets, batch.records if done is None else done)
+        if self._write_behind and offsets is None:
+            self._finish_pending()  # the batch before: its writes ran during this batch's forward pass
+            self._pending = scored
+            # PNG-encoded on the writer's own thread: the next batch's decodes wait on the pool, not on this
+            self._pending_write = self._writer.submit(self._write, scored, None)
+        else:
+            self._finish(scored, self._write(scored, pool))
+
+    def _score_batch(self, batch: Batch, offsets: dict[TopicPartition, OffsetAndMetadata], done: list[Any]) -> Scored:
+        """Decode (already running in the pool), score, update the drift monitors and the shadow. Whatever one
+        frame does (unparsable, undecodable, the model raising on it) sends that frame to the DLQ with a reason
+        code; the others get their verdicts."""
         t0 = time.perf_counter()
         dead, parsed = list(batch.dead), batch.parsed
         # again: a swap between polling and now may serve a camera a version with another input size
@@ -482,7 +543,6 @@ class Worker:
                 decoded_ok.append((record, frame, image))
         t1 = time.perf_counter()
         scores, failed = self._score([served[f.camera_id] for _, f, _ in decoded_ok], [i for _, _, i in decoded_ok])
-        records_by_source = {frame.source: record for record, frame, _ in decoded_ok}
         good: list[tuple[Frame, torch.Tensor]] = []
         kept: list[float] = []
         for i, (record, frame, image) in enumerate(decoded_ok):
@@ -498,7 +558,6 @@ class Worker:
         fresh = self._retry("redis", lambda: self._fresh([f for f, _ in good]))
         drift_states = self._observe_drift(good, versions, scores, fresh)
         self._score_shadow(good, scores, fresh)
-        t2 = time.perf_counter()
         now_ms = time.time() * 1000
         verdicts = [
             Verdict(
@@ -516,39 +575,83 @@ class Worker:
             )
             for (f, _), v, s, d in zip(good, versions, scores, drift_states, strict=True)
         ]
-        # only frames an operator may confirm are cached, as the model saw them (its input size)
-        cache = self.store.to_cache(verdicts, [f for f, _ in good], [image for _, image in good], pool)
-        new, duplicates = self._retry("redis", lambda: self.store.write_all(verdicts, cache))
-        for i in duplicates:  # the id has a verdict for other bytes: never a silent drop
-            frame = good[i][0]
-            dead.append(
-                DeadLetter.of(records_by_source[frame.source], "duplicate_frame_id", f"frame_id {frame.frame_id}")
-            )
-        verdicts = [v for i, v in enumerate(verdicts) if i not in set(duplicates)] if duplicates else verdicts
-        for camera, summary in self._retry("redis", self.drift.save).items():
-            self._log.warning("drift alarm", camera_id=camera, model_version=served[camera].version, **summary)
-        t3 = time.perf_counter()
+        return Scored(
+            len(batch.records),
+            done,
+            offsets,
+            verdicts,
+            [f for f, _ in good],
+            [image for _, image in good],
+            dead,
+            {frame.source: record for record, frame, _ in decoded_ok},
+            self.drift.snapshot(),
+            {"decode": t1 - t0, "score": time.perf_counter() - t1},
+        )
+
+    def _write(self, scored: Scored, pool: ThreadPoolExecutor | None) -> Written:
+        """The batch's Redis writes, durable before it returns: cached frames (PNG-encoded in `pool`, or on this
+        thread; only those an operator may confirm, as the model saw them), verdicts, drift states and alarms."""
+        t0 = time.perf_counter()
+        cache = self.store.to_cache(scored.verdicts, scored.frames, scored.images, pool)
+        new, duplicates = self._retry("redis", lambda: self.store.write_all(scored.verdicts, cache))
+        alarms = self._retry("redis", lambda: self.drift.write(scored.drift))
+        self._retry("redis", self.durability.after_write)  # [redis] durability: the writes are safe to commit
+        return Written(new, duplicates, alarms, time.perf_counter() - t0, time.time() * 1000)
+
+    def _finish(self, scored: Scored, written: Written) -> None:
+        """After the batch's writes: reused frame ids and bad frames to the DLQ, then its offsets committed and
+        its attempt counters cleared; metrics and the batch's log line."""
+        t0 = time.perf_counter()
+        dead, verdicts = list(scored.dead), scored.verdicts
+        for i in written.duplicates:  # the id has a verdict for other bytes: never a silent drop
+            frame = scored.frames[i]
+            dead.append(DeadLetter.of(scored.sources[frame.source], "duplicate_frame_id", f"frame_id {frame.frame_id}"))
+        if written.duplicates:
+            verdicts = [v for i, v in enumerate(verdicts) if i not in set(written.duplicates)]
+        for camera, summary in written.alarms.items():
+            self._log.warning("drift alarm", camera_id=camera, model_version=scored.drift.alarms[camera][0], **summary)
         if dead:
             self._dead_letter(dead)
-        self._retry("redis", self.durability.after_write)  # [redis] durability: the writes are safe to commit
-        self._commit(batch.offsets if offsets is None else offsets)
+        self._commit(scored.offsets)
+        self.attempts.finish(scored.records)
         if idle := self.cameras.idle(self.settings.worker.max_cameras):  # after the batch's drift states are saved
             self._forget(idle, "cameras idle longest beyond [worker] max_cameras forgotten")
-        t4 = time.perf_counter()
-        self._observe(verdicts, dead, {"decode": t1 - t0, "score": t2 - t1, "redis": t3 - t2, "commit": t4 - t3})
+        stages = {**scored.stages, "redis": written.seconds, "commit": time.perf_counter() - t0}
+        self._observe(verdicts, dead, stages, written.at_ms)
         self._log.info(
             "batch",
-            frames=len(batch.records),
+            frames=scored.polled,
             scored=len(verdicts),
-            new_verdicts=new,
+            new_verdicts=written.new,
             dead_lettered=len(dead),
             anomalous=sum(v.anomalous for v in verdicts),
             versions={version: len(idx) for version, idx in _groups(v.model_version for v in verdicts).items()},
-            ms={
-                k: round(v * 1000, 1)
-                for k, v in (("decode", t1 - t0), ("score", t2 - t1), ("redis", t3 - t2), ("commit", t4 - t3))
-            },
+            ms={k: round(v * 1000, 1) for k, v in stages.items()},
         )
+
+    def _finish_pending(self) -> None:
+        """The batch written behind: wait for its writes, then finish it. Should they fail (a drain timeout, a
+        stop while Redis is out), its records stay uncommitted and their attempt counters go."""
+        scored, write = self._pending, self._pending_write
+        if scored is None or write is None:
+            return
+        try:
+            self._finish(scored, write.result())
+        except BaseException:
+            self.attempts.abandon(scored.records)
+            raise
+        finally:
+            self._pending = self._pending_write = None
+
+    def _drop_pending(self) -> None:
+        """On the way out by an exception: the batch written behind ends its writes and stays uncommitted, to be
+        redelivered (its verdicts are then found written); its attempt counters go (best effort)."""
+        scored, write = self._pending, self._pending_write
+        if scored is None or write is None:
+            return
+        self._pending = self._pending_write = None
+        wait([write])
+        self.attempts.abandon(scored.records)
 
     def _decode(self, frame: Frame, size: int) -> torch.Tensor | BadFrame:
         try:
@@ -603,7 +706,8 @@ class Worker:
         for frame in frames:
             pipe.exists(self.store.keys.verdict(frame.frame_id))
         present = pipe.execute()
-        seen: set[str] = set()
+        # the batch written behind may not have reached Redis yet: its frames were counted all the same
+        seen = {f.frame_id for f in self._pending.frames} if self._pending is not None else set()
         fresh = []
         for frame, exists in zip(frames, present, strict=True):
             fresh.append(not exists and frame.frame_id not in seen)
@@ -707,7 +811,9 @@ class Worker:
         except REBALANCE_ERRORS as exc:  # partitions moved to another worker: it re-scores, idempotently
             self._log.warning("commit failed after a rebalance", error=str(exc))
 
-    def _observe(self, verdicts: list[Verdict], dead: list[DeadLetter], stages: dict[str, float]) -> None:
+    def _observe(
+        self, verdicts: list[Verdict], dead: list[DeadLetter], stages: dict[str, float], now_ms: float
+    ) -> None:
         m = self.metrics
         m.frames.labels("scored").inc(len(verdicts))
         m.frames.labels("dead_lettered").inc(len(dead))
@@ -716,7 +822,6 @@ class Worker:
         m.batch_size.observe(len(verdicts) + len(dead))
         for stage, seconds in stages.items():
             m.stage_seconds.labels(stage).observe(seconds)
-        now_ms = time.time() * 1000
         for v in verdicts:
             m.e2e_latency.observe(max(0.0, now_ms - v.ts) / 1000)
             if v.flag == NON_FINITE:
@@ -745,7 +850,10 @@ class Worker:
         self._retry("redis", lambda: self.controller.step(self.drift.alarms()))
 
     def _revoked(self, cameras: set[str]) -> None:
-        """Partitions were revoked (inside poll()): drop the state of the cameras none of ours carries now."""
+        """Partitions were revoked (inside poll()): drop the state of the cameras none of ours carries now, once
+        the batch written behind has saved their drift states for the worker that takes them over."""
+        if self._pending_write is not None:
+            wait([self._pending_write])
         self._forget(cameras, "cameras moved away with their partitions")
 
     def _forget(self, cameras: set[str], why: str) -> None:
@@ -815,7 +923,7 @@ class Worker:
                 if target == "kafka":
                     self._probe_redis()  # its readiness is its own, also while Kafka is awaited
                 if self._stop.is_set():
-                    if not self._in_flight:
+                    if not self._busy:
                         raise Stopped(f"{target} unreachable: {exc}") from exc
                     self._stop_deadline = self._stop_deadline or time.monotonic() + cfg.drain_timeout_s
                     if time.monotonic() > self._stop_deadline:
@@ -823,7 +931,7 @@ class Worker:
                 self._log.warning("retrying", target=target, attempt=attempt, backoff_s=backoff, error=str(exc))
                 if self._stop.is_set():
                     time.sleep(backoff)  # draining a batch: keep the backoff
-                elif self._stop.wait(backoff) and not self._in_flight:
+                elif self._stop.wait(backoff) and not self._busy:
                     raise Stopped(f"{target} unreachable: {exc}") from exc
                 backoff = min(backoff * 2, cfg.retry_backoff_max_s)
 

@@ -72,6 +72,7 @@ def test_serving_settings_build_the_serving_options(tmp_path: Path, monkeypatch:
         ("[model]\nprecision = 'fp16'\n", {}, "model.precision"),
         ("", {"INSPECTD_WORKER__FORWARD_BATCH": "0"}, "worker.forward_batch"),
         ("", {"INSPECTD_WORKER__DECODE_AHEAD": "sometimes"}, "worker.decode_ahead"),
+        ("", {"INSPECTD_WORKER__WRITE_BEHIND": "later"}, "worker.write_behind"),
     ],
 )
 def test_invalid_config_names_the_key(

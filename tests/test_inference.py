@@ -20,8 +20,8 @@ from csflow.serving_options import (
     CPU_SMALL_IMAGE_BATCH,
     SCORE_RTOL,
     ServingOptions,
-    decodes_ahead,
     forward_batch,
+    overlaps_forward,
     parse_options,
 )
 
@@ -108,10 +108,10 @@ def test_forward_batch_fits_the_device_and_image_size() -> None:
     assert forward_batch("auto", "cpu", 768, 0) == 1
 
 
-def test_decoding_ahead_only_where_it_takes_no_cpu_from_the_forward_pass() -> None:
-    assert not decodes_ahead("auto", "cpu", cores=2, torch_threads=2, decode_threads=2)
-    assert not decodes_ahead("auto", "cpu", cores=8, torch_threads=8, decode_threads=2)
-    assert decodes_ahead("auto", "cpu", cores=16, torch_threads=8, decode_threads=2)
-    assert decodes_ahead("auto", "cuda", cores=2, torch_threads=2, decode_threads=2)
-    assert decodes_ahead(True, "cpu", cores=2, torch_threads=2, decode_threads=2)
-    assert not decodes_ahead(False, "cuda", cores=16, torch_threads=2, decode_threads=2)
+def test_a_stage_overlaps_the_forward_pass_only_where_it_takes_no_cpu_from_it() -> None:
+    assert not overlaps_forward("auto", "cpu", cores=2, torch_threads=2, threads=2)
+    assert not overlaps_forward("auto", "cpu", cores=8, torch_threads=8, threads=2)
+    assert overlaps_forward("auto", "cpu", cores=16, torch_threads=8, threads=2)
+    assert overlaps_forward("auto", "cuda", cores=2, torch_threads=2, threads=2)
+    assert overlaps_forward(True, "cpu", cores=2, torch_threads=2, threads=2)
+    assert not overlaps_forward(False, "cuda", cores=16, torch_threads=2, threads=2)

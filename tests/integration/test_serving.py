@@ -365,13 +365,13 @@ def test_drift_state_is_resumed_for_the_same_version_and_settings_only(client: r
     watch = DriftWatch(client, KEYS, events, DRIFT, 3600)
     states = watch.observe("cam-1", version, (3 * rng.gamma(9.0, 0.1, 40)).tolist())
     assert states[0] == "warmup" and states[-1] == "alarm"
-    assert list(watch.save()) == ["cam-1"] and watch.save() == {}
+    assert list(watch.write(watch.snapshot())) == ["cam-1"] and watch.write(watch.snapshot()) == {}
     assert 0 < client.ttl(KEYS.drift("cam-1")) <= 3600  # a camera that stopped sending does not stay for ever
     assert list(watch.alarms()) == ["cam-1"]
 
     restarted = DriftWatch(client, KEYS, events, DRIFT, 3600)
     assert restarted.observe("cam-1", version, [0.9]) == ["alarm"]
-    assert restarted.save() == {}  # announced by the worker that raised it
+    assert restarted.write(restarted.snapshot()) == {}  # announced by the worker that raised it
     assert [e.kind for e in events.recent()] == [EventKind.DRIFT_ALARM]
 
     def first_state(config: DriftConfig, camera: str, v: ModelVersion) -> str:

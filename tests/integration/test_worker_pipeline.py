@@ -1,13 +1,16 @@
-"""Under a backlog the worker decodes the next batch while it scores the current one (issue 14, item 3); the
-batch polled ahead is committed only once it is done itself, and a stop leaves it to be redelivered.
+"""Under a backlog the worker decodes the next batch while it scores the current one, and writes a batch to
+Redis while it scores the next (issue 14, item 3); a batch is committed only once it is written, in order, and
+a stop leaves the batch polled ahead to be redelivered.
 
-The worker runs in this process (`test_faults.in_process`) so that its decode and forward passes can be timed;
-the decode is slowed so that the two overlap measurably, or visibly not at all."""
+The worker runs in this process (`test_faults.in_process`) so that its decodes, forward passes and writes can
+be timed; decodes and writes are slowed so that they overlap the forward passes measurably, or visibly not at
+all."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +22,21 @@ from worker_line import Line, wait_ready
 
 from csflow.artifacts import ModelVersion
 from daemon.frames import BadFrame, Frame
-from daemon.worker import Worker
+from daemon.worker import Scored, Worker, Written
 from lab.services import LocalKafka, LocalRedis
 
 BATCH = 8  # the Line's [worker] batch_size
 FRAMES = 6 * BATCH
 DECODE_S = 0.05  # per frame: a batch takes 0.2 s on the two decode threads, several forward passes' time
+WRITE_S = 0.5  # per batch: longer than polling and decoding the next one
 
 
 @pytest.fixture
 def timed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[tuple[float, float]]]]:
-    """The worker's decodes (slowed by DECODE_S) and forward passes, as (start, end) monotonic times."""
-    spans: dict[str, list[tuple[float, float]]] = {"decode": [], "forward": []}
-    decode, forward = Worker._decode, Worker._forward
+    """The worker's decodes (slowed by DECODE_S), forward passes and batch writes (slowed by WRITE_S), as
+    (start, end) monotonic times."""
+    spans: dict[str, list[tuple[float, float]]] = {"decode": [], "forward": [], "write": []}
+    decode, forward, write = Worker._decode, Worker._forward, Worker._write
 
     def slow_decode(self: Worker, frame: Frame, size: int) -> torch.Tensor | BadFrame:
         start = time.monotonic()
@@ -46,14 +51,22 @@ def timed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[tuple[floa
         spans["forward"].append((start, time.monotonic()))
         return out
 
+    def slow_write(self: Worker, scored: Scored, pool: ThreadPoolExecutor | None) -> Written:
+        start = time.monotonic()
+        time.sleep(WRITE_S)
+        out = write(self, scored, pool)
+        spans["write"].append((start, time.monotonic()))
+        return out
+
     monkeypatch.setattr(Worker, "_decode", slow_decode)
     monkeypatch.setattr(Worker, "_forward", timed_forward)
+    monkeypatch.setattr(Worker, "_write", slow_write)
     yield spans
 
 
-def _overlaps(spans: dict[str, list[tuple[float, float]]]) -> int:
-    """How many decodes ran while a forward pass did."""
-    return sum(any(d0 < f1 and f0 < d1 for f0, f1 in spans["forward"]) for d0, d1 in spans["decode"])
+def _overlaps(spans: dict[str, list[tuple[float, float]]], stage: str = "decode") -> int:
+    """How many decodes (or writes) ran while a forward pass did."""
+    return sum(any(d0 < f1 and f0 < d1 for f0, f1 in spans["forward"]) for d0, d1 in spans[stage])
 
 
 @pytest.mark.parametrize("ahead", [True, False])
@@ -67,7 +80,13 @@ def test_the_next_batch_decodes_while_the_current_one_is_scored(
         line = Line(kafka, server.url, model_dir, tmp_path)
         ids = line.send(FRAMES)  # the backlog is there before the worker joins
         try:
-            with in_process(line, model_dir, monkeypatch, INSPECTD_WORKER__DECODE_AHEAD=str(ahead).lower()) as running:
+            with in_process(
+                line,
+                model_dir,
+                monkeypatch,
+                INSPECTD_WORKER__DECODE_AHEAD=str(ahead).lower(),
+                INSPECTD_WORKER__WRITE_BEHIND="false",
+            ) as running:
                 got = line.wait_verdicts(FRAMES)
         finally:
             line.close()
@@ -78,18 +97,21 @@ def test_the_next_batch_decodes_while_the_current_one_is_scored(
     assert overlapped >= BATCH if ahead else overlapped == 0, f"{overlapped} of {len(timed['decode'])} decodes"
 
 
-def test_a_stop_leaves_the_batch_polled_ahead_uncommitted_and_uncounted(
-    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any
+@pytest.mark.parametrize("overlap", ["DECODE_AHEAD", "WRITE_BEHIND"])
+def test_a_stop_commits_what_has_a_verdict_and_leaves_no_attempt_counter(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any, overlap: str
 ) -> None:
-    """Stopped mid-backlog, the worker finishes and commits the batch it was scoring, but not the one it had
-    polled ahead: the committed offsets are exactly the frames with a verdict, no attempt counter is left
-    behind (one would make the next worker take those records one at a time, as after a crash), and a
-    worker started afterwards gives every frame exactly one verdict."""
+    """Stopped mid-backlog, the worker finishes, writes and commits the batch it was scoring (and the one it
+    was writing behind), but not the one it had polled ahead: the committed offsets are exactly the frames
+    with a verdict, no attempt counter is left behind (one would make the next worker take those records one
+    at a time, as after a crash), and a worker started afterwards gives every frame exactly one verdict."""
+    other = "WRITE_BEHIND" if overlap == "DECODE_AHEAD" else "DECODE_AHEAD"
+    env = {f"INSPECTD_WORKER__{overlap}": "true", f"INSPECTD_WORKER__{other}": "false"}
     with LocalRedis() as server:
         line = Line(kafka, server.url, model_dir, tmp_path)
         try:
             ids = line.send(FRAMES)
-            with in_process(line, model_dir, monkeypatch, INSPECTD_WORKER__DECODE_AHEAD="true") as running:
+            with in_process(line, model_dir, monkeypatch, **env) as running:
                 line.wait_verdicts(BATCH)
             assert running.outcome.get("rc") == 0, running.outcome
             scored = line.verdict_ids()
@@ -105,3 +127,37 @@ def test_a_stop_leaves_the_batch_polled_ahead_uncommitted_and_uncounted(
         finally:
             line.close()
     assert len(got) == len(set(got)) == FRAMES and set(got) == set(ids)
+
+
+@pytest.mark.parametrize("behind", [True, False])
+def test_a_batch_is_written_while_the_next_one_is_scored(
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any, behind: bool
+) -> None:
+    """A backlog of six batches: with `[worker] write_behind` the Redis writes of a batch run during the forward
+    pass of the next one; without it none does. Either way every frame gets its verdict and every offset is
+    committed, the last batch's too (once the stream is idle). The loop used to write each batch before it
+    polled the next."""
+    with LocalRedis() as server:
+        line = Line(kafka, server.url, model_dir, tmp_path)
+        ids = line.send(FRAMES)
+        try:
+            with in_process(
+                line,
+                model_dir,
+                monkeypatch,
+                INSPECTD_WORKER__WRITE_BEHIND=str(behind).lower(),
+                INSPECTD_WORKER__DECODE_AHEAD="false",
+            ) as running:
+                got = line.wait_verdicts(FRAMES)
+                deadline = time.monotonic() + 30
+                while line.committed_total() < FRAMES and time.monotonic() < deadline:
+                    time.sleep(0.1)  # the last batch is committed when the worker finds the stream idle
+                committed = line.committed_total()
+        finally:
+            line.close()
+    assert running.outcome.get("rc") == 0, running.outcome
+    assert sorted(got) == sorted(ids)
+    assert committed == FRAMES
+    overlapped = _overlaps(timed, "write")
+    batches = len(timed["write"])
+    assert overlapped >= batches // 2 if behind else overlapped == 0, f"{overlapped} of {batches} writes"
