@@ -64,37 +64,50 @@ def timed(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, list[tuple[floa
     yield spans
 
 
-def _overlaps(spans: dict[str, list[tuple[float, float]]], stage: str = "decode") -> int:
+def _overlaps(spans: dict[str, list[tuple[float, float]]], stage: str) -> int:
     """How many decodes (or writes) ran while a forward pass did."""
     return sum(any(d0 < f1 and f0 < d1 for f0, f1 in spans["forward"]) for d0, d1 in spans[stage])
 
 
-@pytest.mark.parametrize("ahead", [True, False])
-def test_the_next_batch_decodes_while_the_current_one_is_scored(
-    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any, ahead: bool
+SETTINGS = {"decode": "DECODE_AHEAD", "write": "WRITE_BEHIND"}  # the stage and its [worker] setting
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
+@pytest.mark.parametrize("stage", list(SETTINGS))
+def test_a_stage_overlaps_the_forward_passes_only_where_set(
+    kafka: LocalKafka,
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    timed: Any,
+    stage: str,
+    on: bool,
 ) -> None:
-    """A backlog of six batches: every frame gets its verdict, and with `[worker] decode_ahead` the decodes of
-    a batch run during the forward pass of the batch before it; without it none does. The loop used to
-    decode, score and write one batch after the other whatever the settings."""
+    """A backlog of six batches. With `[worker] decode_ahead` the decodes of a batch run during the forward
+    pass of the batch before it; with `[worker] write_behind` the Redis writes of a batch run during the
+    forward pass of the next one; with the setting off, none does (the loop used to decode, score and write
+    one batch after the other whatever the settings). Either way every frame gets its verdict and every
+    offset is committed, the last batch's once the worker finds the stream idle."""
+    env = {f"INSPECTD_WORKER__{name}": str(on and key == stage).lower() for key, name in SETTINGS.items()}
     with LocalRedis() as server:
         line = Line(kafka, server.url, model_dir, tmp_path)
         ids = line.send(FRAMES)  # the backlog is there before the worker joins
         try:
-            with in_process(
-                line,
-                model_dir,
-                monkeypatch,
-                INSPECTD_WORKER__DECODE_AHEAD=str(ahead).lower(),
-                INSPECTD_WORKER__WRITE_BEHIND="false",
-            ) as running:
+            with in_process(line, model_dir, monkeypatch, **env) as running:
                 got = line.wait_verdicts(FRAMES)
+                deadline = time.monotonic() + 30
+                while line.committed_total() < FRAMES and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                committed = line.committed_total()
         finally:
             line.close()
     assert running.outcome.get("rc") == 0, running.outcome
     assert sorted(got) == sorted(ids)
+    assert committed == FRAMES
     assert len(timed["forward"]) >= FRAMES // BATCH
-    overlapped = _overlaps(timed)
-    assert overlapped >= BATCH if ahead else overlapped == 0, f"{overlapped} of {len(timed['decode'])} decodes"
+    overlapped, spans = _overlaps(timed, stage), len(timed[stage])
+    least = BATCH if stage == "decode" else spans // 2  # a batch's decodes; half of the writes
+    assert overlapped >= least if on else overlapped == 0, f"{overlapped} of {spans} {stage}s"
 
 
 @pytest.mark.parametrize("overlap", ["DECODE_AHEAD", "WRITE_BEHIND"])
@@ -127,37 +140,3 @@ def test_a_stop_commits_what_has_a_verdict_and_leaves_no_attempt_counter(
         finally:
             line.close()
     assert len(got) == len(set(got)) == FRAMES and set(got) == set(ids)
-
-
-@pytest.mark.parametrize("behind", [True, False])
-def test_a_batch_is_written_while_the_next_one_is_scored(
-    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, timed: Any, behind: bool
-) -> None:
-    """A backlog of six batches: with `[worker] write_behind` the Redis writes of a batch run during the forward
-    pass of the next one; without it none does. Either way every frame gets its verdict and every offset is
-    committed, the last batch's too (once the stream is idle). The loop used to write each batch before it
-    polled the next."""
-    with LocalRedis() as server:
-        line = Line(kafka, server.url, model_dir, tmp_path)
-        ids = line.send(FRAMES)
-        try:
-            with in_process(
-                line,
-                model_dir,
-                monkeypatch,
-                INSPECTD_WORKER__WRITE_BEHIND=str(behind).lower(),
-                INSPECTD_WORKER__DECODE_AHEAD="false",
-            ) as running:
-                got = line.wait_verdicts(FRAMES)
-                deadline = time.monotonic() + 30
-                while line.committed_total() < FRAMES and time.monotonic() < deadline:
-                    time.sleep(0.1)  # the last batch is committed when the worker finds the stream idle
-                committed = line.committed_total()
-        finally:
-            line.close()
-    assert running.outcome.get("rc") == 0, running.outcome
-    assert sorted(got) == sorted(ids)
-    assert committed == FRAMES
-    overlapped = _overlaps(timed, "write")
-    batches = len(timed["write"])
-    assert overlapped >= batches // 2 if behind else overlapped == 0, f"{overlapped} of {batches} writes"
