@@ -49,7 +49,8 @@ class _Watch:
 
 
 class DriftWatch:
-    """The monitors of the cameras one worker scores. Not thread-safe: the worker loop owns it."""
+    """The monitors of the cameras one worker scores. Not thread-safe: the worker loop owns it; only `write`,
+    which reads no monitor, may run on another thread (the worker's writes behind)."""
 
     def __init__(
         self, client: redis.Redis, keys: Keys, events: EventLog, config: DriftConfig, state_ttl_s: int

@@ -208,8 +208,8 @@ class Worker:
         self.http_port: int | None = None
         self._stop = threading.Event()
         self._in_flight = False  # a batch is being handled (polled, scored, written unless behind)
-        self._pending: Scored | None = None  # scored, written behind the next batch's forward pass, not committed
-        self._pending_write: Future[Written] | None = None
+        # a batch scored and being written behind the next batch's forward pass, not yet committed
+        self._pending: tuple[Scored, Future[Written]] | None = None
         self._client: redis.Redis | None = None
         self._stop_deadline: float | None = None
         self._next_lag_check = 0.0
@@ -519,9 +519,8 @@ class Worker:
         scored = self._score_batch(batch, offsets or batch.offsets, batch.records if done is None else done)
         if self._write_behind and offsets is None:
             self._finish_pending()  # the batch before: its writes ran during this batch's forward pass
-            self._pending = scored
             # PNG-encoded on the writer's own thread: the next batch's decodes wait on the pool, not on this
-            self._pending_write = self._writer.submit(self._write, scored, None)
+            self._pending = scored, self._writer.submit(self._write, scored, None)
         else:
             self._finish(scored, self._write(scored, pool))
 
@@ -607,7 +606,8 @@ class Worker:
             frame = scored.frames[i]
             dead.append(DeadLetter.of(scored.sources[frame.source], "duplicate_frame_id", f"frame_id {frame.frame_id}"))
         if written.duplicates:
-            verdicts = [v for i, v in enumerate(verdicts) if i not in set(written.duplicates)]
+            reused = set(written.duplicates)
+            verdicts = [v for i, v in enumerate(verdicts) if i not in reused]
         for camera, summary in written.alarms.items():
             self._log.warning("drift alarm", camera_id=camera, model_version=scored.drift.alarms[camera][0], **summary)
         if dead:
@@ -632,24 +632,23 @@ class Worker:
     def _finish_pending(self) -> None:
         """The batch written behind: wait for its writes, then finish it. Should they fail (a drain timeout, a
         stop while Redis is out), its records stay uncommitted and their attempt counters go."""
-        scored, write = self._pending, self._pending_write
-        if scored is None or write is None:
+        if self._pending is None:
             return
+        scored, write = self._pending
         try:
             self._finish(scored, write.result())
         except BaseException:
             self.attempts.abandon(scored.records)
             raise
         finally:
-            self._pending = self._pending_write = None
+            self._pending = None
 
     def _drop_pending(self) -> None:
         """On the way out by an exception: the batch written behind ends its writes and stays uncommitted, to be
         redelivered (its verdicts are then found written); its attempt counters go (best effort)."""
-        scored, write = self._pending, self._pending_write
-        if scored is None or write is None:
+        if self._pending is None:
             return
-        self._pending = self._pending_write = None
+        (scored, write), self._pending = self._pending, None
         wait([write])
         self.attempts.abandon(scored.records)
 
@@ -707,7 +706,7 @@ class Worker:
             pipe.exists(self.store.keys.verdict(frame.frame_id))
         present = pipe.execute()
         # the batch written behind may not have reached Redis yet: its frames were counted all the same
-        seen = {f.frame_id for f in self._pending.frames} if self._pending is not None else set()
+        seen = {f.frame_id for f in self._pending[0].frames} if self._pending is not None else set()
         fresh = []
         for frame, exists in zip(frames, present, strict=True):
             fresh.append(not exists and frame.frame_id not in seen)
@@ -852,8 +851,8 @@ class Worker:
     def _revoked(self, cameras: set[str]) -> None:
         """Partitions were revoked (inside poll()): drop the state of the cameras none of ours carries now, once
         the batch written behind has saved their drift states for the worker that takes them over."""
-        if self._pending_write is not None:
-            wait([self._pending_write])
+        if self._pending is not None:
+            wait([self._pending[1]])
         self._forget(cameras, "cameras moved away with their partitions")
 
     def _forget(self, cameras: set[str], why: str) -> None:
