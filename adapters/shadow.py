@@ -298,10 +298,10 @@ def shadow_stream(
     config: ShadowConfig,
     drift: DriftConfig,
     batch_size: int,
-) -> ShadowDecision:
-    """The shadow's decision on a recorded stream of live frames (in stream order), all of them used:
-    for `inspectd adapt --live` and the protocol, which have the frames at hand rather than one batch at
-    a time."""
+) -> ShadowEvaluation:
+    """The shadow fed a recorded stream of live frames (in stream order), all of them used; `decide()` it.
+    For `inspectd adapt --live` and the protocol, which have the frames at hand rather than one batch at a
+    time (the protocol keeps what it collected, so that its decisions can be replayed)."""
     evaluation = ShadowEvaluation(parent_calibration, defect_scores, replace(config, frames=max(len(live), 1)), drift)
     probes = evaluation.probe_images(live)
     parent_scores = score_images(parent, live, batch_size).image
@@ -311,4 +311,4 @@ def shadow_stream(
     )
     for p, c, n, q in zip(parent_scores, scores.image, np.asarray(scores.nll), probe_scores, strict=True):
         evaluation.update(p, c, n, q.tolist())
-    return evaluation.decide()
+    return evaluation

@@ -242,7 +242,7 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
             settings.adapt.shadow_config(),
             settings.drift.to_config(),
             settings.train.batch_size,
-        )
+        ).decide()
     reasons = [*decision.reasons, *(shadow.reasons if shadow else [])]
     if decision.accepted and shadow is None and gated.split.heldout_kind == "views":
         reasons.append("FAIL shadow: a candidate adapted on one image needs --live frames of the new domain")

@@ -302,7 +302,7 @@ class _Runner:
         stream, judged = self._stream_split(k, fold)
         calibration = version.manifest.threshold_calibration
         live = stream[: spec.shadow.frames]
-        decision = shadow_stream(
+        shadow = shadow_stream(
             version.model,
             gated.result.model,
             test[live],
@@ -312,6 +312,7 @@ class _Runner:
             spec.drift,
             spec.fit.train.batch_size,
         )
+        decision = shadow.decide()
         try:  # the candidate's own threshold, also for a refused one (to judge the refusal)
             threshold = operating_point(candidate.image[stream], calibration, spec.shadow.lower).threshold
         except ValueError:
@@ -352,6 +353,17 @@ class _Runner:
                 candidate.image[judged], self.anomalous[judged], GOOD_MAX_FPR
             ).tpr,
             "scores": candidate.image.tolist(),
+            # What the shadow saw, so that its decision can be replayed under other shadow settings
+            # (adapters.shadow.ShadowEvaluation); `stream` and `judged` index `scores`.
+            "shadow_record": {
+                "parent": shadow.parent,
+                "candidate": shadow.candidate,
+                "candidate_nll": shadow.candidate_nll,
+                "probe": shadow.probe,
+                "defect_scores": shadow.defect_scores,
+                "stream": stream.tolist(),
+                "judged": judged.tolist(),
+            },
         }
         op = evaluation.operating_point
         return auroc, (op.fpr, op.tpr), detail

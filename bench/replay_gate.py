@@ -1,0 +1,121 @@
+"""The protocol's gate decisions replayed under other shadow settings, without adapting again.
+
+`inspectd experiment --settings adapted` records, per adapted cell, what its shadow saw (`shadow_record`:
+the parent's and the candidate's live scores, the candidate's NLLs and probe scores, the gate's synthetic
+defect scores, and which test images fed the shadow and which are judged) and the candidate's scores of
+every test image. This replays the shadow's decision (`adapters.shadow.ShadowEvaluation`) with each
+`--variant` of config.toml's shadow settings (e.g. `max_sensitivity_loss=0.05`) and judges each
+candidate at the threshold that decision sets, as the protocol does: FPR and TPR on the judged images,
+good = FPR <= 0.05 and TPR within 0.05 of the source's clean TPR. The offline gate's verdict is kept as
+recorded. Prints one confusion table per setting, then every cell whose class changed. Usage:
+
+    python bench/replay_gate.py --results runs/gate-exp --source runs/probe_s0 --data data/elpv \
+        [--variant FIELD=VALUE,...]... [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from adapters.protocol import GATE_CLASSES, GOOD_MAX_FPR, GOOD_MAX_TPR_DROP, Cell, gate_class
+from adapters.shadow import ShadowConfig, ShadowEvaluation
+from csflow.artifacts import read_manifest
+from csflow.calibration import Calibration
+from csflow.data import load_dataset
+from daemon.config import load_settings
+from drift.config import DriftConfig
+
+
+def replay(
+    cell: Cell, calibration: Calibration, anomalous: np.ndarray, config: ShadowConfig, drift: DriftConfig
+) -> dict:
+    """The cell's shadow decision under `config` and the candidate's judged FPR and TPR at its threshold."""
+    record, detail = cell.detail["shadow_record"], cell.detail
+    evaluation = ShadowEvaluation(
+        calibration, record["defect_scores"], replace(config, frames=len(record["candidate"])), drift
+    )
+    for i, (p, c, n) in enumerate(zip(record["parent"], record["candidate"], record["candidate_nll"], strict=True)):
+        per = config.probes_per_frame
+        evaluation.update(p, c, n, record["probe"][i * per : (i + 1) * per])
+    decision = evaluation.decide()
+    threshold = decision.figures.get("threshold", detail["threshold"])
+    scores, judged = np.asarray(detail["scores"]), np.asarray(record["judged"])
+    flagged, bad = scores[judged] > threshold, anomalous[judged]
+    fpr, tpr = float(flagged[~bad].mean()), float(flagged[bad].mean())
+    accepted = bool(detail["offline_accepted"]) and decision.accepted
+    good = fpr <= GOOD_MAX_FPR and tpr >= detail["source_clean_tpr"] - GOOD_MAX_TPR_DROP
+    failed = [r.split(":")[0].removeprefix("FAIL shadow ") for r in decision.reasons if r.startswith("FAIL")]
+    return {
+        "class": f"{'accepted' if accepted else 'rejected'}-{'good' if good else 'bad'}",
+        "fpr": fpr,
+        "tpr": tpr,
+        "threshold": threshold,
+        "sensitivity": decision.figures.get("sensitivity"),
+        "failed": failed if detail["offline_accepted"] else ["offline", *failed],
+    }
+
+
+# The shadow settings that act on what was recorded (the frames, their probes and the probes' seed are fixed).
+REPLAYABLE = ("lower", "min_defect_detection", "max_sensitivity_loss")
+
+
+def variant(text: str, base: ShadowConfig) -> ShadowConfig:
+    """`field=value,...` over `base`."""
+    changes = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name not in REPLAYABLE:
+            raise SystemExit(f"--variant: {name!r} is not one of {', '.join(REPLAYABLE)}")
+        changes[name] = float(value)
+    return replace(base, **changes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True, help="an experiment's output folder")
+    parser.add_argument("--source", type=Path, required=True, help="the source model the experiment adapted")
+    parser.add_argument("--data", type=Path, required=True, help="the experiment's dataset")
+    parser.add_argument("--variant", action="append", default=[], help="FIELD=VALUE,... of REPLAYABLE; repeatable")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    cells = [Cell.from_dict(c) for c in json.loads((args.results / "results.json").read_text())["cells"].values()]
+    cells = [c for c in cells if c.setting == "adapted" and "shadow_record" in c.detail]
+    calibration = read_manifest(args.source).threshold_calibration
+    anomalous = np.array([s.anomalous for s in load_dataset(args.data).test])
+    settings = load_settings()
+    base, drift = settings.adapt.shadow_config(), settings.drift.to_config()
+    configs = {"settings": base} | {text: variant(text, base) for text in args.variant}
+    rows = {
+        name: {c.key: replay(c, calibration, anomalous, config, drift) for c in cells}
+        for name, config in configs.items()
+    }
+    same = sum(rows["settings"][c.key]["class"] == gate_class(c) for c in cells)
+    print(f"{len(cells)} adapted cells of {args.results}; source threshold {calibration.threshold:.4g}")
+    print(f"replayed under config.toml's settings: {same} of {len(cells)} cells in their recorded class")
+    width = max(len(name) for name in rows)
+    print(f"{'shadow':<{width}}  " + "  ".join(f"{n:>14}" for n in GATE_CLASSES) + "  good (own threshold)")
+    for name, by_cell in rows.items():
+        counts = [sum(r["class"] == n for r in by_cell.values()) for n in GATE_CLASSES]
+        good = sum(r["class"].endswith("-good") for r in by_cell.values())
+        print(f"{name:<{width}}  " + "  ".join(f"{n:>14}" for n in counts) + f"  {good:>4} of {len(by_cell)}")
+    for name, by_cell in list(rows.items())[1:]:
+        print(f"\ncells whose class changed from config.toml's settings to {name}:")
+        for key, row in by_cell.items():
+            was = rows["settings"][key]
+            if row["class"] != was["class"]:
+                print(
+                    f"  {key}: {was['class']} -> {row['class']}  FPR {was['fpr']:.3f} -> {row['fpr']:.3f}, "
+                    f"TPR {was['tpr']:.3f} -> {row['tpr']:.3f}; failed now: {', '.join(row['failed']) or '-'}"
+                )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
