@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from worker_line import Line, frame_headers, get, png, wait_ready
+from worker_line import Line, frame_headers, get, png, wait_metric, wait_ready
 
 from daemon.config import RedisSection
 from daemon.store import Verdict
@@ -51,8 +51,7 @@ def test_n_frames_give_n_verdicts_and_sigterm_drains(line: Line) -> None:
     kept = [policy.reason(Verdict(**json.loads(line.redis.get(f"{line.prefix}verdict:{i}")))) for i in ids]
     cached = [line.redis.exists(f"{line.prefix}frame:{i}") == 1 for i in ids]
     assert cached == [reason is not None for reason in kept] and not all(cached), kept
-    status, metrics = get(port, "/metrics")
-    assert status == 200 and b'inspectd_frames_total{outcome="scored"} 60.0' in metrics
+    wait_metric(port, b'inspectd_frames_total{outcome="scored"} 60.0')
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert line.committed_total() == 60
@@ -97,8 +96,7 @@ def test_bad_frames_go_to_the_dlq_while_good_ones_flow(line: Line) -> None:
     }
     assert "pixels exceeds" in letters["huge"]["detail"]
     assert "missing header" in letters["none"]["detail"]
-    _, metrics = get(port, "/metrics")
-    assert b'inspectd_frames_total{outcome="dead_lettered"} 3.0' in metrics
+    wait_metric(port, b'inspectd_frames_total{outcome="dead_lettered"} 3.0')
 
 
 def test_redis_outage_loses_nothing(broker: LocalKafka, model_dir: Path, tmp_path: Path) -> None:

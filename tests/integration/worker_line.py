@@ -191,6 +191,19 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def wait_metric(port: int, sample: bytes, timeout: float = 30.0) -> bytes:
+    """/metrics once it shows `sample`: a batch's counters move after its writes and commit, so a verdict or a
+    dead letter can be seen a moment before them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, metrics = get(port, "/metrics")
+        if status == 200 and sample in metrics:
+            return metrics
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/metrics (HTTP {status}) never showed {sample!r}:\n{metrics.decode()}")
+        time.sleep(0.2)
+
+
 def wait_ready(port: int, timeout: float = 90.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
