@@ -36,11 +36,12 @@ def replay(
 ) -> dict:
     """The cell's shadow decision under `config` and the candidate's judged FPR and TPR at its threshold."""
     record, detail = cell.detail["shadow_record"], cell.detail
+    frames = len(record["candidate"])
+    per = len(record["probe"]) // max(frames, 1)  # as the experiment ran, whatever config.toml says now
     evaluation = ShadowEvaluation(
-        calibration, record["defect_scores"], replace(config, frames=len(record["candidate"])), drift
+        calibration, record["defect_scores"], replace(config, frames=frames, probes_per_frame=per), drift
     )
     for i, (p, c, n) in enumerate(zip(record["parent"], record["candidate"], record["candidate_nll"], strict=True)):
-        per = config.probes_per_frame
         evaluation.update(p, c, n, record["probe"][i * per : (i + 1) * per])
     decision = evaluation.decide()
     threshold = decision.figures.get("threshold", detail["threshold"])
