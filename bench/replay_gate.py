@@ -22,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.protocol import GATE_CLASSES, GOOD_MAX_FPR, GOOD_MAX_TPR_DROP, Cell, gate_class
+from adapters.protocol import GATE_CLASSES, Cell, gate_class
 from adapters.shadow import ShadowConfig, ShadowEvaluation
 from csflow.artifacts import read_manifest
 from csflow.calibration import Calibration
 from csflow.data import load_dataset
+from csflow.evaluation import operating_point
 from daemon.config import load_settings
 from drift.config import DriftConfig
 
@@ -45,16 +46,15 @@ def replay(
         evaluation.update(p, c, n, record["probe"][i * per : (i + 1) * per])
     decision = evaluation.decide()
     threshold = decision.figures.get("threshold", detail["threshold"])
-    scores, judged = np.asarray(detail["scores"]), np.asarray(record["judged"])
-    flagged, bad = scores[judged] > threshold, anomalous[judged]
-    fpr, tpr = float(flagged[~bad].mean()), float(flagged[bad].mean())
+    judged = np.asarray(record["judged"])
+    point = operating_point(np.asarray(detail["scores"])[judged], anomalous[judged], threshold)
     accepted = bool(detail["offline_accepted"]) and decision.accepted
-    good = fpr <= GOOD_MAX_FPR and tpr >= detail["source_clean_tpr"] - GOOD_MAX_TPR_DROP
+    replayed = replace(cell, fpr=point.fpr, tpr=point.tpr, detail={**detail, "accepted": accepted})
     failed = [r.split(":")[0].removeprefix("FAIL shadow ") for r in decision.reasons if r.startswith("FAIL")]
     return {
-        "class": f"{'accepted' if accepted else 'rejected'}-{'good' if good else 'bad'}",
-        "fpr": fpr,
-        "tpr": tpr,
+        "class": gate_class(replayed),
+        "fpr": point.fpr,
+        "tpr": point.tpr,
         "threshold": threshold,
         "sensitivity": decision.figures.get("sensitivity"),
         "failed": failed if detail["offline_accepted"] else ["offline", *failed],
