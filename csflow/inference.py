@@ -4,8 +4,9 @@ A served model is frozen, so its extractor's batch norms can be folded into the 
 (one pass over the activations less per layer), its extractor's tensors can be laid out channels-last
 (what oneDNN's convolutions prefer on a CPU for large maps; the flow's small maps stay contiguous), and on
 hardware with bf16 units (AMX / AVX-512 BF16, or a GPU) its convolutions can run in bf16: the couplings'
-subnets (`bf16-flow`), or those and the extractor's trunk (`bf16`), while the couplings' affine arithmetic
-and the scores stay fp32. How far bf16 moves the scores is checked by `tests/test_inference.py`
+subnets (`bf16-flow`), those and the inside of each extractor block with the residual stream between
+blocks in fp32 (`bf16-blocks`), or those and the extractor's whole trunk (`bf16`), while the couplings'
+affine arithmetic and the scores stay fp32. How far bf16 moves the scores is checked by `tests/test_inference.py`
 (synthetic) and `bench/bench_precision.py` (ELPV: AUROC and verdicts against fp32).
 
 `prepare_for_serving` changes a model in place: an adaptation needs the unfolded model, so it is applied
@@ -23,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from csflow.flow import ParallelAffineCoupling
 from csflow.model import CSFlow
-from csflow.serving_options import ServingOptions
+from csflow.serving_options import BF16_BLOCK_MIN_PIXELS, ServingOptions
 
 
 class _AfterNorm(nn.Module):
@@ -114,7 +115,11 @@ def prepare_for_serving(model: CSFlow, options: ServingOptions) -> CSFlow:
         extractor.conv_stem = _InPrecision(extractor.conv_stem, torch.bfloat16, float_out=False)
         extractor.bn1.to(torch.bfloat16)
         extractor.blocks = _InPrecision(extractor.blocks, torch.bfloat16)  # type: ignore[assignment]
-    if options.precision in ("bf16", "bf16-flow"):
+    if options.precision == "bf16-blocks":
+        device = next(model.parameters()).device
+        model.extractor.block_dtype = torch.bfloat16
+        model.extractor.block_min_pixels = BF16_BLOCK_MIN_PIXELS if device.type == "cpu" else 0
+    if options.precision in ("bf16", "bf16-flow", "bf16-blocks"):
         for module in model.flow.modules():
             if isinstance(module, ParallelAffineCoupling):
                 module.subnet_a = _InPrecision(module.subnet_a, torch.bfloat16)  # type: ignore[assignment]

@@ -70,15 +70,16 @@ class ModelSection(Section):
         """How `inspectd run` serves its versions. The worker builds adapted versions and shadow candidates by
         loading adapter tensors into copies of its served base's extractor blocks, so the options that
         change those blocks' modules or dtypes (folded batch norms, a bf16 extractor) are refused here, at
-        start, rather than failing every adapted version's load; channels-last (a memory layout) and
-        bf16-flow (the shared flow's subnets) leave them as the adapters expect."""
+        start, rather than failing every adapted version's load; channels-last (a memory layout), bf16-flow
+        (the shared flow's subnets) and bf16-blocks (autocast around fp32 weights) leave them as the adapters
+        expect."""
         options = self.serving_options()
         if options.fold_batch_norm or options.precision == "bf16":
             raise ConfigError(
                 f"model: fold_batch_norm = {str(options.fold_batch_norm).lower()}, precision = "
                 f"{options.precision!r}: `inspectd run` cannot serve folded batch norms or a bf16 extractor "
-                "(adapters are loaded into the served extractor's blocks); use precision fp32 or bf16-flow with "
-                "fold_batch_norm = false (`inspectd score` and `evaluate` accept them)"
+                "(adapters are loaded into the served extractor's blocks); use precision fp32, bf16-flow or "
+                "bf16-blocks with fold_batch_norm = false (`inspectd score` and `evaluate` accept them)"
             )
         return options
 

@@ -15,6 +15,7 @@ from csflow.inference import fold_batch_norm, prepare_for_serving
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from csflow.serving_options import (
+    BF16_BLOCK_MIN_PIXELS,
     CPU_LARGE_IMAGE_BATCH,
     CPU_LARGE_IMAGE_PX,
     CPU_SMALL_IMAGE_BATCH,
@@ -59,13 +60,40 @@ def test_layout_and_folding_keep_fp32_scores(model: CSFlow, images: Tensor, mode
     np.testing.assert_allclose(_served(model, images, mode), reference, rtol=SCORE_RTOL["fp32"])
 
 
-@pytest.mark.parametrize("mode", ["bf16-flow", "bf16-flow+cl", "bf16", "bf16+cl+fold"])
+@pytest.mark.parametrize("mode", ["bf16-flow", "bf16-flow+cl", "bf16-blocks", "bf16-blocks+cl", "bf16", "bf16+cl+fold"])
 def test_bf16_scores_stay_within_the_stated_tolerance(model: CSFlow, images: Tensor, mode: str) -> None:
     reference = score_images(model, images).image
     fast = _served(model, images, mode)
     assert fast.dtype == np.float64
     assert not np.array_equal(fast, reference)  # bf16 did run
     np.testing.assert_allclose(fast, reference, rtol=SCORE_RTOL[parse_options(mode).precision])
+
+
+def test_bf16_blocks_run_after_the_first_stage_on_large_maps_only(model: CSFlow, images: Tensor) -> None:
+    """bf16-blocks: the first stage stays fp32, a later block runs in bf16 where its input holds at least
+    BF16_BLOCK_MIN_PIXELS pixels per channel and in fp32 below, the residual stream between blocks is fp32,
+    and every weight stays fp32 (adapters are loaded into the served blocks)."""
+    served = prepare_for_serving(copy.deepcopy(model), parse_options("bf16-blocks"))
+    blocks = served.extractor.blocks
+    inputs: dict[str, list[tuple[torch.dtype, int]]] = {"first": [], "later": []}  # dtype, batch x height x width
+    inside: dict[str, list[torch.dtype]] = {"first": [], "later": []}  # the depthwise convolution's output
+    for name, block in (("first", blocks[0][0]), ("later", blocks[1][0])):
+        block.register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(_dtype_and_pixels(args[0])))
+        block.conv_dw.register_forward_hook(lambda _, __, out, name=name: inside[name].append(out.dtype))
+    with torch.no_grad():
+        served.extractor(images)  # three scales: each block meets maps of three sizes
+        served.extractor(images[:1])
+    assert set(inside["first"]) == {torch.float32}
+    later = list(zip(inputs["later"], inside["later"], strict=True))
+    large = {dtype for (_, pixels), dtype in later if pixels >= BF16_BLOCK_MIN_PIXELS}
+    small = {dtype for (_, pixels), dtype in later if pixels < BF16_BLOCK_MIN_PIXELS}
+    assert large == {torch.bfloat16} and small == {torch.float32}
+    assert {dtype for dtype, _ in inputs["first"] + inputs["later"]} == {torch.float32}  # the residual stream
+    assert {p.dtype for p in served.extractor.parameters()} == {torch.float32}
+
+
+def _dtype_and_pixels(x: Tensor) -> tuple[torch.dtype, int]:
+    return x.dtype, x.shape[0] * x.shape[-2] * x.shape[-1]
 
 
 def test_serving_leaves_no_gradients_and_fp32_latents(model: CSFlow, images: Tensor) -> None:

@@ -27,17 +27,18 @@ from daemon.serving import prepare
 from daemon.worker import Worker
 from lab.services import LocalKafka, LocalRedis
 
-PRECISION = "bf16-flow"
+PRECISIONS = ["bf16-flow", "bf16-blocks"]  # those the worker serves besides fp32
 N_FRAMES = 4  # per camera
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_the_worker_serves_base_and_adapted_versions_under_the_serving_options(
-    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka: LocalKafka, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
-    """With precision bf16-flow and channels-last, the configured base and an adapted version built on it run
-    their flow's subnets in bf16 (one flow, shared) and their extractors channels-last, and their verdicts'
-    scores are the fp32 scores of the same frames within SCORE_RTOL. The worker used to serve fp32 whatever
-    the settings said."""
+    """With a bf16 precision and channels-last, the configured base and an adapted version built on it run
+    their flow's subnets in bf16 (one flow, shared; bf16-blocks: their extractor blocks too, on fp32 weights)
+    and their extractors channels-last, and their verdicts' scores are the fp32 scores of the same frames
+    within SCORE_RTOL. The worker used to serve fp32 whatever the settings said."""
     base = load_model(model_dir)
     candidate, names = adapted_copy(base.model, seed=1)
     save_adapter(tmp_path / "adapted", candidate, base, names, {"options": 1}, "target", parent_dir=model_dir)
@@ -49,7 +50,7 @@ def test_the_worker_serves_base_and_adapted_versions_under_the_serving_options(
         adapted = registry.publish(tmp_path / "adapted").version
         registry.activate(own_scope(registry, "cam-adapted"), adapted)
         env = {
-            "INSPECTD_MODEL__PRECISION": PRECISION,
+            "INSPECTD_MODEL__PRECISION": precision,
             "INSPECTD_MODEL__CHANNELS_LAST": "true",
             "INSPECTD_REGISTRY__REFRESH_S": "0.2",
         }
@@ -77,13 +78,14 @@ def test_the_worker_serves_base_and_adapted_versions_under_the_serving_options(
         idx = [i for i, v in enumerate(verdicts) if v["model_version"] == version]
         expected = score_images(fp32[version].model, images[idx]).image
         got = np.array([verdicts[i]["score"] for i in idx])
-        np.testing.assert_allclose(got, expected, rtol=SCORE_RTOL[PRECISION])
-        assert_prepared(served[version])
+        np.testing.assert_allclose(got, expected, rtol=SCORE_RTOL[precision])
+        assert_prepared(served[version], precision)
     assert served[adapted].model.flow is served[base.version].model.flow
 
 
-def assert_prepared(version: ModelVersion) -> None:
-    """bf16 convolutions in every coupling's subnets, fp32 channels-last weights in the extractor."""
+def assert_prepared(version: ModelVersion, precision: str) -> None:
+    """bf16 convolutions in every coupling's subnets, fp32 channels-last weights in the extractor, whose blocks
+    run in bf16 under bf16-blocks."""
     couplings = [m for m in version.model.flow.modules() if isinstance(m, ParallelAffineCoupling)]
     assert couplings
     for coupling in couplings:
@@ -93,13 +95,15 @@ def assert_prepared(version: ModelVersion) -> None:
     weights = [p for p in version.model.extractor.parameters() if p.dim() == 4]
     assert weights and all(p.dtype == torch.float32 for p in weights)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert version.model.extractor.block_dtype == (torch.bfloat16 if precision == "bf16-blocks" else None)
 
 
-def test_a_shadow_candidate_runs_under_its_parents_options(model_dir: Path, tmp_path: Path) -> None:
-    """The controller builds the shadow candidate on the served parent: on a bf16-flow channels-last parent
-    it shares the parent's bf16 flow, keeps the channels-last layout, passes the adapter's digest check and
-    scores as the fp32 adapted version within SCORE_RTOL, as its parent does."""
-    options = parse_options(f"{PRECISION}+cl")
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_shadow_candidate_runs_under_its_parents_options(model_dir: Path, tmp_path: Path, precision: str) -> None:
+    """The controller builds the shadow candidate on the served parent: on a bf16 channels-last parent it
+    shares the parent's bf16 flow, keeps the channels-last layout (and bf16 blocks), passes the adapter's
+    digest check and scores as the fp32 adapted version within SCORE_RTOL, as its parent does."""
+    options = parse_options(f"{precision}+cl")
     parent = load_model(model_dir)
     candidate, names = adapted_copy(parent.model, seed=2)
     save_adapter(tmp_path / "adapter", candidate, parent, names, {"shadow": 1}, "target", parent_dir=model_dir)
@@ -107,12 +111,12 @@ def test_a_shadow_candidate_runs_under_its_parents_options(model_dir: Path, tmp_
     prepare(parent.model, options)
     shadow = _candidate(parent, tmp_path / "adapter")
     assert shadow.flow is parent.model.flow
-    assert_prepared(ModelVersion(shadow, parent.manifest))
+    assert_prepared(ModelVersion(shadow, parent.manifest), precision)
     images = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(
         score_images(shadow, images, options=options).image,
         score_images(fp32_candidate, images).image,
-        rtol=SCORE_RTOL[PRECISION],
+        rtol=SCORE_RTOL[precision],
     )
 
 
