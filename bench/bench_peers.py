@@ -4,14 +4,14 @@ Both sides: B5 cut after the stage of 304 channels (timm `tf_efficientnet_b5` bl
 torchvision `efficientnet_b5` features.6.8), 3 scales, 1024 hidden channels, kernels 3,3,3,5, clamp 3,
 random weights (nothing is downloaded), input `torch.randn`, 2 threads. anomalib's timed call is its eval
 forward (scores and anomaly maps, its only inference path); inspectd's is `csflow.scoring.score_images`
-under each serving mode asked for (`fp32`, `bf16-flow` or `bf16`, with options joined by `+`: `cl`
+under each serving mode asked for (`fp32`, `bf16-flow`, `bf16-blocks` or `bf16`, with options joined by `+`: `cl`
 channels-last, `fold` batch norms folded). Every (configuration, peer) runs in a fresh process,
 `--rounds` times, the peers alternating within a round, so load from other processes falls on all of
 them alike; a row's figure is the median over all its timed calls. anomalib's model hard-codes 304
 channels: lite0 has no anomalib row.
 
     bash bench/peers_venv.sh              # once: .venv-peers with anomalib
-    .venv/bin/python bench/bench_peers.py [--inspectd fp32,bf16-flow+cl,bf16+cl] [--reps 5] [--rounds 2]
+    .venv/bin/python bench/bench_peers.py [--inspectd fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl] [--reps 5] [--rounds 2]
         [--only BACKBONE:SIZE:BATCH,...] [--json OUT]
 """
 
@@ -149,7 +149,7 @@ def load_average() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inspectd", default="fp32,bf16-flow+cl,bf16+cl", help="inspectd's serving modes")
+    parser.add_argument("--inspectd", default="fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl", help="inspectd's serving modes")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per peer and configuration")
     parser.add_argument("--only", help="configurations BACKBONE:SIZE:BATCH, comma-separated (default: all)")

@@ -16,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 echo "== 1. B5/768 throughput by mode and batch"
 timeout 240 "$PY" bench/bench_throughput.py --device cuda --size 768 --batches 1,8,16,32,64 \
-    --modes fp32,bf16-flow+cl,bf16+cl --seconds 3 2>&1 | tee "$OUT/throughput.log"
+    --modes fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl --seconds 3 2>&1 | tee "$OUT/throughput.log"
 
 echo "== 2. adaptation, B5/768, 1/5/10 shots"
 timeout 150 "$PY" bench/bench_adapt.py --device cuda --configs b5:768 --shots 1,5,10 --steps 5 --hidden 1024 \
