@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 14, item 5: one run on a machine with a CUDA device (<= 8 minutes), printing
-#   1. B5 at 768 px, frames/s at batch 1-64 in fp32, bf16-flow (+channels-last) and bf16 (+channels-last);
+#   1. B5 at 768 px, frames/s at batch 1-64 in fp32, bf16-flow, bf16-blocks and bf16 (all but fp32 +channels-last);
 #   2. few-shot adaptation of B5 at 768 px: s/step and peak device memory for 1, 5 and 10 shots;
 #   3. the streaming worker against the bare model with a local broker and Redis (frames/s, p99 latency).
 # Needs the project's .venv (make install) and ELPV exported to data/elpv for parts 2 and 3.
