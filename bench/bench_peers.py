@@ -149,7 +149,9 @@ def load_average() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inspectd", default="fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl", help="inspectd's serving modes")
+    parser.add_argument(
+        "--inspectd", default="fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl", help="inspectd's serving modes"
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed calls per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per peer and configuration")
     parser.add_argument("--only", help="configurations BACKBONE:SIZE:BATCH, comma-separated (default: all)")

@@ -6,7 +6,8 @@ the largest relative score difference and the CPU time per image of each mode (2
 
     inspectd export-elpv --out data/elpv
     INSPECTD_FLOW__HIDDEN_CHANNELS=64 inspectd train --data data/elpv --image-size 256 --epochs 10 --out runs/prec
-    .venv/bin/python bench/bench_precision.py --model runs/prec --data data/elpv [--modes fp32+cl,bf16-flow+cl,bf16-blocks+cl,bf16+cl]
+    .venv/bin/python bench/bench_precision.py --model runs/prec --data data/elpv
+        [--modes fp32+cl,bf16-flow+cl,bf16-blocks+cl,bf16+cl]
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--data", required=True, type=Path)
-    parser.add_argument("--modes", default="fp32+cl,bf16-flow+cl,bf16-blocks+cl,bf16+cl", help="serving modes against fp32")
+    parser.add_argument(
+        "--modes", default="fp32+cl,bf16-flow+cl,bf16-blocks+cl,bf16+cl", help="serving modes against fp32"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--auroc-tol", type=float, default=0.002)
     parser.add_argument("--verdicts", type=float, default=0.995, help="least share of identical verdicts")

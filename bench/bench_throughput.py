@@ -4,7 +4,8 @@ B5 (random weights: the arithmetic is that of the real ones) at `--size`, the or
 channels), `csflow.scoring.score_images` without maps; on CUDA each timing ends with a synchronisation and
 the peak is the allocated device memory, on the CPU the process's max RSS.
 
-    python bench/bench_throughput.py --device cuda --size 768 --batches 1,8,16,32,64 --modes fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl
+    python bench/bench_throughput.py --device cuda --size 768 --batches 1,8,16,32,64
+        --modes fp32,bf16-flow+cl,bf16-blocks+cl,bf16+cl
 """
 
 from __future__ import annotations
