@@ -39,7 +39,7 @@ class FeatureExtractor(nn.Module):
         if self.block_dtype is None:
             return self.blocks(x)
         # The first stage (depthwise-separable blocks on the stem's full-resolution maps) stays fp32: in bf16
-        # it moved ELPV scores by up to 7 % and saved no time (docs/RESULTS.md).
+        # it moved ELPV scores by up to 9 % and saved no time at 256 px (docs/RESULTS.md).
         x = self.blocks[0](x)
         for block in chain.from_iterable(self.blocks[1:]):
             large = x.shape[0] * x.shape[-2] * x.shape[-1] >= self.block_min_pixels

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 # fp32: the trained arithmetic. bf16-flow: the flow's convolutions in bf16 (its coupling arithmetic and the
-# extractor stay fp32). bf16-blocks: bf16-flow, and inside each extractor block on large enough maps (below)
-# its convolutions, norms and activations in bf16, while the residual stream between blocks, the stem and
-# every weight stay fp32 (so adapters still load into the served blocks). bf16: the extractor's whole trunk
-# in bf16, its residual stream too (fastest; moves scores by up to ~9 % on ELPV, see docs/RESULTS.md).
+# extractor stay fp32). bf16-blocks: bf16-flow, and inside each extractor block after the first stage, on large
+# enough maps (below), its convolutions, norms and activations in bf16; the residual stream between blocks,
+# the stem, the first stage and every weight stay fp32 (so adapters still load into the served blocks).
+# bf16: the extractor's whole trunk in bf16, its residual stream too (fastest; moves scores by up to ~9 % on
+# ELPV, see docs/RESULTS.md).
 Precision = Literal["fp32", "bf16-flow", "bf16-blocks", "bf16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 AUTO = "auto"
@@ -25,12 +26,14 @@ CPU_LARGE_IMAGE_BATCH = 1
 CPU_SMALL_IMAGE_BATCH = 8
 # bf16-blocks: a block runs in bf16 only where its input holds at least this many pixels per channel (batch x
 # height x width). On smaller maps the per-call casts of its weights and inputs cost more than bf16 saves: B5
-# at 256 px scored 1.16x slower at batch 1 with every block in bf16, and 0.88x the time at batch 8, on an
-# AVX-512 BF16 CPU (docs/RESULTS.md, "bf16 inside the extractor's blocks").
+# at 256 px, batch 1, scored in 1.19x bf16-flow's time with every block after the first stage in bf16 and 1.00x
+# with this bound (batch 8: 0.71x and 0.75x), on an AVX-512 BF16 CPU (docs/RESULTS.md, "bf16 inside the
+# extractor's blocks").
 BF16_BLOCK_MIN_PIXELS = 4096
 # bf16 keeps 8 significant bits: each image's score stays within this share of its fp32 score (the largest
-# differences measured on ELPV were 1 % and 9 %; checked on synthetic data by tests/test_inference.py, on
-# ELPV by bench/bench_precision.py through AUROC and verdicts).
+# differences measured on ELPV were 1 % for bf16-flow, 2 % for bf16-blocks (3.6 % on shifted training
+# images) and 9 % for bf16; checked on synthetic data by tests/test_inference.py, on ELPV by
+# bench/bench_precision.py through AUROC and verdicts).
 SCORE_RTOL = {"fp32": 1e-5, "bf16-flow": 0.02, "bf16-blocks": 0.05, "bf16": 0.10}
 
 
