@@ -1,20 +1,24 @@
 """End-to-end worker throughput and latency against the bare model, in one run.
 
 Starts a local Kafka-protocol broker and Redis, loads ELPV frames (PNG), and measures on the same
-frames and configuration:
+frames and configuration, alternating:
   1. bare model: decode + preprocess + score in batches (what the hardware can do), under the worker's
-     serving options and forward batch, before and after the worker (their mean is the reference);
-  2. worker throughput: a backlog of frames in the topic, drained by `inspectd run`'s Worker;
-     images/s from the first verdict to the last (start-up and group join excluded);
+     serving options and forward batch;
+  2. worker throughput: a backlog of frames in the topic, drained by `inspectd run`'s Worker (a fresh one
+     each round, on the main thread as under `inspectd run`); images/s from the first verdict to the last
+     (start-up and group join excluded);
   3. where the worker's batches spend their time during the backlog (its own stage metrics: decode, score,
      Redis writes, commit; "decode" is the wait for what is left of it when the batch comes to be scored,
      since under a backlog a batch decodes while the one before it is scored);
-  4. worker latency: frames produced at a fixed share of the bare rate; produce -> verdict in Redis,
-     p50/p99 (from the frame's ts header to the verdict stream entry's time).
-The ratio worker/bare is the pipeline's overhead. Usage:
+  4. worker latency, in the last round: frames produced at a fixed share of the bare rate; produce ->
+     verdict in Redis, p50/p99 (from the frame's ts header to the verdict stream entry's time).
+The rounds run bare, worker, bare, worker, ..., bare: each worker round is divided by the mean of the bare
+runs on either side of it, so a machine that speeds up or slows down over the run (shared cores move the
+bare rate by 10-25 % here between runs minutes apart) moves both sides of each ratio. The median of the
+rounds' ratios is the pipeline's overhead. Usage:
 
     python bench/bench_pipeline.py [--model DIR] [--image-size 256] [--hidden 64] [--frames 320]
-        [--stream mixed|normal]
+        [--rounds 3] [--stream mixed|normal]
 """
 
 from __future__ import annotations
@@ -139,28 +143,66 @@ def drive(
     producer: KafkaProducer,
     client: redis.Redis,
     key: str,
-    warm: list[bytes],
+    before: int,
+    tag: str,
     blobs: list[bytes],
     rate: float,
     measured: dict[str, Any],
 ) -> None:
-    """Beside the worker: time its backlog, then the latency of frames paced at `rate`; then stop it."""
+    """Beside the worker: time its backlog (frames tagged `tag`, `before` verdicts already in the stream),
+    then, when `rate` > 0, the latency of frames paced at `rate`; then stop it."""
     try:
-        wait_for(client, key, len(warm) + len(blobs), timeout=3600)
-        done, _ = stream_times(client, key, "backlog")
+        wait_for(client, key, before + len(blobs), timeout=3600)
+        done, _ = stream_times(client, key, f"{tag}-")
         first_batch = sum(1 for t in done if t == done[0])
         measured["throughput"] = (len(done) - first_batch) / max((done[-1] - done[0]) / 1000, 1e-9)
         measured["stages"] = stage_means(worker)  # the backlog's batches (and the warm-up's)
-        paced = blobs[: max(64, len(blobs) // 2)]
-        publish(producer, "frames", paced, "latency", rate=rate)
-        wait_for(client, key, len(warm) + len(blobs) + len(paced), timeout=3600)
-        done_l, sent_l = stream_times(client, key, "latency")
-        measured["latency"] = np.asarray(done_l) - np.asarray(sent_l)
-        measured["rate"] = rate
+        if rate > 0:
+            paced = blobs[: max(64, len(blobs) // 2)]
+            publish(producer, "frames", paced, "latency", rate=rate)
+            wait_for(client, key, before + len(blobs) + len(paced), timeout=3600)
+            done_l, sent_l = stream_times(client, key, "latency-")
+            measured["latency"] = np.asarray(done_l) - np.asarray(sent_l)
+            measured["rate"] = rate
     except Exception as exc:  # handed to the main thread
         measured["error"] = exc
     finally:
         worker.request_stop()
+
+
+def worker_round(
+    settings: Settings,
+    model_dir: Path,
+    device: torch.device,
+    producer: KafkaProducer,
+    client: redis.Redis,
+    round_no: int,
+    blobs: list[bytes],
+    rate: float,
+) -> dict[str, Any]:
+    """One worker draining a backlog of `blobs` (after a few warm-up frames that make it join the group and
+    run its first forward pass); with `rate` > 0 it then serves paced frames for the latency figures."""
+    key = f"{settings.redis.key_prefix}verdicts"
+    before = client.xlen(key)
+    warm = blobs[:8]
+    publish(producer, "frames", warm, f"warm-{round_no}")
+    publish(producer, "frames", blobs, f"backlog-{round_no}")
+    worker = Worker(settings, load_model(model_dir, str(device)), device)
+    measured: dict[str, Any] = {}
+    # The worker runs on the main thread, as under `inspectd run`. Scoring on a second thread would start
+    # a second OpenMP team beside the one the bare model left on this thread, and libgomp spins less once
+    # it manages more threads than CPUs (1.17x slower here): that would charge the worker for the
+    # benchmark's own threading. The driver thread only sleeps, polls XLEN and publishes paced frames.
+    driver = threading.Thread(
+        target=drive,
+        args=(worker, producer, client, key, before + len(warm), f"backlog-{round_no}", blobs, rate, measured),
+    )
+    driver.start()
+    worker.run()
+    driver.join()
+    if "error" in measured:
+        raise measured["error"]
+    return measured
 
 
 def main() -> None:
@@ -178,9 +220,12 @@ def main() -> None:
         "type, a line in its steady state",
     )
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="worker rounds, each between two bare-model runs")
     parser.add_argument("--latency-load", type=float, default=0.5, help="latency phase rate as share of bare")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     device = resolve_device(args.device)
     blobs = frames(args.frames, args.stream)
     with tempfile.TemporaryDirectory() as tmp, LocalKafka() as kafka, LocalRedis() as server:
@@ -201,42 +246,33 @@ def main() -> None:
         )
         settings = load_settings()
         configure_logging("warning", "console")
-        bare = bare_rate(model_dir, blobs, settings, device)
         producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, max_request_size=16 * 2**20, linger_ms=5)
         client = redis.Redis.from_url(server.url)
-        key = f"{settings.redis.key_prefix}verdicts"
-        warm = blobs[:8]
-        publish(producer, "frames", warm, "warm")  # join the group and warm up before measuring
-        publish(producer, "frames", blobs, "backlog")
-        worker = Worker(settings, load_model(model_dir, str(device)), device)
-        measured: dict[str, Any] = {}
-        # The worker runs on the main thread, as under `inspectd run`. Scoring on a second thread would start
-        # a second OpenMP team beside the one the bare model left on this thread, and libgomp spins less once
-        # it manages more threads than CPUs (1.17x slower here): that would charge the worker for the
-        # benchmark's own threading. The driver thread only sleeps, polls XLEN and publishes paced frames.
-        driver = threading.Thread(
-            target=drive, args=(worker, producer, client, key, warm, blobs, bare * args.latency_load, measured)
-        )
-        driver.start()
-        worker.run()
-        driver.join()
+        bare = [bare_rate(model_dir, blobs, settings, device)]
+        rounds = []
+        for round_no in range(args.rounds):
+            last = round_no == args.rounds - 1
+            rate = bare[-1] * args.latency_load if last else 0.0
+            rounds.append(worker_round(settings, model_dir, device, producer, client, round_no, blobs, rate))
+            bare.append(bare_rate(model_dir, blobs, settings, device))
         producer.close()
-        if "error" in measured:
-            raise measured["error"]
-        bare_after = bare_rate(model_dir, blobs, settings, device)
-    bare_mean = (bare + bare_after) / 2
-    throughput, rate, latency = measured["throughput"], measured["rate"], measured["latency"]
     print(
         f"device {device}, image size {args.image_size}, batch {args.batch}, "
-        f"{len(blobs)} ELPV frames (PNG, {args.stream})"
+        f"{len(blobs)} ELPV frames (PNG, {args.stream}), {args.rounds} rounds"
     )
+    print("round  bare before  worker  bare after  worker/bare  mean ms per batch: " + ", ".join(STAGES))
+    ratios = []
+    for i, measured in enumerate(rounds):
+        ratio = measured["throughput"] / ((bare[i] + bare[i + 1]) / 2)
+        ratios.append(ratio)
+        stages = ", ".join(f"{ms:.0f}" for ms in measured["stages"].values())
+        print(f"{i:5d}  {bare[i]:11.2f}  {measured['throughput']:6.2f}  {bare[i + 1]:10.2f}  {ratio:11.3f}  {stages}")
     print(
-        f"bare model (decode + preprocess + score): {bare_mean:8.2f} frames/s "
-        f"(before the worker {bare:.2f}, after {bare_after:.2f})"
+        f"bare model (decode + preprocess + score): median {np.median(bare):.2f} frames/s; "
+        f"worker, Kafka -> Redis (backlog): median {np.median([m['throughput'] for m in rounds]):.2f} frames/s"
     )
-    print(f"worker, Kafka -> Redis (backlog):        {throughput:8.2f} frames/s  ratio {throughput / bare_mean:.3f}")
-    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in measured["stages"].items())
-    print(f"worker's batch stages in the backlog, mean ms per batch: {stages}")
+    print(f"worker / bare, median of {len(ratios)} rounds: {np.median(ratios):.3f}")
+    rate, latency = rounds[-1]["rate"], rounds[-1]["latency"]
     print(
         f"latency at {rate:.1f} frames/s ({args.latency_load:.0%} of bare): p50 {np.percentile(latency, 50):.0f} ms, "
         f"p99 {np.percentile(latency, 99):.0f} ms"

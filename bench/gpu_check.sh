@@ -23,4 +23,4 @@ timeout 150 "$PY" bench/bench_adapt.py --device cuda --configs b5:768 --shots 1,
     --json "$OUT/adapt.json" 2>&1 | tee "$OUT/adapt.log"
 
 echo "== 3. worker vs bare model (local Tansu + Redis)"
-timeout 90 "$PY" bench/bench_pipeline.py --device cuda --frames 640 --batch 32 2>&1 | tee "$OUT/pipeline.log"
+timeout 90 "$PY" bench/bench_pipeline.py --device cuda --frames 640 --batch 32 --rounds 2 2>&1 | tee "$OUT/pipeline.log"
