@@ -16,8 +16,8 @@ What is kept, and for how long, is sized for a plant (50 cameras at 10 fps, benc
 - `frame:{frame_id}` is kept only for frames an operator may confirm (`CachePolicy`): near or over the
   threshold, a deterministic 1-in-N sample of the rest, and a denser sample while the camera's drift
   monitor is in alarm (the review queue after an alarm needs normal-looking frames); stored at the
-  model's input size as PNG (what the model saw, losslessly; the original when that is smaller) for
-  [redis] frame_ttl_s.
+  model's input size as PNG (what the model saw, losslessly; as sent when that is smaller, or when the
+  frame as sent is at most a byte per input pixel) for [redis] frame_ttl_s.
 """
 
 from __future__ import annotations
@@ -227,16 +227,22 @@ def _bucket(camera_id: str, frame_id: str) -> int:
 
 
 def cached_bytes(frame: Frame, image: Any | None) -> bytes:
-    """What the cache keeps of a frame: `image` (the model's input, a (3, S, S) float tensor in [0, 1] or an
-    (S, S, 3) uint8 array) as PNG, lossless, so confirmed frames adapt the model on exactly what it scored;
-    one channel when the three are equal (a monochrome camera); the original bytes when they are smaller
-    or no image is given."""
+    """What the cache keeps of a frame, so that a confirmed frame adapts the model on exactly what it scored:
+    decoded and resized again, the bytes kept give `image` (the model's input, a (3, S, S) float tensor in
+    [0, 1] or an (S, S, 3) uint8 array). Bytes as sent of at most one byte per input pixel are kept as they
+    are: the PNG would save little, and its encoding is work on the worker's two cores (RESULTS, "Frames
+    cached as sent"). Larger frames are stored as the input in PNG, lossless, one channel when the three
+    are equal (a monochrome camera), or as sent when that is smaller or no image is given."""
     if image is None:
         return frame.data
     try:
         pixels = np.asarray(image)
         if pixels.dtype != np.uint8:  # the tensor's float pixels are uint8 / 255: this rounds back exactly
-            pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            pixels = pixels.transpose(1, 2, 0)
+        if len(frame.data) <= pixels.shape[0] * pixels.shape[1]:
+            return frame.data
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
         if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
             pixels = pixels[..., 0]
         out = io.BytesIO()

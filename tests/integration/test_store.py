@@ -23,7 +23,7 @@ from csflow.data import ImageLimits, decode_image, to_tensor
 from daemon.config import ConfirmationsSection, LimitsSection, RedisSection
 from daemon.confirmations import NOT_CACHED, AdaptationBuffer, ConfirmationProcessor, normal_entry, submit
 from daemon.frames import Frame
-from daemon.store import ALARM, NEAR, SAMPLE, CachePolicy, Keys, Verdict, VerdictStore, _bucket
+from daemon.store import ALARM, NEAR, SAMPLE, CachePolicy, Keys, Verdict, VerdictStore, _bucket, cached_bytes
 from lab.services import LocalRedis
 
 KEYS = Keys("s:")
@@ -118,6 +118,24 @@ def test_frames_encoded_on_the_workers_pool_are_the_same_bytes_in_frame_order() 
     for f, x in zip(frames, inputs, strict=True):
         if f.frame_id in parallel:
             assert torch.equal(to_tensor(decode_image(parallel[f.frame_id], ImageLimits()), MODEL_PX), x)
+
+
+def test_a_frame_sent_at_most_a_byte_per_input_pixel_is_cached_as_sent_without_encoding() -> None:
+    """An ELPV-like cell (300 px grey PNG, model input 256 px): the PNG of the input would be a little smaller,
+    but encoding it costs the worker's cores a few ms a frame. The bytes as sent are kept, and they decode to
+    exactly what the model scored."""
+    rng = np.random.default_rng(3)
+    cell = np.clip(128 + np.cumsum(rng.normal(0, 2, (300, 300)), axis=1), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(cell).save(out, "PNG", compress_level=9)
+    f = Frame("cell-1", "cam-1", 1000, "image/png", out.getvalue(), "frames", 0, 0)
+    x = to_tensor(decode_image(f.data, ImageLimits()), 256)
+    png = io.BytesIO()
+    Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8)).save(png, "PNG", compress_level=1)
+    assert len(png.getvalue()) < len(f.data) <= 256 * 256  # the case: the PNG is smaller, the frame small
+    cached = cached_bytes(f, x)
+    assert cached == f.data
+    assert torch.equal(to_tensor(decode_image(cached, ImageLimits()), 256), x)
 
 
 def test_below_the_near_ratio_is_not_cached_and_a_negative_threshold_is_measured_the_same_way() -> None:
