@@ -7,7 +7,9 @@ every test image. This replays the shadow's decision (`adapters.shadow.ShadowEva
 `--variant` of config.toml's shadow settings (e.g. `max_sensitivity_loss=0.05`) and judges each
 candidate at the threshold that decision sets, as the protocol does: FPR and TPR on the judged images,
 good = FPR <= 0.05 and TPR within 0.05 of the source's clean TPR. The offline gate's verdict is kept as
-recorded. Prints one confusion table per setting, then every cell whose class changed. Usage:
+recorded, unless a variant waives some of its checks (`waive=recovery`): a candidate the offline gate
+refused on waived checks only then goes on to its shadow, which the protocol ran for every candidate.
+Prints one confusion table per setting, then every cell whose class changed. Usage:
 
     python bench/replay_gate.py --results runs/gate-exp --source runs/probe_s0 --data data/elpv \
         [--variant FIELD=VALUE,...]... [--json OUT]
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +34,25 @@ from daemon.config import load_settings
 from drift.config import DriftConfig
 
 
-def replay(
-    cell: Cell, calibration: Calibration, anomalous: np.ndarray, config: ShadowConfig, drift: DriftConfig
-) -> dict:
-    """The cell's shadow decision under `config` and the candidate's judged FPR and TPR at its threshold."""
-    record, detail = cell.detail["shadow_record"], cell.detail
+@dataclass(frozen=True)
+class Variant:
+    shadow: ShadowConfig
+    waived: frozenset[str] = frozenset()  # offline gate checks (adapters.gate) replayed as passed
+
+
+def offline_accepted(detail: dict, waived: frozenset[str]) -> bool:
+    """The offline gate's recorded verdict, with the `waived` checks counted as passed."""
+    failed = {
+        r.split(":")[0].removeprefix("FAIL ")
+        for r in detail["reasons"]
+        if r.startswith("FAIL ") and not r.startswith("FAIL shadow ")
+    }
+    return bool(detail["offline_accepted"]) or (bool(failed) and failed <= waived)
+
+
+def replay(cell: Cell, calibration: Calibration, anomalous: np.ndarray, setting: Variant, drift: DriftConfig) -> dict:
+    """The cell's shadow decision under `setting` and the candidate's judged FPR and TPR at its threshold."""
+    record, detail, config = cell.detail["shadow_record"], cell.detail, setting.shadow
     frames = len(record["candidate"])
     per = len(record["probe"]) // max(frames, 1)  # as the experiment ran, whatever config.toml says now
     evaluation = ShadowEvaluation(
@@ -48,7 +64,8 @@ def replay(
     threshold = decision.figures.get("threshold", detail["threshold"])
     judged = np.asarray(record["judged"])
     point = operating_point(np.asarray(detail["scores"])[judged], anomalous[judged], threshold)
-    accepted = bool(detail["offline_accepted"]) and decision.accepted
+    offline = offline_accepted(detail, setting.waived)
+    accepted = offline and decision.accepted
     replayed = replace(cell, fpr=point.fpr, tpr=point.tpr, detail={**detail, "accepted": accepted})
     failed = [r.split(":")[0].removeprefix("FAIL shadow ") for r in decision.reasons if r.startswith("FAIL")]
     return {
@@ -57,23 +74,30 @@ def replay(
         "tpr": point.tpr,
         "threshold": threshold,
         "sensitivity": decision.figures.get("sensitivity"),
-        "failed": failed if detail["offline_accepted"] else ["offline", *failed],
+        "failed": failed if offline else ["offline", *failed],
     }
 
 
 # The shadow settings that act on what was recorded (the frames, their probes and the probes' seed are fixed).
 REPLAYABLE = ("lower", "min_defect_detection", "max_sensitivity_loss")
+# The offline gate's checks that a variant can waive (`waive=NAME`, repeatable), as adapters.gate names them.
+WAIVABLE = ("recovery", "false_rejects", "improvement", "defects", "floor")
 
 
-def variant(text: str, base: ShadowConfig) -> ShadowConfig:
+def variant(text: str, base: ShadowConfig) -> Variant:
     """`field=value,...` over `base`."""
-    changes = {}
+    changes, waived = {}, set()
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name not in REPLAYABLE:
-            raise SystemExit(f"--variant: {name!r} is not one of {', '.join(REPLAYABLE)}")
-        changes[name] = float(value)
-    return replace(base, **changes)
+        if name == "waive" and value in WAIVABLE:
+            waived.add(value)
+        elif name == "waive":
+            raise SystemExit(f"--variant: waive={value!r}: the offline checks are {', '.join(WAIVABLE)}")
+        elif name in REPLAYABLE:
+            changes[name] = float(value)
+        else:
+            raise SystemExit(f"--variant: {name!r} is not one of {', '.join(REPLAYABLE)} or waive")
+    return Variant(replace(base, **changes), frozenset(waived))
 
 
 def main() -> None:
@@ -81,7 +105,9 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True, help="an experiment's output folder")
     parser.add_argument("--source", type=Path, required=True, help="the source model the experiment adapted")
     parser.add_argument("--data", type=Path, required=True, help="the experiment's dataset")
-    parser.add_argument("--variant", action="append", default=[], help="FIELD=VALUE,... of REPLAYABLE; repeatable")
+    parser.add_argument(
+        "--variant", action="append", default=[], help="FIELD=VALUE,... of REPLAYABLE, or waive=CHECK; repeatable"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -91,7 +117,7 @@ def main() -> None:
     anomalous = np.array([s.anomalous for s in load_dataset(args.data).test])
     settings = load_settings()
     base, drift = settings.adapt.shadow_config(), settings.drift.to_config()
-    configs = {"settings": base} | {text: variant(text, base) for text in args.variant}
+    configs = {"settings": Variant(base)} | {text: variant(text, base) for text in args.variant}
     rows = {
         name: {c.key: replay(c, calibration, anomalous, config, drift) for c in cells}
         for name, config in configs.items()
