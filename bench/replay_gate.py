@@ -117,10 +117,10 @@ def main() -> None:
     anomalous = np.array([s.anomalous for s in load_dataset(args.data).test])
     settings = load_settings()
     base, drift = settings.adapt.shadow_config(), settings.drift.to_config()
-    configs = {"settings": Variant(base)} | {text: variant(text, base) for text in args.variant}
+    variants = {"settings": Variant(base)} | {text: variant(text, base) for text in args.variant}
     rows = {
-        name: {c.key: replay(c, calibration, anomalous, config, drift) for c in cells}
-        for name, config in configs.items()
+        name: {c.key: replay(c, calibration, anomalous, setting, drift) for c in cells}
+        for name, setting in variants.items()
     }
     same = sum(rows["settings"][c.key]["class"] == gate_class(c) for c in cells)
     print(f"{len(cells)} adapted cells of {args.results}; source threshold {calibration.threshold:.4g}")

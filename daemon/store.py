@@ -237,11 +237,12 @@ def cached_bytes(frame: Frame, image: Any | None) -> bytes:
         return frame.data
     try:
         pixels = np.asarray(image)
-        if pixels.dtype != np.uint8:  # the tensor's float pixels are uint8 / 255: this rounds back exactly
+        tensor = pixels.dtype != np.uint8
+        if tensor:
             pixels = pixels.transpose(1, 2, 0)
         if len(frame.data) <= pixels.shape[0] * pixels.shape[1]:
             return frame.data
-        if pixels.dtype != np.uint8:
+        if tensor:  # the tensor's float pixels are uint8 / 255: this rounds back exactly
             pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
         if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all():
             pixels = pixels[..., 0]
