@@ -105,8 +105,9 @@ def operating_point(live_scores: np.ndarray, calibration: Calibration, lower: fl
 
 @dataclass(frozen=True)
 class ShadowDecision:
-    """`calibration` is the candidate's calibration for the new domain (threshold and drift reference),
-    set when accepted; `reasons` has one 'ok ...' or 'FAIL ...' line per check."""
+    """`calibration` is the candidate's calibration for the new domain (threshold and drift reference), set
+    whenever the shadow reached an operating point, refused or not (an operator may still activate a refused
+    candidate, and it must then have one); `reasons` has one 'ok ...' or 'FAIL ...' line per check."""
 
     accepted: bool
     reasons: list[str]
@@ -236,8 +237,6 @@ class ShadowEvaluation:
             )
         else:
             check("stable", True, "no drift against the parent's calibration carried into the new domain")
-        if not all(checks.values()):
-            return ShadowDecision(False, reasons, figures)
         keep = ~flagged
         calibration = Calibration(
             point.threshold,
@@ -247,7 +246,7 @@ class ShadowEvaluation:
             dict(parent_cal.probe_detection),  # the reference stays the source's, in its own domain
             parent_cal.probe_revision,
         )
-        return ShadowDecision(True, reasons, figures, calibration)
+        return ShadowDecision(all(checks.values()), reasons, figures, calibration)
 
     def _sensitivity(self, flagged: np.ndarray, threshold: float) -> tuple[dict[str, Any], bool, str]:
         """The probe's detection curve on the live frames the candidate does not flag (normal hosts),

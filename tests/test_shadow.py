@@ -95,7 +95,8 @@ def test_no_decision_before_enough_frames_and_none_on_non_finite_scores() -> Non
     ev = ShadowEvaluation(CALIBRATION, [5.0], CONFIG)
     for score in SOURCE[:10]:
         ev.update(score, score, score)
-    assert not ev.done and not ev.decide().accepted
+    early = ev.decide()
+    assert not ev.done and not early.accepted and early.calibration is None  # no operating point yet
     ev = ShadowEvaluation(CALIBRATION, [5.0], CONFIG)
     for i in range(100):
         ev.update(1.0, float("nan") if i == 50 else 1.0 + i * 1e-3, 1.0)
@@ -212,3 +213,17 @@ def test_probe_images_follow_the_stream() -> None:
     torch.testing.assert_close(ev.probe_images(frames), first)  # same position, same probes
     ev.update(1.0, 1.0, 1.0, [2.0, 2.0])
     assert not torch.equal(ev.probe_images(frames), first)  # one frame on: the next frames' probes
+
+
+def test_a_refused_candidate_still_gets_the_operating_point_the_shadow_measured() -> None:
+    """An operator may activate a refused candidate by hand (the worker keeps it): it must then serve at its
+    own threshold for the new domain (the one an accepted candidate on the same frames gets), not at the
+    parent's, which rejects most normal parts here."""
+    rng = np.random.default_rng(5)
+    normal = 1.4 * rng.gamma(9.0, 0.1, 100) + 0.6
+    defects = rng.uniform(4.0, 6.0, 20)
+    refused = evaluate(normal * 3.0, normal, defects, probe_rise=0.05).decide()
+    accepted = evaluate(normal * 3.0, normal, defects).decide()
+    assert accepted.accepted and accepted.calibration is not None, accepted.reasons
+    assert not refused.accepted and refused.calibration == accepted.calibration
+    assert (normal > CALIBRATION.threshold).mean() > 0.5 > (normal > refused.calibration.threshold).mean()
