@@ -4,9 +4,13 @@ A scope is named by its type: `--camera ID`, `--line NAME`, `--default`, or `--s
 default`; a bare name is refused (a camera called `default`, or named like a line, must not reach the
 plant or the line by accident).
 
+A worker keeps a candidate that its shadow refused: published, never activated by itself, marked refused in
+`list` and with the failed checks in `show`; `activate --force` activates it (without it, the activation is
+refused and says so).
+
 Exit status: 0 done; 1 refused or failed (message on stderr: nothing to roll back or unpin, a tampered or
-unregistered parent, Redis unreachable); 2 a version that is not registered, a scope that is not typed, or
-a bad combination of flags.
+unregistered parent, a refused version without --force, Redis unreachable); 2 a version that is not
+registered, a scope that is not typed, or a bad combination of flags.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def _describe(change: Announcement | None, scope: str, version: str) -> str:
 
 
 def models_list(args: argparse.Namespace, registry: ModelRegistry) -> int:
+    from daemon.registry import REFUSED
+
     actives = registry.actives()
     rows = []
     for version in registry.versions():
@@ -67,6 +73,7 @@ def models_list(args: argparse.Namespace, registry: ModelRegistry) -> int:
                 "parent": m.parent,
                 "domain": m.domain,
                 "created_at": m.created_at,
+                "refused": bool(m.summary.get(REFUSED)),
                 "active_in": [scope for scope, v in actives.items() if v == version],
             }
         )
@@ -78,7 +85,8 @@ def models_list(args: argparse.Namespace, registry: ModelRegistry) -> int:
     for r in rows:
         active = f"  active in: {', '.join(r['active_in'])}" if r["active_in"] else ""
         parent = r["parent"] or "-"
-        print(f"{r['version']}  {r['kind']:<7}  parent {parent:<20}  {r['domain']}  {r['created_at']}{active}")
+        refused = "  refused by the gate" if r["refused"] else ""
+        print(f"{r['version']}  {r['kind']:<7}  parent {parent:<20}  {r['domain']}  {r['created_at']}{refused}{active}")
     return 0
 
 
@@ -97,7 +105,7 @@ def models_show(args: argparse.Namespace, registry: ModelRegistry) -> int:
 
 def models_activate(args: argparse.Namespace, registry: ModelRegistry) -> int:
     scope = args.scope or DEFAULT_SCOPE
-    print(_describe(registry.activate(scope, args.version), scope, args.version))
+    print(_describe(registry.activate(scope, args.version, force=args.force), scope, args.version))
     return 0
 
 
@@ -130,7 +138,7 @@ def models_publish(args: argparse.Namespace, registry: ModelRegistry) -> int:
     print(f"{'published' if new else 'already registered:'} {manifest.version} ({what})")
     if args.activate:
         scope = args.scope or DEFAULT_SCOPE
-        print(_describe(registry.activate(scope, manifest.version), scope, manifest.version))
+        print(_describe(registry.activate(scope, manifest.version, force=args.force), scope, manifest.version))
     return 0
 
 
@@ -168,6 +176,15 @@ def _add_scope(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_force(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="activate a version that the adaptation gate refused (a worker keeps those it refused in shadow; "
+        "read `models show VERSION` first)",
+    )
+
+
 def add_models_parser(sub: argparse._SubParsersAction) -> None:
     """Register `inspectd models` and its actions on the main parser's subcommands."""
     models = sub.add_parser(
@@ -195,6 +212,7 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("version", metavar="VERSION")
     _add_scope(p, "activate it for")
+    _add_force(p)
     p.set_defaults(action=models_activate)
 
     p = actions.add_parser(
@@ -223,4 +241,5 @@ def add_models_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", type=Path, metavar="DIR", help="version directory (manifest.json + tensors)")
     p.add_argument("--activate", action="store_true", help="then make it active (default scope unless a scope flag)")
     _add_scope(p, "with --activate: activate it for")
+    _add_force(p)
     p.set_defaults(action=models_publish)

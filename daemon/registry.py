@@ -62,6 +62,9 @@ PATH_FIELD = "path"
 FILE_FIELD = "file:"  # + the file's name
 MAX_PATH_BYTES = 4096
 UNPINNED = "-"  # a history entry: the scope had no version of its own from then (never a version id)
+# In an adapted version's manifest summary: the checks it failed, when the worker kept a candidate that the
+# shadow refused (activated only with force).
+REFUSED = "refused"
 
 # A field's length first, so that an oversized value is refused without being transferred.
 _BOUNDED_HGET = """
@@ -79,6 +82,17 @@ class UnknownVersionError(RegistryError):
     def __init__(self, version: str):
         super().__init__(f"unknown model version {version!r} (not published in the registry)")
         self.version = version
+
+
+class RefusedVersionError(RegistryError):
+    """An activation, without force, of a version that the adaptation gate refused."""
+
+    def __init__(self, version: str, failed: list[str], camera: str):
+        super().__init__(
+            f"version {version} was refused by the adaptation gate for camera {camera} ({'; '.join(failed)}); "
+            f"read its figures (inspectd models show {version}) and activate it anyway with force "
+            f"(inspectd models activate {version} --camera {camera} --force)"
+        )
 
 
 @dataclass(frozen=True)
@@ -225,14 +239,17 @@ class ModelRegistry:
     # ---------------------------------------------------------------------------------------------- changes
 
     def activate(
-        self, scope: str, version: str, if_unset: bool = False, author: str | None = None
+        self, scope: str, version: str, if_unset: bool = False, author: str | None = None, *, force: bool = False
     ) -> Announcement | None:
         """Make `version` active in `scope`; None when it already was (nothing recorded or announced), or
         with `if_unset` when the scope had any active version (checked in the same transaction). `author`
-        (a logged-in person) is recorded in the event; None: the daemon itself."""
+        (a logged-in person) is recorded in the event; None: the daemon itself. A version the adaptation gate
+        refused (kept by a worker) raises `RefusedVersionError` unless `force`."""
         _check_scope(scope)
-        if not self.registered(version):
-            raise UnknownVersionError(version)
+        manifest = self.manifest(version)
+        refused = manifest.summary.get(REFUSED)
+        if refused and not force:
+            raise RefusedVersionError(version, [str(reason) for reason in refused], manifest.domain)
         active_key, history_key = self.keys.active(scope), self.keys.history(scope)
 
         def change(pipe: Pipeline) -> Announcement | None:

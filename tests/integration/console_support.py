@@ -30,7 +30,7 @@ from csflow.model import CSFlow, image_scores
 from daemon.config import ConsoleSection, RedisSection, Settings
 from daemon.events import Event, EventKind, EventLog
 from daemon.frames import Frame
-from daemon.registry import ModelRegistry
+from daemon.registry import REFUSED, ModelRegistry
 from daemon.store import Keys, Verdict, VerdictStore
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
@@ -115,14 +115,19 @@ class Published:
     adapted: str  # an adapted version of base for cam-1, with the gate's figures in its summary
 
 
-def publish_versions(registry: ModelRegistry, model: CSFlow, images: Tensor, root: Path) -> Published:
-    """A base version and an adapter of it, published and activated as a worker's controller would."""
+def publish_versions(
+    registry: ModelRegistry, model: CSFlow, images: Tensor, root: Path, refused: list[str] | None = None
+) -> Published:
+    """A base version and an adapter of it, published and activated as a worker's controller would (with
+    `refused`: the adapter is one the gate refused and a worker kept, with these failed checks)."""
     with torch.no_grad():
         calibration = calibrate(image_scores(model(images[:4]).z).numpy(), 0.2)
     base = save_model(root / "base", model, LITE0_PACKAGE, calibration, {"purpose": "console tests"})
     parent = load_model(root / "base")
     result = adapt(parent, images[4:6], AdaptConfig(lr=1e-3, max_steps=2, stop_quantile=None))
     summary = {**result.summary(), "gate": {"defect_detection": 0.95, "holdout_fpr": 0.0}, "camera_id": "cam-1"}
+    if refused:
+        summary[REFUSED] = refused
     adapted = save_adapter(root / "adapted", result.model, parent, result.block_names, summary, "cam-1", root / "base")
     registry.publish(root / "base")
     registry.publish(root / "adapted")

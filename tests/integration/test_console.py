@@ -261,6 +261,28 @@ def test_only_an_admin_activates_and_rolls_back(
     assert written(console.client) == before and registry.active("cam-1") == published.base
 
 
+def test_a_version_the_gate_refused_is_marked_and_the_console_does_not_activate_it(
+    console: Console, tiny_model: CSFlow, make_images: Callable[..., Tensor], tmp_path: Path
+) -> None:
+    """A worker keeps a candidate its shadow refused; activating it needs the command line's --force."""
+    registry = ModelRegistry.from_settings(console.client, console.settings)
+    failed = ["FAIL shadow sensitivity: 61% of 188 graded synthetic defects above the new threshold, the source 73%"]
+    published = cs.publish_versions(registry, tiny_model, make_images(6, seed=1), tmp_path / "versions", failed)
+
+    admin, csrf = login(console.base, "ada")
+    page = admin.get(f"{console.base}/versions").text
+    assert "refused by the gate" in page and "FAIL shadow sensitivity: 61%" in page
+    before = written(console.client)
+    r = admin.post(
+        f"{console.base}/versions/activate", data={"csrf": csrf, "scope": "camera:cam-1", "version": published.adapted}
+    )
+    assert r.status_code == 400 and "refused by the adaptation gate" in r.text and "--force" in r.text
+    assert registry.active("cam-1") == published.base and written(console.client) == before
+
+    registry.activate("camera:cam-1", published.adapted, force=True)  # what `models activate --force` does
+    assert registry.active("cam-1") == published.adapted
+
+
 def test_logins_are_rate_limited(console: Console) -> None:
     s = requests.Session()
     statuses = []
