@@ -172,6 +172,7 @@ class AdaptSection(Section):
     shadow_probes_per_frame: int = Field(2, ge=1)
     max_sensitivity_loss: float = Field(0.0, ge=0, le=1)
     shadow_timeout_s: float = Field(600.0, gt=0)
+    keep_refused: bool = True
     # The run's child process (daemon/adaptation_job.py): its memory bound (RLIMIT_DATA, 0: none) and wall time.
     max_memory_mb: int = Field(6144, ge=0)
     run_timeout_s: float = Field(1800.0, gt=0)

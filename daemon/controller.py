@@ -31,7 +31,11 @@ later batches:
   camera scope with no version of its own is first pinned to the parent, so that `inspectd models rollback
   --camera CAMERA` returns the camera to what it was served before. Events: adaptation_started,
   adaptation_accepted (gate figures), version_activated (by the registry).
-- rejected (or an error while saving or publishing): adaptation_rejected with the figures and reasons.
+- rejected (or an error while saving or publishing): adaptation_rejected with the figures and reasons. A
+  candidate refused in shadow is kept ([adapt] keep_refused): saved and published with the operating point
+  the shadow measured and its failed checks in the manifest summary, never activated by the worker; the
+  event names it (`candidate`), and an operator may activate it with `inspectd models activate --force`
+  (the gate refuses good candidates too). One refused before the shadow has no operating point: discarded.
 
 Adapters are parented on the base: adapting an adapted version yields an adapter of the base that carries
 the blocks of both adaptations, so versions never chain toward csflow.artifacts.MAX_CHAIN.
@@ -76,7 +80,7 @@ from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, BufferedFrame
 from daemon.events import Event, EventKind, EventLog, now_ms
 from daemon.metrics import WorkerMetrics
-from daemon.registry import Fence, ModelRegistry, RegistryError, SupersededError
+from daemon.registry import REFUSED, Fence, ModelRegistry, RegistryError, SupersededError
 from daemon.scopes import camera_scope
 
 RENEWALS_PER_TTL = 3  # the lock is extended this often per expiry period
@@ -457,9 +461,26 @@ class AdaptationController:
         decision = shadow.evaluation.decide()
         figures = json_safe({**result.figures, "shadow": decision.figures})
         reasons = [*result.reasons, *decision.reasons]
-        if not decision.accepted:
-            return self._rejected(run, reasons, figures)
-        return self._activate(run, result, shadow.candidate, reasons, figures, decision.calibration)
+        if decision.accepted:
+            return self._activate(run, result, shadow.candidate, reasons, figures, decision.calibration)
+        kept = self._keep_refused(run, result, shadow.candidate, reasons, decision.calibration)
+        return self._rejected(run, reasons, figures, kept)
+
+    def _keep_refused(
+        self, run: _Run, result: JobResult, candidate: CSFlow, reasons: list[str], calibration: Calibration | None
+    ) -> str | None:
+        """Save and publish a candidate the shadow refused, not activated, so that an operator may still
+        activate it by hand; its id, or None when it is not kept (no operating point, [adapt] keep_refused
+        off, or an error saving or publishing it, logged: the refusal stands either way)."""
+        if calibration is None or not self.settings.adapt.keep_refused:
+            return None
+        try:
+            version = self._save(run, result, candidate, calibration, [r for r in reasons if r.startswith("FAIL")])
+            self.registry.publish(self.cache_dir / version)
+        except (ArtifactError, RegistryError, OSError, ValueError) as exc:
+            self._log.warning("refused candidate not kept", camera_id=run.camera, error=f"{type(exc).__name__}: {exc}")
+            return None
+        return version
 
     def _activate(
         self,
@@ -490,8 +511,13 @@ class AdaptationController:
         self.events.append(Event(EventKind.ADAPTATION_ACCEPTED, camera, version, json_safe(detail)))
         return Outcome("accepted", version, reasons)
 
-    def _rejected(self, run: _Run, reasons: list[str], figures: dict[str, Any]) -> Outcome:
+    def _rejected(
+        self, run: _Run, reasons: list[str], figures: dict[str, Any], candidate: str | None = None
+    ) -> Outcome:
+        """`candidate`: the refused version kept in the registry (not active), for an operator to force."""
         detail = {"figures": figures, "reasons": reasons, "shots": len(run.frames)}
+        if candidate is not None:
+            detail["candidate"] = candidate
         self.events.append(Event(EventKind.ADAPTATION_REJECTED, run.camera, run.parent.version, detail))
         return Outcome("rejected", None, reasons)
 
@@ -501,16 +527,24 @@ class AdaptationController:
         self.events.append(Event(EventKind.ADAPTATION_FAILED, run.camera, run.parent.version, detail))
         return outcome
 
-    def _save(self, run: _Run, result: JobResult, candidate: CSFlow, calibration: Calibration | None) -> str:
+    def _save(
+        self,
+        run: _Run,
+        result: JobResult,
+        candidate: CSFlow,
+        calibration: Calibration | None,
+        refused: list[str] | None = None,
+    ) -> str:
         """The adapter as `cache_dir/{version}`, parented on the base, beside the base's materialised
         directory (whose relative path it records); written to a temporary directory and renamed, so a
-        directory there is complete."""
+        directory there is complete. `refused`: the checks it failed, recorded in its manifest's summary
+        (`REFUSED`), where the registry reads them before an activation."""
         parent = run.parent
         base_id = parent.lineage[-1] if parent.lineage else parent.version
         base_dir = self.registry.materialise(base_id, self.cache_dir)
         # Outside the adapter's blocks the parent's model equals its base's: it stands for it (no second model).
         as_base = ModelVersion(parent.model, self.registry.manifest(base_id), (base_id,))
-        summary = read_manifest(run.directory / "adapter").summary
+        summary = read_manifest(run.directory / "adapter").summary | ({REFUSED: refused} if refused else {})
         tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=self.cache_dir))
         try:
             manifest = save_adapter(

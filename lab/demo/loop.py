@@ -176,7 +176,10 @@ class Demo:
         elif event.kind == EventKind.ADAPTATION_REJECTED:
             story.rejected.append(event)
             story.rejected_at_frame.append(self.camera.sent)
-            self._line(f"adaptation REJECTED: {'; '.join(failed_reasons(event)) or 'no reason given'}")
+            kept = d.get("candidate")
+            force = f"inspectd models activate {kept} --camera {self.spec.camera} --force"
+            note = f" (kept, not active; an operator may still serve it: {force})" if kept else ""
+            self._line(f"adaptation REJECTED: {'; '.join(failed_reasons(event)) or 'no reason given'}{note}")
         elif event.kind == EventKind.VERSION_ACTIVATED:
             if event.scope == f"camera:{self.spec.camera}" and event.version == self._served():
                 self._line(

@@ -5,7 +5,8 @@ kind of parts seen through a noisy sensor (`adapters.shifts` 'noise'), which pus
 the threshold. The workers raise a drift alarm, an operator confirms a few frames with `inspectd confirm`,
 one worker adapts, the gate accepts, and every worker switches to the new version; `inspectd models
 rollback` switches them back. A candidate the gate refuses changes nothing and is not retried on the same
-frames. Drift settings are small (20-frame window, ERT 400) so that alarms come within a few dozen frames.
+frames; one refused in shadow is kept, never activated by the worker, for an operator to force. Drift
+settings are small (20-frame window, ERT 400) so that alarms come within a few dozen frames.
 
 Frames of the one camera are spread over all partitions on purpose, so that both workers serve it (in
 production a camera's frames share a partition, keyed by camera id).
@@ -19,6 +20,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,9 +34,9 @@ from worker_line import PARTITIONS, Line, frame_headers, get, wait_ready
 
 from adapters.shifts import SHIFTS
 from cli.main import main
-from csflow.artifacts import read_manifest, save_model
+from csflow.artifacts import load_model, read_manifest, save_model
 from csflow.backbones import LITE0, LITE0_PACKAGE
-from csflow.calibration import calibrate
+from csflow.calibration import PROBE_REVISION, calibrate
 from csflow.data import to_tensor
 from csflow.fit import build_model, probe_reference
 from csflow.flow import FlowConfig
@@ -178,6 +180,23 @@ class Loop:
         raise AssertionError(f"not every worker serves {version}: {[self.served(p) for p in ports]}")
 
 
+@contextmanager
+def running_loop(
+    broker: LocalKafka,
+    source: Path,
+    tmp_path: Path,
+    make_images: Callable[..., Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Loop]:
+    """A `Loop` on its own Redis, whose workers serve the model in `source`."""
+    with LocalRedis() as server:
+        line = Line(broker, server.url, source, tmp_path)
+        try:
+            yield Loop(line, make_images, monkeypatch)
+        finally:
+            line.close()
+
+
 @pytest.fixture
 def loop(
     broker: LocalKafka,
@@ -186,12 +205,19 @@ def loop(
     make_images: Callable[..., Tensor],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Loop]:
-    with LocalRedis() as server:
-        line = Line(broker, server.url, trained_dir, tmp_path)
-        try:
-            yield Loop(line, make_images, monkeypatch)
-        finally:
-            line.close()
+    with running_loop(broker, trained_dir, tmp_path, make_images, monkeypatch) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stale_probe_dir(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model with its sensitivity reference marked as measured by an older probe: every candidate
+    then fails the shadow's sensitivity check, and only that check (the offline gate does not use the probe)."""
+    version = load_model(trained_dir)
+    calibration = replace(version.manifest.threshold_calibration, probe_revision=PROBE_REVISION - 1)
+    out = tmp_path_factory.mktemp("stale-probe")
+    save_model(out, version.model, LITE0_PACKAGE, calibration, {"purpose": "a candidate refused in shadow"})
+    return out
 
 
 def false_positive_rate(verdicts: list[dict]) -> float:
@@ -290,3 +316,48 @@ def test_a_rejected_candidate_changes_nothing_and_a_restarted_worker_resumes(loo
     assert len(loop.events(EventKind.DRIFT_ALARM)) == 1
     time.sleep(2)
     assert len(loop.events(EventKind.ADAPTATION_STARTED)) == 2, "the restarted worker retried the same frames"
+
+
+def test_a_candidate_refused_in_shadow_is_kept_for_an_operator_to_force(
+    broker: LocalKafka,
+    stale_probe_dir: Path,
+    tmp_path: Path,
+    make_images: Callable[..., Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The gate refuses good candidates too (docs/RESULTS.md), and an operator may overrule it. A candidate
+    refused in shadow is published with the operating point the shadow measured, never activated by the
+    worker; activating it needs --force, and it then serves at its own threshold."""
+    base = read_manifest(stale_probe_dir).version
+    with running_loop(broker, stale_probe_dir, tmp_path, make_images, monkeypatch) as loop:
+        ports = loop.start_workers(1)
+        loop.send(16, shifted=False)
+        shifted = loop.shift_until_alarm()
+        assert main(["confirm", *shifted[:SHOTS], "--operator", "qa"]) == 0
+        loop.wait_event(EventKind.ADAPTATION_SHADOW)
+        loop.send_until(EventKind.ADAPTATION_ACCEPTED, EventKind.ADAPTATION_REJECTED)
+        rejected = loop.wait_event(EventKind.ADAPTATION_REJECTED)
+        failed = [r for r in rejected.detail["reasons"] if r.startswith("FAIL")]
+        assert len(failed) == 1 and failed[0].startswith("FAIL shadow sensitivity"), rejected.detail["reasons"]
+        candidate = rejected.detail["candidate"]
+        manifest = read_manifest(next(loop.line.tmp_path.glob(f"cache-*/{candidate}")))
+        assert manifest.parent == base and manifest.summary["refused"] == failed
+        assert manifest.calibration["threshold"] == rejected.detail["figures"]["shadow"]["threshold"]
+        assert not loop.events(EventKind.ADAPTATION_ACCEPTED)
+        assert [e.scope for e in loop.events(EventKind.VERSION_ACTIVATED)] == ["default"]  # the bootstrap only
+        assert loop.served(ports[0]) == base
+
+        capsys.readouterr()
+        assert main(["models", "list", "--json"]) == 0
+        rows = {row["version"]: row for row in json.loads(capsys.readouterr().out)}
+        assert rows[candidate]["refused"] and not rows[candidate]["active_in"] and not rows[base]["refused"]
+        assert main(["models", "activate", candidate, "--camera", CAMERA]) == 1
+        assert "refused by the adaptation gate" in capsys.readouterr().err
+        assert [e.scope for e in loop.events(EventKind.VERSION_ACTIVATED)] == ["default"]
+
+        assert main(["models", "activate", candidate, "--camera", CAMERA, "--force"]) == 0
+        loop.wait_served(ports, candidate)
+        after = loop.verdicts(loop.send(16, shifted=True))
+        assert {v["model_version"] for v in after} == {candidate}
+        assert {v["threshold"] for v in after} == {manifest.calibration["threshold"]}  # its own operating point
