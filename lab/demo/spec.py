@@ -50,6 +50,6 @@ class DemoSpec:
     config: str | None = None  # --config passed on to the worker
     # Time limits (seconds).
     ready_timeout_s: float = 180.0
-    adapt_timeout_s: float = 600.0
+    adapt_timeout_s: float | None = None  # None: the worker's own, [adapt] run_timeout_s + shadow_timeout_s
     drain_timeout_s: float = 120.0
     stop_timeout_s: float = 60.0
