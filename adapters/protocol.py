@@ -194,6 +194,14 @@ def gate_markdown(cells: Sequence[Cell]) -> str:
     lines.append("| all | | " + " | ".join(f"**{len(total[n])}**" for n in GATE_CLASSES) + " |")
     bad = total["accepted-bad"]
     lines.append("\nAccepted but bad: " + (", ".join(bad) if bad else "none") + ".\n")
+    refused = [c for c in adapted if not c.detail["accepted"] and "kept" in c.detail]
+    if refused:
+        kept = [c for c in refused if c.detail["kept"]]
+        good = [c for c in kept if gate_class(c) == "rejected-good"]
+        lines.append(
+            f"Kept for an operator to force (refused in shadow, with the operating point it measured, as a worker "
+            f"keeps them): {len(kept)} of the {len(refused)} refused; {len(good)} of those would be good.\n"
+        )
     reachable = [c for c in adapted if c.detail.get("best_tpr_at_good_fpr") is not None]
     if reachable:
         good_model = [c for c in reachable if c.detail["best_tpr_at_good_fpr"] >= _least_good_tpr(c)]

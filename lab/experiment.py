@@ -330,6 +330,8 @@ class _Runner:
             "accepted": gated.accepted and decision.accepted,
             "offline_accepted": gated.accepted,
             "shadow_accepted": decision.accepted,
+            # what a worker keeps for an operator to force: refused in shadow, with an operating point
+            "kept": gated.accepted and not decision.accepted and decision.calibration is not None,
             "reasons": [r for r in [*gated.decision.reasons, *decision.reasons] if not r.startswith("ok")],
             "shadow": {
                 key: decision.figures.get(key)

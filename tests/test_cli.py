@@ -267,6 +267,9 @@ def test_experiment_runs_every_setting_and_resumes(
     assert adapted["detail"]["accepted"] == (
         adapted["detail"]["offline_accepted"] and adapted["detail"]["shadow_accepted"]
     )
+    detail = adapted["detail"]  # kept: what a worker keeps, refused in shadow with an operating point
+    refused_in_shadow = detail["offline_accepted"] and not detail["shadow_accepted"]
+    assert detail["kept"] == (refused_in_shadow and detail["shadow"]["scale"] is not None)
     assert 0.0 <= adapted["detail"]["source_clean_tpr"] <= 1.0
     assert cells["dark/shots/k=1/fold=0"]["fpr"] is None  # no held-out normals, no threshold
     assert cells["dark/adapted/k=1/fold=0"]["detail"]["shots"] != cells["dark/adapted/k=1/fold=1"]["detail"]["shots"]

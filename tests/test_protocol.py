@@ -100,6 +100,19 @@ def test_the_gate_table_says_how_many_candidates_the_best_threshold_would_make_g
     assert "2 of 3 candidates would be good; at their own threshold, 1 of those are." in gate_markdown(cells)
 
 
+def test_the_gate_table_says_how_many_refused_candidates_a_worker_keeps_and_how_many_are_good() -> None:
+    cells = [
+        _adapted(0, 0.00, 0.80, False, kept=True),  # refused in shadow, good: forcing it would have helped
+        _adapted(1, 0.00, 0.50, False, kept=True),  # refused in shadow, bad
+        _adapted(2, 0.00, 0.80, False, kept=False),  # refused before the shadow: not kept
+        _adapted(3, 0.00, 0.80, True, kept=False),  # accepted: not counted
+        _adapted(4, 0.00, 0.80, False),  # recorded before the protocol said: not counted
+    ]
+    text = gate_markdown(cells)
+    assert "keeps them): 2 of the 3 refused; 1 of those would be good." in text
+    assert "Kept for an operator" not in gate_markdown(cells[3:])
+
+
 def test_the_best_operating_point_flags_at_most_the_allowed_share_of_normals() -> None:
     normal = np.arange(20, dtype=float)  # 0 .. 19
     defects = np.array([18.5, 17.5, 10.0, 30.0])
