@@ -197,7 +197,11 @@ class ModelRegistry:
             check_flow_revision(data, f"registered version {version}")
         except ArtifactError as exc:
             raise RegistryError(str(exc)) from exc
-        if manifest.version != version or manifest.content_hash() != version:
+        try:
+            content_hash = manifest.content_hash()
+        except ValueError as exc:  # a non-finite number (JSON allows 1e999): no version of ours has one
+            raise RegistryError(f"version {version}: the stored manifest is not valid: {exc}") from exc
+        if manifest.version != version or content_hash != version:
             raise RegistryError(f"version {version}: the stored manifest does not match the version (edited?)")
         return manifest
 
@@ -246,10 +250,15 @@ class ModelRegistry:
         (a logged-in person) is recorded in the event; None: the daemon itself. A version the adaptation gate
         refused (kept by a worker) raises `RefusedVersionError` unless `force`."""
         _check_scope(scope)
-        manifest = self.manifest(version)
-        refused = manifest.summary.get(REFUSED)
-        if refused and not force:
-            raise RefusedVersionError(version, [str(reason) for reason in refused], manifest.domain)
+        try:
+            manifest: Manifest | None = self.manifest(version)
+        except UnknownVersionError:
+            raise
+        except RegistryError:
+            manifest = None  # it does not verify: every worker refuses to load it (and counts that), as before
+        if manifest is not None and manifest.summary.get(REFUSED) and not force:
+            failed = [str(reason) for reason in manifest.summary[REFUSED]]
+            raise RefusedVersionError(version, failed, manifest.domain)
         active_key, history_key = self.keys.active(scope), self.keys.history(scope)
 
         def change(pipe: Pipeline) -> Announcement | None:
