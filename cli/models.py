@@ -60,7 +60,7 @@ def _describe(change: Announcement | None, scope: str, version: str) -> str:
 
 
 def models_list(args: argparse.Namespace, registry: ModelRegistry) -> int:
-    from daemon.registry import REFUSED
+    from daemon.registry import refused_checks
 
     actives = registry.actives()
     rows = []
@@ -73,7 +73,7 @@ def models_list(args: argparse.Namespace, registry: ModelRegistry) -> int:
                 "parent": m.parent,
                 "domain": m.domain,
                 "created_at": m.created_at,
-                "refused": bool(m.summary.get(REFUSED)),
+                "refused": bool(refused_checks(m)),
                 "active_in": [scope for scope, v in actives.items() if v == version],
             }
         )

@@ -20,7 +20,7 @@ import redis
 from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, ReviewFrame, review_queue
 from daemon.events import Event, EventKind, EventLog
-from daemon.registry import DEFAULT_SCOPE, REFUSED, ModelRegistry, RegistryError
+from daemon.registry import DEFAULT_SCOPE, ModelRegistry, RegistryError, refused_checks
 from daemon.scopes import ID_PATTERN, camera_scope, line_scope
 from daemon.store import Keys
 from drift.monitor import DriftMonitor
@@ -380,8 +380,11 @@ class ConsoleData:
                 continue
             gate = m.summary.get("gate", {}) if isinstance(m.summary.get("gate"), dict) else {}
             camera = str(m.summary.get("camera_id", ""))
-            refused = [str(reason) for reason in m.summary.get(REFUSED) or []]
-            rows.append(VersionRow(version, m.parent, m.domain, m.created_at, camera, gate, active_in, refused=refused))
+            rows.append(
+                VersionRow(
+                    version, m.parent, m.domain, m.created_at, camera, gate, active_in, refused=refused_checks(m)
+                )
+            )
         changes = [e for e in events if e.kind in REGISTRY_KINDS]
         scopes = []
         for scope, active in actives.items():

@@ -84,6 +84,11 @@ class UnknownVersionError(RegistryError):
         self.version = version
 
 
+def refused_checks(manifest: Manifest) -> list[str]:
+    """The checks a version failed when a worker kept it after the gate refused it; empty for any other."""
+    return [str(reason) for reason in manifest.summary.get(REFUSED) or []]
+
+
 class RefusedVersionError(RegistryError):
     """An activation, without force, of a version that the adaptation gate refused."""
 
@@ -256,8 +261,8 @@ class ModelRegistry:
             raise
         except RegistryError:
             manifest = None  # it does not verify: every worker refuses to load it (and counts that), as before
-        if manifest is not None and manifest.summary.get(REFUSED) and not force:
-            failed = [str(reason) for reason in manifest.summary[REFUSED]]
+        failed = refused_checks(manifest) if manifest is not None else []
+        if failed and manifest is not None and not force:
             raise RefusedVersionError(version, failed, manifest.domain)
         active_key, history_key = self.keys.active(scope), self.keys.history(scope)
 
