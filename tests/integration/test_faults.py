@@ -297,6 +297,14 @@ def test_a_version_with_a_non_finite_threshold_is_refused_and_never_served(
     if threshold == "1e999":  # it cannot be hashed: `models show` and the console get a registry error, not a crash
         with pytest.raises(RegistryError, match=r"stored manifest is not valid"):
             registry.manifest(version)
+    tag = threshold.strip('"')
+    # a camera the worker serves from `default` before the activation (when run alone, no other test made one)
+    line.producer.send(
+        line.topic, key=b"cam-tombstone", value=png(4), headers=frame_headers(f"before-{tag}", "cam-tombstone")
+    )
+    line.producer.flush()
+    shop.good_ids.append(f"before-{tag}")
+    _verdict(line, f"before-{tag}")
     failures = _metric(port, "inspectd_model_load_failures_total")
     registry.activate("default", version)
     try:
@@ -305,7 +313,6 @@ def test_a_version_with_a_non_finite_threshold_is_refused_and_never_served(
             assert proc.poll() is None, line.logs()
             time.sleep(0.2)
         assert _metric(port, "inspectd_model_load_failures_total") > failures, line.logs()
-        tag = threshold.strip('"')
         for frame_id, camera in ((f"served-{tag}", "cam-tombstone"), (f"new-{tag}", f"cam-new-{tag}")):
             line.producer.send(line.topic, key=camera.encode(), value=png(5), headers=frame_headers(frame_id, camera))
             line.producer.flush()
