@@ -21,7 +21,10 @@ and the decision rests on those frames:
   synthetic defects blended at graded strengths into the live frames it does not flag) detects at least
   what the source model detects on its own held-out normals, stored in the calibration, less
   `max_sensitivity_loss` (a candidate can keep its normals quiet by having gone blind: measured on ELPV,
-  such candidates lost a third of the real defects while their flag rates looked right); and a fresh drift
+  such candidates lost a third of the real defects while their flag rates looked right; the parent scores
+  the same probes, and its detection on the frames it does not flag is reported beside the candidate's, or,
+  with `probe_reference = "line"`, is the reference where it is lower: a line that hides the probe's
+  defects from the parent hides them from any model); and a fresh drift
   monitor whose reference
   is the parent's calibration carried over by the map, fed the candidate's live scores in stream order,
   raises no alarm (the statistic that raised the camera's alarm; it fails when the candidate's scores
@@ -32,18 +35,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from csflow.calibration import PROBE_REVISION, Calibration
-from csflow.defects import DefectConfig, graded_defects, probe_detection, probe_plan, sensitivity
+from csflow.defects import DefectConfig, ProbeItem, graded_defects, probe_detection, probe_plan, sensitivity
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
+
+ProbeReference = Literal["source", "line"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,9 @@ class ShadowConfig:
     """`frames`: live frames scored in shadow before deciding; `lower`: the quantile that, with the median,
     measures the spread of normal scores; `min_defect_detection`: share of the gate's synthetic defects
     that must stay above the new threshold; `probes_per_frame`: sensitivity probes blended into each live
-    frame; `max_sensitivity_loss`: how far the candidate's probe sensitivity may fall below the source's."""
+    frame; `max_sensitivity_loss`: how far the candidate's probe sensitivity may fall below the reference;
+    `probe_reference`: "source", the source's sensitivity on its held-out normals, or "line", the lower of that
+    and the parent's on the same live frames (where the parent's probes were scored and cover every strength)."""
 
     frames: int = 100
     lower: float = 0.1
@@ -59,6 +66,7 @@ class ShadowConfig:
     probes_per_frame: int = 2
     max_sensitivity_loss: float = 0.0
     probe_seed: int = 0
+    probe_reference: ProbeReference = "source"
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -69,6 +77,8 @@ class ShadowConfig:
             raise ValueError(f"min_defect_detection must be in [0, 1], got {self.min_defect_detection}")
         if self.probes_per_frame < 1:
             raise ValueError(f"probes_per_frame must be >= 1, got {self.probes_per_frame}")
+        if self.probe_reference not in get_args(ProbeReference):
+            raise ValueError(f"probe_reference must be one of {get_args(ProbeReference)}, got {self.probe_reference!r}")
         if not 0.0 <= self.max_sensitivity_loss <= 1.0:
             raise ValueError(f"max_sensitivity_loss must be in [0, 1], got {self.max_sensitivity_loss}")
 
@@ -117,9 +127,10 @@ class ShadowDecision:
 
 @dataclass
 class ShadowEvaluation:
-    """Collects (parent score, candidate score, candidate NLL, candidate's probe scores) per live frame, in
-    stream order; `decide()` once `done`. `defect_scores`: the candidate's scores of the offline gate's
-    synthetic defects. The probes of the next frames come from `probe_images`, before their `update`."""
+    """Collects (parent score, candidate score, candidate NLL, the candidate's and the parent's probe scores)
+    per live frame, in stream order; `decide()` once `done`. `defect_scores`: the candidate's scores of the
+    offline gate's synthetic defects. The probes of the next frames come from `probe_images`, before their
+    `update`."""
 
     parent_calibration: Calibration
     defect_scores: list[float]
@@ -129,6 +140,7 @@ class ShadowEvaluation:
     candidate: list[float] = field(default_factory=list)
     candidate_nll: list[float] = field(default_factory=list)
     probe: list[float] = field(default_factory=list)
+    parent_probe: list[float] = field(default_factory=list)
 
     @property
     def strengths(self) -> list[float]:
@@ -146,14 +158,21 @@ class ShadowEvaluation:
         return graded_defects(frames.cpu(), plan, DefectConfig(), generator)
 
     def update(
-        self, parent_score: float, candidate_score: float, candidate_nll: float, probe_scores: Sequence[float] = ()
+        self,
+        parent_score: float,
+        candidate_score: float,
+        candidate_nll: float,
+        probe_scores: Sequence[float] = (),
+        parent_probe_scores: Sequence[float] = (),
     ) -> ShadowEvaluation:
-        """One live frame; `probe_scores`: the candidate's scores of its `probes_per_frame` probes."""
+        """One live frame; `probe_scores` and `parent_probe_scores`: the candidate's and the parent's scores of
+        its `probes_per_frame` probes (the parent's only where they are measured)."""
         if not self.done:
             self.parent.append(float(parent_score))
             self.candidate.append(float(candidate_score))
             self.candidate_nll.append(float(candidate_nll))
             self.probe.extend(float(x) for x in probe_scores)
+            self.parent_probe.extend(float(x) for x in parent_probe_scores)
         return self
 
     @property
@@ -266,12 +285,11 @@ class ShadowEvaluation:
         if len(self.probe) != per_frame * self.frames_seen:
             return {}, False, f"{len(self.probe)} probe scores for {self.frames_seen} frames x {per_frame} probes"
         plan = probe_plan(0, self.frames_seen, per_frame, self.strengths, len(DefectConfig().kinds))
-        kept = [(score, item) for score, item in zip(self.probe, plan, strict=True) if not flagged[item.host]]
-        detection = probe_detection([s for s, _ in kept], [i for _, i in kept], threshold)
+        detection, n_probes = _detection_on_unflagged(self.probe, plan, flagged, threshold)
         figures: dict[str, Any] = {
             "probe_detection": detection,
             "probe_reference": dict(reference),
-            "n_probes": len(kept),
+            "n_probes": n_probes,
         }
         if set(detection) != set(reference):
             return (
@@ -281,11 +299,39 @@ class ShadowEvaluation:
             )
         ours, theirs = sensitivity(detection), sensitivity(reference)
         figures |= {"sensitivity": ours, "reference_sensitivity": theirs}
+        on_line = self._parent_on_line(plan, set(reference))
+        compared = f"the source {theirs:.0%} on its held-out normals"
+        if on_line is not None:
+            parent = sensitivity(on_line)
+            figures |= {"parent_probe_detection": on_line, "parent_sensitivity": parent}
+            if self.config.probe_reference == "line" and parent < theirs:
+                compared = f"the parent {parent:.0%} on these frames (the source {theirs:.0%} on its held-out normals)"
+                theirs = figures["reference_sensitivity"] = parent
+            else:
+                compared += f" (the parent {parent:.0%} on these frames)"
         text = (
-            f"{ours:.0%} of {len(kept)} graded synthetic defects on unflagged live frames above the new threshold, "
-            f"the source {theirs:.0%} on its held-out normals (may fall by {self.config.max_sensitivity_loss:.0%})"
+            f"{ours:.0%} of {n_probes} graded synthetic defects on unflagged live frames above the new threshold, "
+            f"{compared}; may fall by {self.config.max_sensitivity_loss:.0%}"
         )
         return figures, ours >= theirs - self.config.max_sensitivity_loss, text
+
+    def _parent_on_line(self, plan: list[ProbeItem], strengths: set[str]) -> dict[str, float] | None:
+        """The parent's detection curve on the same probes, on the live frames it does not flag, at its own
+        threshold; None when its probes were not scored or do not cover every strength."""
+        if len(self.parent_probe) != len(plan):
+            return None
+        threshold = self.parent_calibration.threshold
+        flagged = np.asarray(self.parent) > threshold
+        detection, _ = _detection_on_unflagged(self.parent_probe, plan, flagged, threshold)
+        return detection if set(detection) == strengths else None
+
+
+def _detection_on_unflagged(
+    scores: Sequence[float], plan: Sequence[ProbeItem], flagged: np.ndarray, threshold: float
+) -> tuple[dict[str, float], int]:
+    """The probes' detection curve over the hosts not `flagged`, and how many probes that is."""
+    kept = [(score, item) for score, item in zip(scores, plan, strict=True) if not flagged[item.host]]
+    return probe_detection([s for s, _ in kept], [i for _, i in kept], threshold), len(kept)
 
 
 def shadow_stream(
@@ -305,9 +351,11 @@ def shadow_stream(
     probes = evaluation.probe_images(live)
     parent_scores = score_images(parent, live, batch_size).image
     scores = score_images(candidate, live, batch_size, nll=True)
-    probe_scores = score_images(candidate, probes, batch_size).image.reshape(
-        len(live), len(probes) // max(len(live), 1)
-    )
-    for p, c, n, q in zip(parent_scores, scores.image, np.asarray(scores.nll), probe_scores, strict=True):
-        evaluation.update(p, c, n, q.tolist())
+    per_frame = (len(live), len(probes) // max(len(live), 1))
+    probe_scores = score_images(candidate, probes, batch_size).image.reshape(per_frame)
+    parent_probe_scores = score_images(parent, probes, batch_size).image.reshape(per_frame)
+    for p, c, n, q, r in zip(
+        parent_scores, scores.image, np.asarray(scores.nll), probe_scores, parent_probe_scores, strict=True
+    ):
+        evaluation.update(p, c, n, q.tolist(), r.tolist())
     return evaluation

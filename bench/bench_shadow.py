@@ -2,7 +2,8 @@
 
 The worker scores each frame of the shadowed camera with the active version (the verdict), and with the
 candidate in one more pass that also holds the frame's sensitivity probes (`[adapt]
-shadow_probes_per_frame`) and returns the NLL (`daemon/worker.py` `_score_shadow`). This times both on the
+shadow_probes_per_frame`) and returns the NLL, and scores the probes with the parent too, for its sensitivity
+on the same frames (`daemon/worker.py` `_score_shadow`). This times both on the
 same frames in one run, alternating, with a model directory of yours (its own model stands in for the
 candidate: the cost does not depend on the weights) and images of a folder. Usage:
 
@@ -63,9 +64,11 @@ def main() -> None:
         for batch in frames.split(args.batch):
             probes = evaluation.probe_images(batch)
             out = score_images(version.model, torch.cat([batch, probes]), nll=True)
+            parent_probes = score_images(version.model, probes).image
             n = len(batch)
-            for c, q in zip(out.image[:n], out.image[n:].reshape(n, -1), strict=True):
-                evaluation.update(c, c, 0.0, q.tolist())
+            rows = zip(out.image[:n], out.image[n:].reshape(n, -1), parent_probes.reshape(n, -1), strict=True)
+            for c, q, r in rows:
+                evaluation.update(c, c, 0.0, q.tolist(), r.tolist())
 
     serve()  # warm-up
     times: dict[str, list[float]] = {"serve": [], "shadow": [], "probes": []}
@@ -79,11 +82,11 @@ def main() -> None:
         f"{version.model.extractor_name} {version.model.image_size} px, {len(frames)} frames, batch {args.batch}, "
         f"{shadow_config.probes_per_frame} probes per frame, {torch.get_num_threads()} threads, median of {args.reps}:"
     )
-    print(f"  serving a frame:               {serve_ms:8.1f} ms")
-    print(f"  its shadow (candidate+probes): {shadow_ms:8.1f} ms  ({shadow_ms / serve_ms:.2f}x the frame's serving)")
+    print(f"  serving a frame:                {serve_ms:8.1f} ms")
+    print(f"  its shadow (candidate, probes): {shadow_ms:8.1f} ms  ({shadow_ms / serve_ms:.2f}x the frame's serving)")
     probes_ms = statistics.median(times["probes"])
-    print(f"  of which drawing the probes:   {probes_ms:8.1f} ms")
-    print(f"  a shadowed frame in all:       {serve_ms + shadow_ms:8.1f} ms  ({1 + shadow_ms / serve_ms:.2f}x)")
+    print(f"  of which drawing the probes:    {probes_ms:8.1f} ms")
+    print(f"  a shadowed frame in all:        {serve_ms + shadow_ms:8.1f} ms  ({1 + shadow_ms / serve_ms:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,16 @@ candidate at the threshold that decision sets, as the protocol does: FPR and TPR
 good = FPR <= 0.05 and TPR within 0.05 of the source's clean TPR. The offline gate's verdict is kept as
 recorded, unless a variant waives some of its checks (`waive=recovery`): a candidate the offline gate
 refused on waived checks only then goes on to its shadow, which the protocol ran for every candidate.
-Prints one confusion table per setting, then every cell whose class changed. Usage:
+Prints one confusion table per setting, then every cell whose class changed.
+
+`--parent` adds a row for what no adaptation at all would do: the parent itself put through the same shadow
+as its own candidate (its live scores and its scores of the same probes, recorded since the shadow measures
+the parent's sensitivity; the gate's synthetic defects, which only the candidate scored, are not checked),
+recalibrated at the threshold that decision sets, and judged on the same images (the source's scores of
+the shifted test images). Usage:
 
     python bench/replay_gate.py --results runs/gate-exp --source runs/probe_s0 --data data/elpv \
-        [--variant FIELD=VALUE,...]... [--json OUT]
+        [--variant FIELD=VALUE,...]... [--parent] [--json OUT]
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import numpy as np
 
 from adapters.protocol import GATE_CLASSES, Cell, gate_class
 from adapters.shadow import ShadowConfig, ShadowEvaluation
-from csflow.artifacts import read_manifest
+from adapters.shifts import get_shift
+from csflow.artifacts import load_model, read_manifest
 from csflow.calibration import Calibration
-from csflow.data import load_dataset
+from csflow.data import load_batch, load_dataset
 from csflow.evaluation import operating_point
-from daemon.config import load_settings
+from csflow.scoring import score_images
+from daemon.config import Settings, load_settings
 from drift.config import DriftConfig
 
 
@@ -50,21 +58,37 @@ def offline_accepted(detail: dict, waived: frozenset[str]) -> bool:
     return bool(detail["offline_accepted"]) or (bool(failed) and failed <= waived)
 
 
-def replay(cell: Cell, calibration: Calibration, anomalous: np.ndarray, setting: Variant, drift: DriftConfig) -> dict:
-    """The cell's shadow decision under `setting` and the candidate's judged FPR and TPR at its threshold."""
+def replay(
+    cell: Cell,
+    calibration: Calibration,
+    anomalous: np.ndarray,
+    setting: Variant,
+    drift: DriftConfig,
+    parent_scores: np.ndarray | None = None,
+) -> dict:
+    """The cell's shadow decision under `setting` and the candidate's judged FPR and TPR at its threshold;
+    with `parent_scores` (the source's scores of the cell's shifted test images), the same for the parent
+    as its own candidate."""
     record, detail, config = cell.detail["shadow_record"], cell.detail, setting.shadow
     frames = len(record["candidate"])
     per = len(record["probe"]) // max(frames, 1)  # as the experiment ran, whatever config.toml says now
-    evaluation = ShadowEvaluation(
-        calibration, record["defect_scores"], replace(config, frames=frames, probes_per_frame=per), drift
-    )
-    for i, (p, c, n) in enumerate(zip(record["parent"], record["candidate"], record["candidate_nll"], strict=True)):
-        evaluation.update(p, c, n, record["probe"][i * per : (i + 1) * per])
+    config = replace(config, frames=frames, probes_per_frame=per)
+    parent_probe = record.get("parent_probe", [])  # recorded since the shadow scores them (stop 27)
+    if parent_scores is None:
+        evaluation = ShadowEvaluation(calibration, record["defect_scores"], config, drift)
+        rows = zip(record["parent"], record["candidate"], record["candidate_nll"], strict=True)
+        probes, scores = record["probe"], np.asarray(detail["scores"])
+    else:  # the candidate's NLLs only feed its drift reference, which is not judged here
+        evaluation = ShadowEvaluation(calibration, [], replace(config, min_defect_detection=0.0), drift)
+        rows = zip(record["parent"], record["parent"], record["parent"], strict=True)
+        probes, scores = parent_probe, parent_scores
+    for i, (p, c, n) in enumerate(rows):
+        evaluation.update(p, c, n, probes[i * per : (i + 1) * per], parent_probe[i * per : (i + 1) * per])
     decision = evaluation.decide()
     threshold = decision.figures.get("threshold", detail["threshold"])
     judged = np.asarray(record["judged"])
-    point = operating_point(np.asarray(detail["scores"])[judged], anomalous[judged], threshold)
-    offline = offline_accepted(detail, setting.waived)
+    point = operating_point(scores[judged], anomalous[judged], threshold)
+    offline = parent_scores is not None or offline_accepted(detail, setting.waived)
     accepted = offline and decision.accepted
     replayed = replace(cell, fpr=point.fpr, tpr=point.tpr, detail={**detail, "accepted": accepted})
     failed = [r.split(":")[0].removeprefix("FAIL shadow ") for r in decision.reasons if r.startswith("FAIL")]
@@ -74,12 +98,14 @@ def replay(cell: Cell, calibration: Calibration, anomalous: np.ndarray, setting:
         "tpr": point.tpr,
         "threshold": threshold,
         "sensitivity": decision.figures.get("sensitivity"),
+        "reference_sensitivity": decision.figures.get("reference_sensitivity"),
+        "parent_sensitivity": decision.figures.get("parent_sensitivity"),
         "failed": failed if offline else ["offline", *failed],
     }
 
 
 # The shadow settings that act on what was recorded (the frames, their probes and the probes' seed are fixed).
-REPLAYABLE = ("lower", "min_defect_detection", "max_sensitivity_loss")
+REPLAYABLE = ("lower", "min_defect_detection", "max_sensitivity_loss", "probe_reference")
 # The offline gate's checks that a variant can waive (`waive=NAME`, repeatable), as adapters.gate names them.
 WAIVABLE = ("recovery", "false_rejects", "improvement", "defects", "floor")
 
@@ -93,11 +119,24 @@ def variant(text: str, base: ShadowConfig) -> Variant:
             waived.add(value)
         elif name == "waive":
             raise SystemExit(f"--variant: waive={value!r}: the offline checks are {', '.join(WAIVABLE)}")
+        elif name == "probe_reference":
+            changes[name] = value
         elif name in REPLAYABLE:
             changes[name] = float(value)
         else:
             raise SystemExit(f"--variant: {name!r} is not one of {', '.join(REPLAYABLE)} or waive")
     return Variant(replace(base, **changes), frozenset(waived))
+
+
+def source_scores(source: Path, data: Path, shifts: set[str], settings: Settings) -> dict[str, np.ndarray]:
+    """The source model's scores of every test image under each shift, in the dataset's order."""
+    version = load_model(source, "cpu")
+    paths = [s.path for s in load_dataset(data).test]
+    limits, size = settings.limits.to_limits(), version.model.image_size
+    return {
+        shift: score_images(version.model, load_batch(paths, size, limits, get_shift(shift, limits))).image
+        for shift in sorted(shifts)
+    }
 
 
 def main() -> None:
@@ -108,6 +147,7 @@ def main() -> None:
     parser.add_argument(
         "--variant", action="append", default=[], help="FIELD=VALUE,... of REPLAYABLE, or waive=CHECK; repeatable"
     )
+    parser.add_argument("--parent", action="store_true", help="add the parent as its own candidate (no adaptation)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -122,6 +162,15 @@ def main() -> None:
         name: {c.key: replay(c, calibration, anomalous, setting, drift) for c in cells}
         for name, setting in variants.items()
     }
+    if args.parent:
+        by_shift = source_scores(args.source, args.data, {c.shift for c in cells}, settings)
+        for c in cells:  # the recorded live scores are the source's scores of the stream's frames
+            stream = np.asarray(c.detail["shadow_record"]["stream"])[: len(c.detail["shadow_record"]["parent"])]
+            np.testing.assert_allclose(by_shift[c.shift][stream], c.detail["shadow_record"]["parent"], atol=1e-3)
+        base_setting = variants["settings"]
+        rows["parent, not adapted"] = {
+            c.key: replay(c, calibration, anomalous, base_setting, drift, by_shift[c.shift]) for c in cells
+        }
     same = sum(rows["settings"][c.key]["class"] == gate_class(c) for c in cells)
     print(f"{len(cells)} adapted cells of {args.results}; source threshold {calibration.threshold:.4g}")
     print(f"replayed under config.toml's settings: {same} of {len(cells)} cells in their recorded class")

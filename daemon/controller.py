@@ -259,12 +259,14 @@ class AdaptationController:
         candidate_scores: list[float],
         nll: list[float],
         probe_scores: list[list[float]],
+        parent_probe_scores: list[list[float]],
     ) -> None:
         """The shadow camera's frames of one batch, in stream order: parent and candidate scores, candidate
-        NLLs and the candidate's scores of each frame's probes (`shadow_probes`)."""
+        NLLs, and the candidate's and the parent's scores of each frame's probes (`shadow_probes`)."""
         if self._shadow is not None:
-            for p, c, n, q in zip(parent_scores, candidate_scores, nll, probe_scores, strict=True):
-                self._shadow.evaluation.update(p, c, n, q)
+            rows = zip(parent_scores, candidate_scores, nll, probe_scores, parent_probe_scores, strict=True)
+            for p, c, n, q, r in rows:
+                self._shadow.evaluation.update(p, c, n, q, r)
 
     def step(self, alarms: Mapping[str, ModelVersion]) -> None:
         """Take up a finished run or shadow, or start a run for a camera in alarm (`alarms`: camera -> its

@@ -556,7 +556,7 @@ class Worker:
         self._retry("redis", lambda: self.drift.prepare(cameras))
         fresh = self._retry("redis", lambda: self._fresh([f for f, _ in good]))
         drift_states = self._observe_drift(good, versions, scores, fresh)
-        self._score_shadow(good, scores, fresh)
+        self._score_shadow(good, versions, scores, fresh)
         now_ms = time.time() * 1000
         verdicts = [
             Verdict(
@@ -713,11 +713,17 @@ class Worker:
             seen.add(frame.frame_id)
         return fresh
 
-    def _score_shadow(self, good: list[tuple[Frame, torch.Tensor]], scores: np.ndarray, fresh: list[bool]) -> None:
+    def _score_shadow(
+        self,
+        good: list[tuple[Frame, torch.Tensor]],
+        versions: list[ModelVersion],
+        scores: np.ndarray,
+        fresh: list[bool],
+    ) -> None:
         """A candidate in shadow scores its camera's fresh frames of this batch beside the parent, whose
-        scores are the verdicts, and each frame's sensitivity probes; the controller decides once it has
-        seen enough (adapters/shadow.py). The
-        candidate is built on the served parent (its flow, its layout), so both run under `options`."""
+        scores are the verdicts, and each frame's sensitivity probes, which the parent scores too (its
+        sensitivity on the same frames); the controller decides once it has seen enough (adapters/shadow.py).
+        The candidate is built on the served parent (its flow, its layout), so both run under `options`."""
         shadow = self.controller.shadow
         if shadow is None:
             return
@@ -729,19 +735,27 @@ class Worker:
             return
         t0 = time.perf_counter()
         images = torch.stack([good[i][1] for i in idx])
-        probes = self.controller.shadow_probes(images)
+        probes = self.controller.shadow_probes(images).to(images.dtype)
         per_frame = len(probes) // len(idx)
         try:  # the frames and their probes in one pass
-            out = score_images(candidate, torch.cat([images, probes.to(images.dtype)]), nll=True, options=self.options)
+            out = score_images(candidate, torch.cat([images, probes]), nll=True, options=self.options)
             candidate_scores, nll = out.image[: len(idx)].tolist(), np.asarray(out.nll)[: len(idx)].tolist()
             probe_scores = out.image[len(idx) :].reshape(len(idx), per_frame).tolist()
         except Exception as exc:  # a broken candidate must not cost the batch: it fails its shadow instead
             self._log.warning("shadow candidate failed", camera_id=camera, error=_describe(exc))
             candidate_scores = nll = [float("nan")] * len(idx)
             probe_scores = [[float("nan")] * per_frame for _ in idx]
+        try:  # the parent's sensitivity on the same frames is reported, not needed: without it, none is
+            parent_out = score_images(versions[idx[0]].model, probes, options=self.options).image
+            parent_probes = parent_out.reshape(len(idx), per_frame).tolist()
+        except Exception as exc:
+            self._log.warning("shadow parent probes failed", camera_id=camera, error=_describe(exc))
+            parent_probes = [[] for _ in idx]
         self.metrics.shadow_frames.inc(len(idx))
         self.metrics.shadow_seconds.inc(time.perf_counter() - t0)
-        self.controller.observe_shadow([float(scores[i]) for i in idx], candidate_scores, nll, probe_scores)
+        self.controller.observe_shadow(
+            [float(scores[i]) for i in idx], candidate_scores, nll, probe_scores, parent_probes
+        )
 
     def _observe_drift(
         self,

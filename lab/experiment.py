@@ -341,6 +341,7 @@ class _Runner:
                     "scale",
                     "sensitivity",
                     "reference_sensitivity",
+                    "parent_sensitivity",
                     "probe_detection",
                 )
             },
@@ -362,6 +363,7 @@ class _Runner:
                 "candidate": shadow.candidate,
                 "candidate_nll": shadow.candidate_nll,
                 "probe": shadow.probe,
+                "parent_probe": shadow.parent_probe,
                 "defect_scores": shadow.defect_scores,
                 "stream": stream.tolist(),
                 "judged": judged.tolist(),

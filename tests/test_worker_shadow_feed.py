@@ -25,12 +25,16 @@ def test_only_fresh_frames_reach_the_shadow(
     worker = Worker(Settings(), SimpleNamespace(model=model), torch.device("cpu"))  # type: ignore[arg-type]
     seen: list[list[float]] = []
     probes: list[list[list[float]]] = []
+    parent_probes: list[list[list[float]]] = []
     reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
     evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=3))
 
-    def observe(parent: list[float], candidate: list[float], nll: list[float], probe: list[list[float]]) -> None:
+    def observe(
+        parent: list[float], candidate: list[float], nll: list[float], probe: list[list[float]], by_parent: list
+    ) -> None:
         seen.append(parent)
         probes.append(probe)
+        parent_probes.append(by_parent)
 
     worker.controller = SimpleNamespace(  # type: ignore[assignment]
         shadow=("cam-1", model), shadow_probes=evaluation.probe_images, observe_shadow=observe
@@ -38,9 +42,35 @@ def test_only_fresh_frames_reach_the_shadow(
     frames: list[Any] = [SimpleNamespace(camera_id=c) for c in ("cam-1", "cam-1", "cam-2", "cam-1")]
     good = list(zip(frames, make_images(4), strict=True))
     scores = np.array([1.0, 2.0, 3.0, 4.0])
-    worker._score_shadow(good, scores, [True, False, True, True])  # the second was a redelivery
+    parent = make_tiny_model(perturb=0.2)
+    versions: list[Any] = [SimpleNamespace(model=parent)] * 4
+    worker._score_shadow(good, versions, scores, [True, False, True, True])  # the second was a redelivery
     assert seen == [[1.0, 4.0]]
     # each fresh frame's probes were scored by the candidate in the same pass: 3 finite scores per frame
     assert len(probes[0]) == 2 and all(len(p) == 3 and np.isfinite(p).all() for p in probes[0])
-    worker._score_shadow(good, scores, [False, False, False, False])
+    # and the same probes by the parent serving the camera (its sensitivity on these frames)
+    assert len(parent_probes[0]) == 2 and all(len(p) == 3 and np.isfinite(p).all() for p in parent_probes[0])
+    assert not np.allclose(parent_probes[0], probes[0])
+    worker._score_shadow(good, versions, scores, [False, False, False, False])
     assert seen == [[1.0, 4.0]]
+
+
+def test_a_parent_that_fails_on_the_probes_costs_only_its_sensitivity_figure(
+    make_tiny_model: Callable[..., CSFlow], make_images: Callable[..., Tensor]
+) -> None:
+    """The parent's probe scores are reported, not needed: when that pass fails, the shadow still gets the
+    frames' scores and the candidate's probes, and no parent probe scores (so no parent figure)."""
+    model = make_tiny_model(perturb=0.05)
+    worker = Worker(Settings(), SimpleNamespace(model=model), torch.device("cpu"))  # type: ignore[arg-type]
+    reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
+    evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=2))
+    worker.controller = SimpleNamespace(  # type: ignore[assignment]
+        shadow=("cam-1", model),
+        shadow_probes=evaluation.probe_images,
+        observe_shadow=lambda p, c, n, q, r: [evaluation.update(*row) for row in zip(p, c, n, q, r, strict=True)],
+    )
+    broken: list[Any] = [SimpleNamespace(model=None)] * 2  # scoring with it raises
+    good = list(zip([SimpleNamespace(camera_id="cam-1")] * 2, make_images(2), strict=True))
+    worker._score_shadow(good, broken, np.array([1.0, 2.0]), [True, True])
+    assert evaluation.parent == [1.0, 2.0] and len(evaluation.probe) == 4 and np.isfinite(evaluation.probe).all()
+    assert evaluation.parent_probe == []
