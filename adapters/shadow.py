@@ -23,8 +23,9 @@ and the decision rests on those frames:
   `max_sensitivity_loss` (a candidate can keep its normals quiet by having gone blind: measured on ELPV,
   such candidates lost a third of the real defects while their flag rates looked right; the parent scores
   the same probes, and its detection on the frames it does not flag is reported beside the candidate's, or,
-  with `probe_reference = "line"`, is the reference where it is lower: a line that hides the probe's
-  defects from the parent hides them from any model); and a fresh drift
+  with `probe_reference`, is the reference where it is lower (a line that hides the probe's defects from
+  the parent may hide them from any model) or higher (a candidate must not be blinder than the parent on
+  the same frames)); and a fresh drift
   monitor whose reference
   is the parent's calibration carried over by the map, fed the candidate's live scores in stream order,
   raises no alarm (the statistic that raised the camera's alarm; it fails when the candidate's scores
@@ -48,7 +49,7 @@ from csflow.scoring import score_images
 from drift.config import DriftConfig
 from drift.monitor import DriftMonitor
 
-ProbeReference = Literal["source", "line"]
+ProbeReference = Literal["source", "source_or_parent", "source_and_parent"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ class ShadowConfig:
     measures the spread of normal scores; `min_defect_detection`: share of the gate's synthetic defects
     that must stay above the new threshold; `probes_per_frame`: sensitivity probes blended into each live
     frame; `max_sensitivity_loss`: how far the candidate's probe sensitivity may fall below the reference;
-    `probe_reference`: "source", the source's sensitivity on its held-out normals, or "line", the lower of that
-    and the parent's on the same live frames (where the parent's probes were scored and cover every strength)."""
+    `probe_reference`: "source", the source's sensitivity on its held-out normals; "source_or_parent", the lower
+    of that and the parent's on the same live frames (where the parent's probes were scored and cover every
+    strength); "source_and_parent", the higher of the two."""
 
     frames: int = 100
     lower: float = 0.1
@@ -304,7 +306,8 @@ class ShadowEvaluation:
         if on_line is not None:
             parent = sensitivity(on_line)
             figures |= {"parent_probe_detection": on_line, "parent_sensitivity": parent}
-            if self.config.probe_reference == "line" and parent < theirs:
+            rule = self.config.probe_reference
+            if (rule == "source_or_parent" and parent < theirs) or (rule == "source_and_parent" and parent > theirs):
                 compared = f"the parent {parent:.0%} on these frames (the source {theirs:.0%} on its held-out normals)"
                 theirs = figures["reference_sensitivity"] = parent
             else:

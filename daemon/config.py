@@ -171,7 +171,7 @@ class AdaptSection(Section):
     shadow_lower_quantile: float = Field(0.1, gt=0, lt=0.5)
     shadow_probes_per_frame: int = Field(2, ge=1)
     max_sensitivity_loss: float = Field(0.0, ge=0, le=1)
-    probe_reference: Literal["source", "line"] = "source"
+    probe_reference: Literal["source", "source_or_parent", "source_and_parent"] = "source"
     shadow_timeout_s: float = Field(600.0, gt=0)
     keep_refused: bool = True
     # The run's child process (daemon/adaptation_job.py): its memory bound (RLIMIT_DATA, 0: none) and wall time.

@@ -230,21 +230,27 @@ def test_a_refused_candidate_still_gets_the_operating_point_the_shadow_measured(
 
 
 def _line_evaluation(
-    reference: str, parent_rise: float, parent_offset: float = 0.0, parent_probes: bool = True
+    reference: str,
+    parent_rise: float,
+    parent_offset: float = 0.0,
+    parent_probes: bool = True,
+    caught_from: float = 0.75,
+    loss: float = 0.0,
 ) -> ShadowEvaluation:
-    """A candidate whose probes are caught at the two strongest strengths only (sensitivity 0.5, below the
-    source's 0.775); the parent's probes on the same frames (if `parent_probes`) rise by `parent_rise` at the
-    two weakest strengths and by 10 at the others."""
+    """A candidate whose probes are caught from strength `caught_from` up (by default the two strongest:
+    sensitivity 0.5, below the source's 0.775); the parent's probes on the same frames (if `parent_probes`)
+    rise by `parent_rise` at the two weakest strengths and by 10 at the others."""
     normal = live_stream(1.4 * RNG.gamma(9.0, 0.1, 100) + 0.6, np.full(5, 6.0))
     strengths = [item.strength for item in probe_plan(0, 100, 2, [0.25, 0.5, 0.75, 1.0], 2)]
-    ev = ShadowEvaluation(CALIBRATION, [8.0] * 20, replace(CONFIG, probe_reference=reference))
+    config = replace(CONFIG, probe_reference=reference, max_sensitivity_loss=loss)
+    ev = ShadowEvaluation(CALIBRATION, [8.0] * 20, config)
     for i, c in enumerate(normal):
         p, mine = c + parent_offset, strengths[2 * i : 2 * i + 2]
         ev.update(
             p,
             c,
             c,
-            [c + (10.0 if s >= 0.75 else 0.0) for s in mine],
+            [c + (10.0 if s >= caught_from else 0.0) for s in mine],
             [p + (10.0 if s >= 0.75 else parent_rise) for s in mine] if parent_probes else [],
         )
     return ev
@@ -254,7 +260,7 @@ def test_the_line_reference_is_the_parents_own_sensitivity_on_these_frames_where
     """Where the line itself hides the probe's defects from the parent (it catches only the strong ones on
     these frames, 0.5), a candidate that catches as much is not held to the source's 0.775, measured on its
     own clean normals; with the source reference it is."""
-    line = _line_evaluation("line", parent_rise=0.0).decide()
+    line = _line_evaluation("source_or_parent", parent_rise=0.0).decide()
     assert line.figures["parent_sensitivity"] == pytest.approx(0.5)
     assert line.figures["reference_sensitivity"] == pytest.approx(0.5)
     assert line.accepted, line.reasons
@@ -269,14 +275,27 @@ def test_the_line_reference_never_rises_above_the_source_and_needs_a_working_par
     """A parent that catches every probe on these frames does not raise the bar above the source's; a
     parent that flags every frame (the line is far from its domain) has no curve here, so the source's
     reference holds; without the parent's probe scores it holds too."""
-    sharp_parent = _line_evaluation("line", parent_rise=10.0).decide()
+    sharp_parent = _line_evaluation("source_or_parent", parent_rise=10.0).decide()
     assert sharp_parent.figures["parent_sensitivity"] == 1.0
     assert sharp_parent.figures["reference_sensitivity"] == pytest.approx(0.775)
     assert not sharp_parent.accepted
-    lost_parent = _line_evaluation("line", parent_rise=0.0, parent_offset=5.0).decide()
+    lost_parent = _line_evaluation("source_or_parent", parent_rise=0.0, parent_offset=5.0).decide()
     assert "parent_sensitivity" not in lost_parent.figures and not lost_parent.accepted
-    unmeasured = _line_evaluation("line", parent_rise=0.0, parent_probes=False).decide()
+    unmeasured = _line_evaluation("source_or_parent", parent_rise=0.0, parent_probes=False).decide()
     assert "parent_sensitivity" not in unmeasured.figures and not unmeasured.accepted
+
+
+def test_with_source_and_parent_a_candidate_blinder_than_the_parent_on_these_frames_is_refused() -> None:
+    """A candidate that catches the three strongest strengths (0.75) is within the allowed loss of the
+    source's 0.775 but below the parent's 1.0 on the same frames: accepted against the source alone, refused
+    when it must reach both; a parent no sharper than the source changes nothing."""
+    against_source = _line_evaluation("source", parent_rise=10.0, caught_from=0.5, loss=0.05).decide()
+    assert against_source.accepted, against_source.reasons
+    both = _line_evaluation("source_and_parent", parent_rise=10.0, caught_from=0.5, loss=0.05).decide()
+    assert both.figures["reference_sensitivity"] == 1.0 and not both.accepted
+    assert any(r.startswith("FAIL shadow sensitivity") and "the parent 100% on these frames" in r for r in both.reasons)
+    dull_parent = _line_evaluation("source_and_parent", parent_rise=0.0, caught_from=0.5, loss=0.05).decide()
+    assert dull_parent.figures["reference_sensitivity"] == pytest.approx(0.775) and dull_parent.accepted
 
 
 def test_an_unknown_probe_reference_is_refused() -> None:
