@@ -21,15 +21,16 @@ and the decision rests on those frames:
   synthetic defects blended at graded strengths into the live frames it does not flag) detects at least
   what the source model detects on its own held-out normals, stored in the calibration, less
   `max_sensitivity_loss` (a candidate can keep its normals quiet by having gone blind: measured on ELPV,
-  such candidates lost a third of the real defects while their flag rates looked right; the parent scores
-  the same probes, and its detection on the frames it does not flag is reported beside the candidate's, or,
-  with `probe_reference`, is the reference where it is lower (a line that hides the probe's defects from
-  the parent may hide them from any model) or higher (a candidate must not be blinder than the parent on
-  the same frames)); and a fresh drift
-  monitor whose reference
-  is the parent's calibration carried over by the map, fed the candidate's live scores in stream order,
-  raises no alarm (the statistic that raised the camera's alarm; it fails when the candidate's scores
-  do not settle into one normal distribution on this camera).
+  such candidates lost a third of the real defects while their flag rates looked right); and a fresh drift
+  monitor whose reference is the parent's calibration carried over by the map, fed the candidate's live
+  scores in stream order, raises no alarm (the statistic that raised the camera's alarm; it fails when the
+  candidate's scores do not settle into one normal distribution on this camera).
+
+The parent scores the same probes, and its detection on the frames it does not flag, at its own threshold,
+is reported beside the candidate's: an operator who considers forcing a refused candidate sees what the
+model serving the line catches there. `probe_reference` can make it the reference where it is lower (a line
+that hides the probe's defects from the parent may hide them from any model) or higher (a candidate must not
+be blinder than the parent on the same frames); measured on ELPV, neither improved the gate's decisions.
 """
 
 from __future__ import annotations
