@@ -130,8 +130,11 @@ def decide(
     calibration: Calibration,
     config: GateConfig,
     heldout_kind: HeldoutKind = "shots",
+    parent_defect_scores: np.ndarray | None = None,
 ) -> GateDecision:
-    """The gate's verdict from scores alone (see the module docstring for the checks)."""
+    """The gate's verdict from scores alone (see the module docstring for the checks). `parent_defect_scores`,
+    the parent's scores of the same synthetic defects, are only recorded: a recalibration of the parent
+    (adapters.shadow) checks them as a candidate's are checked."""
     parent_s, cand_s, defect_s = (
         np.asarray(x, dtype=np.float64) for x in (parent_scores, candidate_scores, defect_scores)
     )
@@ -152,6 +155,8 @@ def decide(
         "calibration_median": float(np.median(calibration.scores)),
         "heldout_kind": heldout_kind,
     }
+    if parent_defect_scores is not None:  # recorded even when the candidate's are not finite
+        figures["parent_defect_scores"] = np.asarray(parent_defect_scores, dtype=np.float64).tolist()
     checks: dict[str, bool] = {}
     reasons: list[str] = []
 
@@ -222,9 +227,9 @@ def gate(
     heldout_kind: HeldoutKind = "shots",
     defect_base: Tensor | None = None,
 ) -> GateDecision:
-    """Score the held-out normal frames under parent and candidate, and synthetic defects pasted onto
-    `defect_base` (default: the held-out frames) under the candidate, then `decide`. `calibration`
-    defaults to the parent manifest's."""
+    """Score the held-out normal frames, and synthetic defects pasted onto `defect_base` (default: the
+    held-out frames), under parent and candidate, then `decide`. `calibration` defaults to the parent
+    manifest's."""
     config = config or GateConfig()
     parent_model = parent.model if isinstance(parent, ModelVersion) else parent
     if calibration is None:
@@ -241,6 +246,7 @@ def gate(
         calibration,
         config,
         heldout_kind,
+        score_images(parent_model, defects, config.batch_size).image,
     )
 
 

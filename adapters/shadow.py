@@ -130,10 +130,10 @@ class ShadowDecision:
 
 @dataclass
 class ShadowEvaluation:
-    """Collects (parent score, candidate score, candidate NLL, the candidate's and the parent's probe scores)
-    per live frame, in stream order; `decide()` once `done`. `defect_scores`: the candidate's scores of the
-    offline gate's synthetic defects. The probes of the next frames come from `probe_images`, before their
-    `update`."""
+    """Collects (parent score, candidate score, candidate NLL, the candidate's and the parent's probe scores,
+    the parent's NLL) per live frame, in stream order; `decide()` once `done`. `defect_scores` and
+    `parent_defect_scores`: the candidate's and the parent's scores of the offline gate's synthetic defects.
+    The probes of the next frames come from `probe_images`, before their `update`."""
 
     parent_calibration: Calibration
     defect_scores: list[float]
@@ -144,6 +144,9 @@ class ShadowEvaluation:
     candidate_nll: list[float] = field(default_factory=list)
     probe: list[float] = field(default_factory=list)
     parent_probe: list[float] = field(default_factory=list)
+    parent_nll: list[float] = field(default_factory=list)
+    parent_defect_scores: list[float] = field(default_factory=list)
+    label: str = "shadow"  # names the checks in the reasons
 
     @property
     def strengths(self) -> list[float]:
@@ -167,16 +170,38 @@ class ShadowEvaluation:
         candidate_nll: float,
         probe_scores: Sequence[float] = (),
         parent_probe_scores: Sequence[float] = (),
+        parent_nll: float = float("nan"),
     ) -> ShadowEvaluation:
         """One live frame; `probe_scores` and `parent_probe_scores`: the candidate's and the parent's scores of
-        its `probes_per_frame` probes (the parent's only where they are measured)."""
+        its `probes_per_frame` probes (the parent's only where they are measured); `parent_nll`: NaN where it
+        is not measured (the parent's `recalibration` is then refused)."""
         if not self.done:
             self.parent.append(float(parent_score))
             self.candidate.append(float(candidate_score))
             self.candidate_nll.append(float(candidate_nll))
             self.probe.extend(float(x) for x in probe_scores)
             self.parent_probe.extend(float(x) for x in parent_probe_scores)
+            self.parent_nll.append(float(parent_nll))
         return self
+
+    def recalibration(self) -> ShadowEvaluation:
+        """The parent as its own candidate on the same frames: what the line gets from a new operating point
+        alone, with no new extractor (its `decide()` runs the same checks on the parent's columns, and its
+        reasons say `recalibration`)."""
+        return ShadowEvaluation(
+            self.parent_calibration,
+            list(self.parent_defect_scores),
+            self.config,
+            self.drift,
+            parent=list(self.parent),
+            candidate=list(self.parent),
+            candidate_nll=list(self.parent_nll),
+            probe=list(self.parent_probe),
+            parent_probe=list(self.parent_probe),
+            parent_nll=list(self.parent_nll),
+            parent_defect_scores=list(self.parent_defect_scores),
+            label="recalibration",
+        )
 
     @property
     def frames_seen(self) -> int:
@@ -203,7 +228,7 @@ class ShadowEvaluation:
 
         def check(name: str, passed: bool, text: str) -> None:
             checks[name] = passed
-            reasons.append(f"{'ok' if passed else 'FAIL'} shadow {name}: {text}")
+            reasons.append(f"{'ok' if passed else 'FAIL'} {self.label} {name}: {text}")
 
         check("frames", self.done, f"{self.frames_seen} of {cfg.frames} live frames scored beside the parent")
         finite = bool(cand.size and np.isfinite(cand).all() and np.isfinite(self.candidate_nll).all())
@@ -347,19 +372,30 @@ def shadow_stream(
     config: ShadowConfig,
     drift: DriftConfig,
     batch_size: int,
+    parent_defect_scores: list[float] | None = None,
 ) -> ShadowEvaluation:
-    """The shadow fed a recorded stream of live frames (in stream order), all of them used; `decide()` it.
-    For `inspectd adapt --live` and the protocol, which have the frames at hand rather than one batch at a
-    time (the protocol keeps what it collected, so that its decisions can be replayed)."""
-    evaluation = ShadowEvaluation(parent_calibration, defect_scores, replace(config, frames=max(len(live), 1)), drift)
+    """The shadow fed a recorded stream of live frames (in stream order), all of them used; `decide()` it, or
+    its `recalibration()`. For `inspectd adapt --live` and the protocol, which have the frames at hand rather
+    than one batch at a time (the protocol keeps what it collected, so that its decisions can be replayed)."""
+    frames = replace(config, frames=max(len(live), 1))
+    evaluation = ShadowEvaluation(
+        parent_calibration, defect_scores, frames, drift, parent_defect_scores=list(parent_defect_scores or [])
+    )
     probes = evaluation.probe_images(live)
-    parent_scores = score_images(parent, live, batch_size).image
+    parent_scores = score_images(parent, live, batch_size, nll=True)
     scores = score_images(candidate, live, batch_size, nll=True)
     per_frame = (len(live), len(probes) // max(len(live), 1))
     probe_scores = score_images(candidate, probes, batch_size).image.reshape(per_frame)
     parent_probe_scores = score_images(parent, probes, batch_size).image.reshape(per_frame)
-    for p, c, n, q, r in zip(
-        parent_scores, scores.image, np.asarray(scores.nll), probe_scores, parent_probe_scores, strict=True
-    ):
-        evaluation.update(p, c, n, q.tolist(), r.tolist())
+    rows = zip(
+        parent_scores.image,
+        scores.image,
+        np.asarray(scores.nll),
+        probe_scores,
+        parent_probe_scores,
+        np.asarray(parent_scores.nll),
+        strict=True,
+    )
+    for p, c, n, q, r, m in rows:
+        evaluation.update(p, c, n, q.tolist(), r.tolist(), m)
     return evaluation

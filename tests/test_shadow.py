@@ -301,3 +301,33 @@ def test_with_source_and_parent_a_candidate_blinder_than_the_parent_on_these_fra
 def test_an_unknown_probe_reference_is_refused() -> None:
     with pytest.raises(ValueError, match="probe_reference"):
         ShadowConfig(probe_reference="parent")  # type: ignore[arg-type]
+
+
+def test_the_parents_recalibration_is_judged_on_its_own_columns() -> None:
+    """A line that only needs a new operating point (the parent's scores moved by a location-scale change,
+    its probes still far above): the parent, as its own candidate, passes every check with its own NLLs and
+    its scores of the gate's synthetic defects, whatever the candidate did; its calibration is the parent's
+    carried over. Without the parent's NLLs (NaN: not measured) or its defect scores, it is refused."""
+    rng = np.random.default_rng(5)  # its own: the module's RNG depends on which tests ran first
+    normal = 2.0 * rng.gamma(9.0, 0.1, 100) + 1.5  # the parent flags nearly all of them at its threshold
+    parent = live_stream(normal, rng.uniform(9.0, 12.0, 100))
+    parent_defects = rng.uniform(8.0, 12.0, 20).tolist()
+
+    def shadow(parent_nll: float, defects: list[float]) -> ShadowEvaluation:
+        ev = ShadowEvaluation(CALIBRATION, [], CONFIG, parent_defect_scores=defects)
+        for p in parent:  # a blind candidate: its probes score as its frames, and it has no defect scores
+            ev.update(p, p - 1.0, 1.0, [p - 1.0] * 2, [p + 10.0] * 2, p * parent_nll)
+        return ev
+
+    evaluation = shadow(3.0, parent_defects)
+    assert not evaluation.decide().accepted
+    recalibration = evaluation.recalibration().decide()
+    assert recalibration.accepted, recalibration.reasons
+    assert recalibration.figures["parent_flag_rate"] > 0.9 and recalibration.figures["candidate_flag_rate"] < 0.15
+    cal = recalibration.calibration
+    assert cal is not None and cal.threshold > CALIBRATION.threshold and (normal > cal.threshold).mean() <= 0.1
+    np.testing.assert_allclose(cal.nll, sorted(3.0 * s for s in cal.scores))  # its NLLs, not the candidate's
+    unmeasured = shadow(float("nan"), parent_defects).recalibration().decide()
+    assert not unmeasured.accepted and any(r.startswith("FAIL recalibration finite") for r in unmeasured.reasons)
+    no_defects = shadow(3.0, []).recalibration().decide()
+    assert not no_defects.accepted and any(r.startswith("FAIL recalibration defects") for r in no_defects.reasons)
