@@ -1,11 +1,12 @@
 """What a shadow costs the worker per shadowed frame, as a ratio to serving the frame alone.
 
-The worker scores each frame of the shadowed camera with the active version (the verdict), and with the
-candidate in one more pass that also holds the frame's sensitivity probes (`[adapt]
-shadow_probes_per_frame`) and returns the NLL, and scores the probes with the parent too, for its sensitivity
-on the same frames (`daemon/worker.py` `_score_shadow`). This times both on the
-same frames in one run, alternating, with a model directory of yours (its own model stands in for the
-candidate: the cost does not depend on the weights) and images of a folder. Usage:
+The worker scores each frame of the shadowed camera with the active version (the verdict); then, in one pass
+per model over the frame and its sensitivity probes (`[adapt] shadow_probes_per_frame`), with NLLs, the
+parent (its sensitivity on the same frames, and what its recalibration needs) and the candidate
+(`daemon/worker.py` `shadow_pass`). A parent alone in shadow (its candidate refused offline, `[adapt]
+recalibrate`) costs the parent's pass only. This times serving and both kinds of shadow on the same frames in
+one run, alternating, with a model directory of yours (its own model stands in for the candidate: the cost
+does not depend on the weights) and images of a folder. Usage:
 
     python bench/bench_shadow.py --model runs/demo-model --images data/elpv/test --frames 64 [--batch 16]
 
@@ -32,6 +33,7 @@ def main() -> None:
     from csflow.data import load_batch
     from csflow.scoring import score_images
     from daemon.config import load_settings
+    from daemon.worker import shadow_pass
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
@@ -49,31 +51,37 @@ def main() -> None:
     paths = sorted(x for x in args.images.rglob("*") if x.suffix.lower() in {".png", ".jpg", ".jpeg"})[: args.frames]
     frames = load_batch(paths, version.model.image_size, settings.limits.to_limits())
     shadow_config = settings.adapt.shadow_config()
+    options = settings.model.worker_serving_options()
 
     def serve() -> None:
         for batch in frames.split(args.batch):
-            score_images(version.model, batch)
+            score_images(version.model, batch, options=options)
 
     def probes_only() -> None:
         evaluation = ShadowEvaluation(calibration, [], shadow_config)
         for batch in frames.split(args.batch):
             evaluation.probe_images(batch)
 
-    def shadow() -> None:
+    def shadow(with_candidate: bool) -> None:
         evaluation = ShadowEvaluation(calibration, [], shadow_config)
         for batch in frames.split(args.batch):
             probes = evaluation.probe_images(batch)
-            out = score_images(version.model, torch.cat([batch, probes]), nll=True)
-            parent_probes = score_images(version.model, probes).image
-            n = len(batch)
-            rows = zip(out.image[:n], out.image[n:].reshape(n, -1), parent_probes.reshape(n, -1), strict=True)
-            for c, q, r in rows:
-                evaluation.update(c, c, 0.0, q.tolist(), r.tolist())
+            parent = shadow_pass(version.model, batch, probes, options)
+            ours = shadow_pass(version.model, batch, probes, options) if with_candidate else parent
+            rows = zip(parent.scores, ours.scores, ours.nll, ours.probes, parent.probes, parent.nll, strict=True)
+            for row in rows:
+                evaluation.update(*row)
 
     serve()  # warm-up
-    times: dict[str, list[float]] = {"serve": [], "shadow": [], "probes": []}
+    times: dict[str, list[float]] = {"serve": [], "shadow": [], "parent": [], "probes": []}
+    runs = (
+        ("serve", serve),
+        ("shadow", lambda: shadow(True)),
+        ("parent", lambda: shadow(False)),
+        ("probes", probes_only),
+    )
     for _ in range(args.reps):
-        for name, run in (("serve", serve), ("shadow", shadow), ("probes", probes_only)):
+        for name, run in runs:
             t0 = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - t0) / len(frames) * 1000)
@@ -83,7 +91,9 @@ def main() -> None:
         f"{shadow_config.probes_per_frame} probes per frame, {torch.get_num_threads()} threads, median of {args.reps}:"
     )
     print(f"  serving a frame:                {serve_ms:8.1f} ms")
-    print(f"  its shadow (candidate, probes): {shadow_ms:8.1f} ms  ({shadow_ms / serve_ms:.2f}x the frame's serving)")
+    print(f"  its shadow (candidate, parent): {shadow_ms:8.1f} ms  ({shadow_ms / serve_ms:.2f}x the frame's serving)")
+    parent_ms = statistics.median(times["parent"])
+    print(f"  its shadow (the parent alone):  {parent_ms:8.1f} ms  ({parent_ms / serve_ms:.2f}x)")
     probes_ms = statistics.median(times["probes"])
     print(f"  of which drawing the probes:    {probes_ms:8.1f} ms")
     print(f"  a shadowed frame in all:        {serve_ms + shadow_ms:8.1f} ms  ({1 + shadow_ms / serve_ms:.2f}x)")

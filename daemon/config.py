@@ -174,6 +174,7 @@ class AdaptSection(Section):
     probe_reference: Literal["source", "source_or_parent", "source_and_parent"] = "source"
     shadow_timeout_s: float = Field(600.0, gt=0)
     keep_refused: bool = True
+    recalibrate: bool = False
     # The run's child process (daemon/adaptation_job.py): its memory bound (RLIMIT_DATA, 0: none) and wall time.
     max_memory_mb: int = Field(6144, ge=0)
     run_timeout_s: float = Field(1800.0, gt=0)

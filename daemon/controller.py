@@ -31,6 +31,13 @@ later batches:
   camera scope with no version of its own is first pinned to the parent, so that `inspectd models rollback
   --camera CAMERA` returns the camera to what it was served before. Events: adaptation_started,
   adaptation_accepted (gate figures), version_activated (by the registry).
+- recalibrated ([adapt] recalibrate): a candidate refused offline or in its shadow may leave a line that needs
+  a new operating point rather than new weights. The parent goes through the same shadow as its own
+  candidate (refused offline: the parent alone is shadowed), on its own scores, NLLs and probe scores of the
+  same frames and its scores of the gate's synthetic defects; if it passes the same checks, a version with
+  the parent's weights (its tensors of the same blocks) and the new threshold and drift reference is
+  activated as above (adaptation_accepted with `recalibrated`; its manifest summary names the version it
+  recalibrated). An accepted candidate comes first.
 - rejected (or an error while saving or publishing): adaptation_rejected with the figures and reasons. A
   candidate refused in shadow is kept ([adapt] keep_refused): saved and published with the operating point
   the shadow measured and its failed checks in the manifest summary, never activated by the worker; the
@@ -57,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import numpy as np
 import redis
 import structlog
 from redis.exceptions import LockError, LockNotOwnedError
@@ -80,7 +88,7 @@ from daemon.config import Settings
 from daemon.confirmations import AdaptationBuffer, BufferedFrame
 from daemon.events import Event, EventKind, EventLog, now_ms
 from daemon.metrics import WorkerMetrics
-from daemon.registry import REFUSED, Fence, ModelRegistry, RegistryError, SupersededError
+from daemon.registry import RECALIBRATED_FROM, REFUSED, Fence, ModelRegistry, RegistryError, SupersededError
 from daemon.scopes import camera_scope
 
 RENEWALS_PER_TTL = 3  # the lock is extended this often per expiry period
@@ -199,11 +207,12 @@ class _Run:
 
 @dataclass
 class _Shadow:
-    """A candidate that passed the offline gate, scored beside its parent on the camera's live frames."""
+    """A candidate that passed the offline gate, scored beside its parent on the camera's live frames; or,
+    with `candidate` None (refused offline, [adapt] recalibrate), the parent alone, as its own candidate."""
 
     run: _Run
     result: JobResult
-    candidate: CSFlow
+    candidate: CSFlow | None
     evaluation: ShadowEvaluation
     deadline: float
 
@@ -240,8 +249,9 @@ class AdaptationController:
         return self._run
 
     @property
-    def shadow(self) -> tuple[str, CSFlow] | None:
-        """The camera whose frames the worker must also score with the candidate, and the candidate."""
+    def shadow(self) -> tuple[str, CSFlow | None] | None:
+        """The camera whose frames the worker must also score with the candidate, and the candidate (None:
+        the parent is its own candidate, and its columns stand for the candidate's)."""
         if self._shadow is None:
             return None
         return self._shadow.run.camera, self._shadow.candidate
@@ -260,13 +270,15 @@ class AdaptationController:
         nll: list[float],
         probe_scores: list[list[float]],
         parent_probe_scores: list[list[float]],
+        parent_nll: list[float],
     ) -> None:
         """The shadow camera's frames of one batch, in stream order: parent and candidate scores, candidate
-        NLLs, and the candidate's and the parent's scores of each frame's probes (`shadow_probes`)."""
+        NLLs, the candidate's and the parent's scores of each frame's probes (`shadow_probes`), and the
+        parent's NLLs (for its recalibration)."""
         if self._shadow is not None:
-            rows = zip(parent_scores, candidate_scores, nll, probe_scores, parent_probe_scores, strict=True)
-            for p, c, n, q, r in rows:
-                self._shadow.evaluation.update(p, c, n, q, r)
+            rows = zip(parent_scores, candidate_scores, nll, probe_scores, parent_probe_scores, parent_nll, strict=True)
+            for p, c, n, q, r, m in rows:
+                self._shadow.evaluation.update(p, c, n, q, r, m)
 
     def step(self, alarms: Mapping[str, ModelVersion]) -> None:
         """Take up a finished run or shadow, or start a run for a camera in alarm (`alarms`: camera -> its
@@ -434,39 +446,69 @@ class AdaptationController:
         """The offline gate's verdict; None when the candidate goes into shadow first."""
         figures = json_safe(result.figures)
         reasons = [*result.reasons, *(f"skipped frame: {s}" for s in result.skipped)]
+        cfg = self.settings.adapt
         if not result.accepted:
+            if cfg.recalibrate and cfg.shadow_frames > 0:
+                return self._start_shadow(run, result, None, reasons, figures)
             return self._rejected(run, reasons, figures)
         try:
             candidate = _candidate(run.parent, run.directory / "adapter")
         except (ArtifactError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
             return self._failed(run, f"the child's adapter cannot be applied: {type(exc).__name__}: {exc}")
-        cfg = self.settings.adapt
         if cfg.shadow_frames > 0:
-            evaluation = ShadowEvaluation(
-                run.parent.manifest.threshold_calibration,
-                [s for s in result.figures.get("defect_scores", []) if s is not None],
-                cfg.shadow_config(),
-                self.settings.drift.to_config(),
-            )
-            self._shadow = _Shadow(run, result, candidate, evaluation, time.monotonic() + cfg.shadow_timeout_s)
-            detail = {"figures": figures, "reasons": reasons, "frames": cfg.shadow_frames, "adaptation": result.summary}
-            self.events.append(Event(EventKind.ADAPTATION_SHADOW, run.camera, run.parent.version, detail))
-            self._log.info("candidate in shadow", camera_id=run.camera, parent=run.parent.version)
-            return None
+            return self._start_shadow(run, result, candidate, reasons, figures)
         if result.heldout_kind == "views":
             reason = "FAIL shadow: a candidate adapted on one shot is never activated without shadow evidence"
             return self._rejected(run, [*reasons, f"{reason} ([adapt] shadow_frames is 0)"], figures)
         return self._activate(run, result, candidate, reasons, figures, None)
 
+    def _start_shadow(
+        self, run: _Run, result: JobResult, candidate: CSFlow | None, reasons: list[str], figures: dict[str, Any]
+    ) -> None:
+        """Serve `candidate` in shadow on the camera's next frames (None: the parent alone, to recalibrate)."""
+        cfg = self.settings.adapt
+        evaluation = ShadowEvaluation(
+            run.parent.manifest.threshold_calibration,
+            _finite_list(result.figures.get("defect_scores" if candidate is not None else "parent_defect_scores")),
+            cfg.shadow_config(),
+            self.settings.drift.to_config(),
+            parent_defect_scores=_finite_list(result.figures.get("parent_defect_scores")),
+        )
+        self._shadow = _Shadow(run, result, candidate, evaluation, time.monotonic() + cfg.shadow_timeout_s)
+        detail = {
+            "figures": figures,
+            "reasons": reasons,
+            "frames": cfg.shadow_frames,
+            "adaptation": result.summary,
+            "shadowed": "adapted" if candidate is not None else "parent",
+        }
+        self.events.append(Event(EventKind.ADAPTATION_SHADOW, run.camera, run.parent.version, detail))
+        log = self._log.bind(camera_id=run.camera, parent=run.parent.version)
+        log.info("candidate in shadow", shadowed=detail["shadowed"])
+        return None
+
     def _shadow_outcome(self, shadow: _Shadow) -> Outcome:
-        run, result = shadow.run, shadow.result
-        decision = shadow.evaluation.decide()
-        figures = json_safe({**result.figures, "shadow": decision.figures})
-        reasons = [*result.reasons, *decision.reasons]
-        if decision.accepted:
-            return self._activate(run, result, shadow.candidate, reasons, figures, decision.calibration)
-        kept = self._keep_refused(run, result, shadow.candidate, reasons, decision.calibration)
-        return self._rejected(run, reasons, figures, kept)
+        """The candidate when the shadow accepts it; else ([adapt] recalibrate) the parent with the operating
+        point the same frames give it, when they accept that; else a refusal (the candidate kept)."""
+        run, result, cfg = shadow.run, shadow.result, self.settings.adapt
+        reasons, figures = list(result.reasons), dict(result.figures)
+        decision = None
+        if shadow.candidate is not None:
+            decision = shadow.evaluation.decide()
+            reasons += decision.reasons
+            figures["shadow"] = decision.figures
+            if decision.accepted:
+                return self._activate(run, result, shadow.candidate, reasons, json_safe(figures), decision.calibration)
+        if cfg.recalibrate:
+            recalibration = shadow.evaluation.recalibration().decide()
+            reasons += recalibration.reasons
+            figures["recalibration"] = recalibration.figures
+            if recalibration.accepted:
+                return self._activate(run, result, None, reasons, json_safe(figures), recalibration.calibration)
+        kept = None
+        if shadow.candidate is not None and decision is not None:
+            kept = self._keep_refused(run, result, shadow.candidate, decision.reasons, decision.calibration)
+        return self._rejected(run, reasons, json_safe(figures), kept)
 
     def _keep_refused(
         self, run: _Run, result: JobResult, candidate: CSFlow, reasons: list[str], calibration: Calibration | None
@@ -476,8 +518,9 @@ class AdaptationController:
         off, or an error saving or publishing it, logged: the refusal stands either way)."""
         if calibration is None or not self.settings.adapt.keep_refused:
             return None
+        refused = [r for r in [*result.reasons, *reasons] if r.startswith("FAIL")]
         try:
-            version = self._save(run, result, candidate, calibration, [r for r in reasons if r.startswith("FAIL")])
+            version = self._save(run, result, candidate, calibration, refused)
             self.registry.publish(self.cache_dir / version)
         except (ArtifactError, RegistryError, OSError, ValueError) as exc:
             self._log.warning("refused candidate not kept", camera_id=run.camera, error=f"{type(exc).__name__}: {exc}")
@@ -488,13 +531,14 @@ class AdaptationController:
         self,
         run: _Run,
         result: JobResult,
-        candidate: CSFlow,
+        candidate: CSFlow | None,
         reasons: list[str],
         figures: dict[str, Any],
         calibration: Calibration | None,
     ) -> Outcome:
-        """Save, publish and activate the candidate in the camera's scope (`calibration`: its own operating
-        point for the new domain, None to inherit the parent's), fenced (see the module docstring)."""
+        """Save, publish and activate the candidate in the camera's scope (None: the parent recalibrated;
+        `calibration`: the operating point for the new domain, None to inherit the parent's), fenced (see
+        the module docstring)."""
         camera, parent = run.camera, run.parent.version
         try:
             version = self._save(run, result, candidate, calibration)
@@ -509,7 +553,13 @@ class AdaptationController:
             detail = {"parent": parent, "reason": str(exc), "reasons": outcome.reasons, "token": int(run.token)}
             self.events.append(Event(EventKind.ADAPTATION_SUPERSEDED, camera, version, detail | {"figures": figures}))
             return outcome
-        detail = {"parent": parent, "figures": figures, "reasons": reasons, "adaptation": result.summary}
+        detail = {
+            "parent": parent,
+            "figures": figures,
+            "reasons": reasons,
+            "adaptation": result.summary,
+            "recalibrated": candidate is None,
+        }
         self.events.append(Event(EventKind.ADAPTATION_ACCEPTED, camera, version, json_safe(detail)))
         return Outcome("accepted", version, reasons)
 
@@ -533,25 +583,29 @@ class AdaptationController:
         self,
         run: _Run,
         result: JobResult,
-        candidate: CSFlow,
+        candidate: CSFlow | None,
         calibration: Calibration | None,
         refused: list[str] | None = None,
     ) -> str:
         """The adapter as `cache_dir/{version}`, parented on the base, beside the base's materialised
         directory (whose relative path it records); written to a temporary directory and renamed, so a
-        directory there is complete. `refused`: the checks it failed, recorded in its manifest's summary
-        (`REFUSED`), where the registry reads them before an activation."""
+        directory there is complete. `candidate` None: the parent's own tensors of the same blocks, a
+        recalibration. `refused`: the checks it failed, recorded in its manifest's summary (`REFUSED`), where
+        the registry reads them before an activation."""
         parent = run.parent
         base_id = parent.lineage[-1] if parent.lineage else parent.version
         base_dir = self.registry.materialise(base_id, self.cache_dir)
         # Outside the adapter's blocks the parent's model equals its base's: it stands for it (no second model).
         as_base = ModelVersion(parent.model, self.registry.manifest(base_id), (base_id,))
-        summary = read_manifest(run.directory / "adapter").summary | ({REFUSED: refused} if refused else {})
+        if candidate is None:
+            summary = {"camera_id": run.camera, RECALIBRATED_FROM: parent.version}
+        else:
+            summary = read_manifest(run.directory / "adapter").summary | ({REFUSED: refused} if refused else {})
         tmp = Path(tempfile.mkdtemp(prefix=".adapt-", dir=self.cache_dir))
         try:
             manifest = save_adapter(
                 tmp,
-                candidate,
+                candidate or parent.model,
                 as_base,
                 result.block_names,
                 summary,
@@ -565,6 +619,11 @@ class AdaptationController:
             return manifest.version
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finite_list(values: Any) -> list[float]:
+    """The finite numbers of a figure read back from the child's JSON (None stands for NaN there)."""
+    return [float(v) for v in values or [] if v is not None and np.isfinite(v)]
 
 
 def _candidate(parent: ModelVersion, adapter_dir: Path) -> CSFlow:

@@ -65,6 +65,8 @@ UNPINNED = "-"  # a history entry: the scope had no version of its own from then
 # In an adapted version's manifest summary: the checks it failed, when the worker kept a candidate that the
 # shadow refused (activated only with force).
 REFUSED = "refused"
+# In a recalibrated version's manifest summary: the version whose weights it carries with a new calibration.
+RECALIBRATED_FROM = "recalibrated_from"
 
 # A field's length first, so that an oversized value is refused without being transferred.
 _BOUNDED_HGET = """

@@ -39,8 +39,9 @@ from kafka.structs import OffsetAndMetadata
 
 from csflow.artifacts import ModelVersion
 from csflow.data import to_tensor
+from csflow.model import CSFlow
 from csflow.scoring import score_images
-from csflow.serving_options import forward_batch, overlaps_forward
+from csflow.serving_options import ServingOptions, forward_batch, overlaps_forward
 from daemon import dead_letters
 from daemon.attempts import CRASH_LOOP, Attempts
 from daemon.config import Settings
@@ -721,9 +722,11 @@ class Worker:
         fresh: list[bool],
     ) -> None:
         """A candidate in shadow scores its camera's fresh frames of this batch beside the parent, whose
-        scores are the verdicts, and each frame's sensitivity probes, which the parent scores too (its
-        sensitivity on the same frames); the controller decides once it has seen enough (adapters/shadow.py).
-        The candidate is built on the served parent (its flow, its layout), so both run under `options`."""
+        scores are the verdicts, and each frame's sensitivity probes; the parent scores the frames again for
+        their NLLs, and the same probes (its sensitivity on the same frames, and what its recalibration
+        needs). Without a candidate (the parent alone is recalibrated) the parent's columns stand for the
+        candidate's. The controller decides once it has seen enough (adapters/shadow.py). The candidate is
+        built on the served parent (its flow, its layout), so both run under `options`."""
         shadow = self.controller.shadow
         if shadow is None:
             return
@@ -736,25 +739,19 @@ class Worker:
         t0 = time.perf_counter()
         images = torch.stack([good[i][1] for i in idx])
         probes = self.controller.shadow_probes(images).to(images.dtype)
-        per_frame = len(probes) // len(idx)
-        try:  # the frames and their probes in one pass
-            out = score_images(candidate, torch.cat([images, probes]), nll=True, options=self.options)
-            candidate_scores, nll = out.image[: len(idx)].tolist(), np.asarray(out.nll)[: len(idx)].tolist()
-            probe_scores = out.image[len(idx) :].reshape(len(idx), per_frame).tolist()
-        except Exception as exc:  # a broken candidate must not cost the batch: it fails its shadow instead
-            self._log.warning("shadow candidate failed", camera_id=camera, error=_describe(exc))
-            candidate_scores = nll = [float("nan")] * len(idx)
-            probe_scores = [[float("nan")] * per_frame for _ in idx]
-        try:  # the parent's sensitivity on the same frames is reported, not needed: without it, none is
-            parent_out = score_images(versions[idx[0]].model, probes, options=self.options).image
-            parent_probes = parent_out.reshape(len(idx), per_frame).tolist()
-        except Exception as exc:
-            self._log.warning("shadow parent probes failed", camera_id=camera, error=_describe(exc))
-            parent_probes = [[] for _ in idx]
+        parent = shadow_pass(versions[idx[0]].model, images, probes, self.options)
+        if parent.error is not None:  # the parent's columns are figures or a recalibration's: the batch goes on
+            self._log.warning("shadow parent pass failed", camera_id=camera, error=parent.error)
+        if candidate is None:
+            ours = parent
+        else:
+            ours = shadow_pass(candidate, images, probes, self.options)
+            if ours.error is not None:  # a broken candidate must not cost the batch: it fails its shadow instead
+                self._log.warning("shadow candidate failed", camera_id=camera, error=ours.error)
         self.metrics.shadow_frames.inc(len(idx))
         self.metrics.shadow_seconds.inc(time.perf_counter() - t0)
         self.controller.observe_shadow(
-            [float(scores[i]) for i in idx], candidate_scores, nll, probe_scores, parent_probes
+            [float(scores[i]) for i in idx], ours.scores, ours.nll, ours.probes, parent.probes, parent.nll
         )
 
     def _observe_drift(
@@ -956,6 +953,31 @@ class Worker:
             self._set_status("redis", True)
         except redis.RedisError as exc:
             self._set_status("redis", False, _describe(exc))
+
+
+@dataclass(frozen=True)
+class ShadowPass:
+    """One model's scores and NLLs of a shadow camera's frames and its scores of their probes; when the pass
+    failed, `error`, NaN scores and NLLs (a candidate fails its shadow on them) and no probe scores (none is
+    a figure: NaN would read as a blind parent)."""
+
+    scores: list[float]
+    nll: list[float]
+    probes: list[list[float]]
+    error: str | None = None
+
+
+def shadow_pass(model: CSFlow, images: torch.Tensor, probes: torch.Tensor, options: ServingOptions) -> ShadowPass:
+    """The frames and their probes in one pass."""
+    n, per_frame = len(images), len(probes) // len(images)
+    try:
+        out = score_images(model, torch.cat([images, probes]), nll=True, options=options)
+    except Exception as exc:
+        nan = float("nan")
+        return ShadowPass([nan] * n, [nan] * n, [[] for _ in range(n)], _describe(exc))
+    return ShadowPass(
+        out.image[:n].tolist(), np.asarray(out.nll)[:n].tolist(), out.image[n:].reshape(n, per_frame).tolist()
+    )
 
 
 def _describe(exc: BaseException) -> str:

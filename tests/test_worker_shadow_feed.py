@@ -14,6 +14,7 @@ from torch import Tensor
 from adapters.shadow import ShadowConfig, ShadowEvaluation
 from csflow.calibration import Calibration
 from csflow.model import CSFlow
+from csflow.scoring import score_images
 from daemon.config import Settings
 from daemon.worker import Worker
 
@@ -30,7 +31,12 @@ def test_only_fresh_frames_reach_the_shadow(
     evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=3))
 
     def observe(
-        parent: list[float], candidate: list[float], nll: list[float], probe: list[list[float]], by_parent: list
+        parent: list[float],
+        candidate: list[float],
+        nll: list[float],
+        probe: list[list[float]],
+        by_parent: list,
+        parent_nll: list[float],
     ) -> None:
         seen.append(parent)
         probes.append(probe)
@@ -67,10 +73,35 @@ def test_a_parent_that_fails_on_the_probes_costs_only_its_sensitivity_figure(
     worker.controller = SimpleNamespace(  # type: ignore[assignment]
         shadow=("cam-1", model),
         shadow_probes=evaluation.probe_images,
-        observe_shadow=lambda p, c, n, q, r: [evaluation.update(*row) for row in zip(p, c, n, q, r, strict=True)],
+        observe_shadow=lambda *columns: [evaluation.update(*row) for row in zip(*columns, strict=True)],
     )
     broken: list[Any] = [SimpleNamespace(model=None)] * 2  # scoring with it raises
     good = list(zip([SimpleNamespace(camera_id="cam-1")] * 2, make_images(2), strict=True))
     worker._score_shadow(good, broken, np.array([1.0, 2.0]), [True, True])
     assert evaluation.parent == [1.0, 2.0] and len(evaluation.probe) == 4 and np.isfinite(evaluation.probe).all()
     assert evaluation.parent_probe == []
+    # nor NLLs: the parent's recalibration is refused on them, the candidate's shadow goes on
+    assert len(evaluation.parent_nll) == 2 and np.isnan(evaluation.parent_nll).all()
+    assert not evaluation.recalibration().decide().accepted
+
+
+def test_without_a_candidate_the_parents_columns_stand_for_the_candidates(
+    make_tiny_model: Callable[..., CSFlow], make_images: Callable[..., Tensor]
+) -> None:
+    """A parent alone in shadow (its candidate refused offline, [adapt] recalibrate): one pass of the parent
+    gives the candidate's columns, NLLs included, and its probes are scored once."""
+    parent = make_tiny_model(perturb=0.05)
+    worker = Worker(Settings(), SimpleNamespace(model=parent), torch.device("cpu"))  # type: ignore[arg-type]
+    reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
+    evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=2))
+    worker.controller = SimpleNamespace(  # type: ignore[assignment]
+        shadow=("cam-1", None),
+        shadow_probes=evaluation.probe_images,
+        observe_shadow=lambda *columns: [evaluation.update(*row) for row in zip(*columns, strict=True)],
+    )
+    good = list(zip([SimpleNamespace(camera_id="cam-1")] * 3, make_images(3), strict=True))
+    served = score_images(parent, torch.stack([image for _, image in good])).image
+    worker._score_shadow(good, [SimpleNamespace(model=parent)] * 3, served, [True] * 3)
+    np.testing.assert_allclose(evaluation.candidate, served, rtol=1e-5)
+    assert evaluation.candidate_nll == evaluation.parent_nll and np.isfinite(evaluation.parent_nll).all()
+    assert evaluation.probe == evaluation.parent_probe and len(evaluation.probe) == 6

@@ -48,7 +48,8 @@ PREFIX = "ac:"
 KEYS = Keys(PREFIX)
 WAIT_S = 60.0
 
-# The stand-in child: waits for `go` in its job directory, then returns the prepared adapter as accepted.
+# The stand-in child: waits for `go` in its job directory, then returns the prepared adapter as accepted
+# (or the result's fields given as JSON in a third argument: a refusal has no adapter).
 STAND_IN = """
 import json, os, pathlib, shutil, sys, time
 job, adapter = pathlib.Path(sys.argv[1]), sys.argv[2]
@@ -56,10 +57,12 @@ settings_env = sorted(k for k in os.environ if k.startswith("INSPECTD_"))
 deadline = time.monotonic() + 60
 while not (job / "go").exists() and time.monotonic() < deadline:
     time.sleep(0.02)
-shutil.copytree(adapter, job / "adapter")
 result = {"accepted": True, "reasons": ["ok stand-in", f"env {settings_env}"], "figures": {"defect_scores": []},
           "heldout_kind": "shots",
           "summary": {}, "block_names": ["blocks.0.0"], "adapter_version": None}
+result.update(json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+if result["accepted"]:
+    shutil.copytree(adapter, job / "adapter")
 (job / "result.json").write_text(json.dumps(result))
 """
 
@@ -449,4 +452,136 @@ def test_adapting_an_adapted_version_parents_the_adapter_on_the_base(
     assert plant.registry.active(CAMERA) == second.version
     assert read_manifest(cache / second.version).parent == plant.base.version
     assert metrics.adaptations.labels("accepted")._value.get() == 2
+    plant.client.close()
+
+
+# ------------------------------------------------------------------------------------------ recalibration
+
+SHADOW_FRAMES = 120
+# the gate's synthetic defects, scored far above any threshold here by the parent (and by the candidate)
+DEFECTS = {"defect_scores": [50.0] * 8, "parent_defect_scores": [50.0] * 8}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelVersion]:
+    """A tiny model with a calibration a shadow can carry: normal scores around 1, a threshold above them,
+    and the sensitivity reference of a source model."""
+    torch.manual_seed(0)
+    model = build_model(LITE0, LITE0_PACKAGE, 128, FlowConfig(hidden_channels=8))
+    scores = sorted(np.random.default_rng(0).normal(1.0, 0.1, 200).tolist())
+    calibration = Calibration(1.3, 0.01, scores, sorted(s * 10 for s in scores), {"0.5": 0.5, "1": 0.9})
+    directory = tmp_path_factory.mktemp("calibrated")
+    save_model(directory, model, LITE0_PACKAGE, calibration, {"purpose": "test"})
+    return directory, load_model(directory)
+
+
+def refusing_stand_in(monkeypatch: pytest.MonkeyPatch, adapters: list[Prepared], result: dict) -> None:
+    """Runs start the stand-in child with these result fields (e.g. a refusal)."""
+
+    def command(directory: Path) -> list[str]:
+        return [sys.executable, "-c", STAND_IN, str(directory), str(adapters[0].directory), json.dumps(result)]
+
+    monkeypatch.setattr(controller_module, "command", command)
+
+
+def feed_darker_line(controller: AdaptationController, nll: float = 10.0) -> None:
+    """The shadow's frames of a line whose normal scores moved from about 1 to about 2.5 (the parent flags
+    all of them at 1.3) with the same shape. The parent's probes score far above its frames; a candidate is
+    blind (its probes score as its frames). `nll`: the parent's NLL of each frame (NaN: not measured).
+    Without a candidate, the parent's columns stand for the candidate's, as the worker passes them."""
+    assert controller.shadow is not None
+    rng = np.random.default_rng(1)
+    parent = (2.5 + 1.5 * rng.normal(0.0, 0.1, SHADOW_FRAMES)).tolist()
+    probes = [[s + 20.0, s + 40.0] for s in parent]
+    nlls = [nll] * SHADOW_FRAMES
+    if controller.shadow[1] is None:
+        controller.observe_shadow(parent, parent, nlls, probes, probes, nlls)
+    else:
+        candidate = [s - 1.0 for s in parent]
+        controller.observe_shadow(parent, candidate, [5.0] * SHADOW_FRAMES, [[c, c] for c in candidate], probes, nlls)
+
+
+def conclude(controller: AdaptationController, parent: ModelVersion) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while controller.shadow is not None:
+        assert time.monotonic() < deadline, "the shadow did not conclude"
+        controller.step({CAMERA: parent})
+
+
+@pytest.mark.parametrize("refused", ["offline", "in-shadow"])
+def test_a_refused_candidates_parent_recalibrated_by_the_shadow_is_activated(
+    redis_server: LocalRedis,
+    calibrated: tuple[Path, ModelVersion],
+    adapters: list[Prepared],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: str,
+) -> None:
+    """The line needs a new operating point, not new weights: with [adapt] recalibrate, the parent passes
+    the shadow's checks on its own columns and a version with its weights and the new threshold and drift
+    reference is activated in the camera's scope."""
+    plant = Plant(redis_server, calibrated, tmp_path, shadow_frames=SHADOW_FRAMES, recalibrate=True)
+    result = {"accepted": refused == "in-shadow", "figures": DEFECTS}
+    refusing_stand_in(monkeypatch, adapters, result)
+    plant.confirm(2)
+    controller, _ = plant.controller()
+    start(controller, plant.base)
+    go(controller)
+    finish(controller, plant.base)
+    assert controller.shadow is not None, "no shadow started"
+    camera, candidate = controller.shadow
+    assert camera == CAMERA and (candidate is None) == (refused == "offline")
+    [shadow] = plant.events(EventKind.ADAPTATION_SHADOW)
+    assert shadow.detail["shadowed"] == ("parent" if refused == "offline" else "adapted")
+    feed_darker_line(controller)
+    conclude(controller, plant.base)
+
+    [accepted] = plant.events(EventKind.ADAPTATION_ACCEPTED)
+    assert accepted.detail["recalibrated"] is True
+    reasons = accepted.detail["reasons"]
+    assert any(r.startswith("ok recalibration flags") for r in reasons), reasons
+    if refused == "in-shadow":
+        assert any(r.startswith("FAIL shadow sensitivity") for r in reasons), "the candidate's refusal is not reported"
+    assert plant.registry.active(CAMERA) == accepted.version
+    manifest = plant.registry.manifest(accepted.version)
+    assert manifest.summary["recalibrated_from"] == plant.base.version
+    assert manifest.backbone_sha256 == plant.base.manifest.backbone_sha256, "the weights are not the parent's"
+    calibration = manifest.threshold_calibration
+    assert 2.5 < calibration.threshold == accepted.detail["figures"]["recalibration"]["threshold"]
+    assert len(calibration.scores) > SHADOW_FRAMES * 0.9 and np.median(calibration.scores) > 2.0
+    loaded = load_model(plant.registry.materialise(accepted.version, tmp_path / "check"))
+    assert loaded.threshold == calibration.threshold
+    assert not plant.events(EventKind.ADAPTATION_REJECTED)
+    plant.client.close()
+
+
+@pytest.mark.parametrize("case", ["off", "parent-refused"])
+def test_no_recalibration_without_the_setting_or_without_the_parents_evidence(
+    redis_server: LocalRedis,
+    calibrated: tuple[Path, ModelVersion],
+    adapters: list[Prepared],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    """Off, a candidate refused offline ends the attempt there; on, a parent whose NLLs were not measured
+    (its shadow pass failed) is refused like a candidate, and nothing is activated."""
+    plant = Plant(redis_server, calibrated, tmp_path, shadow_frames=SHADOW_FRAMES, recalibrate=case != "off")
+    refusing_stand_in(monkeypatch, adapters, {"accepted": False, "figures": DEFECTS})
+    plant.confirm(2)
+    controller, _ = plant.controller()
+    start(controller, plant.base)
+    go(controller)
+    finish(controller, plant.base)
+    if case == "off":
+        assert controller.shadow is None and not plant.events(EventKind.ADAPTATION_SHADOW)
+    else:
+        feed_darker_line(controller, nll=float("nan"))
+        conclude(controller, plant.base)
+    [rejected] = plant.events(EventKind.ADAPTATION_REJECTED)
+    if case != "off":
+        assert any(r.startswith("FAIL recalibration finite") for r in rejected.detail["reasons"])
+    assert not plant.events(EventKind.ADAPTATION_ACCEPTED)
+    assert plant.registry.active(CAMERA) == plant.base.version
+    assert plant.attempt()["status"] == "rejected"
     plant.client.close()
