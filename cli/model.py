@@ -221,6 +221,7 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     from csflow.artifacts import save_adapter
     from csflow.data import load_batch
     from daemon.config import override
+    from daemon.registry import RECALIBRATED_FROM
 
     parent = _load(args, settings)
     adapt_config, gate_config = override(
@@ -230,10 +231,11 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
     gate_config = replace(gate_config, shadowed=bool(args.live))  # the live frames set the operating point
     gated = adapt_and_gate(parent, shots, adapt_config, gate_config)
     decision, result = gated.decision, gated.result
-    shadow: ShadowDecision | None = None
-    if decision.accepted and args.live:
+    recalibrate = settings.adapt.recalibrate
+    evaluation = None
+    if args.live and (decision.accepted or recalibrate):
         live = load_batch(args.live, parent.model.image_size, settings.limits.to_limits())
-        shadow = shadow_stream(
+        evaluation = shadow_stream(
             parent.model,
             result.model,
             live,
@@ -242,27 +244,37 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
             settings.adapt.shadow_config(),
             settings.drift.to_config(),
             settings.train.batch_size,
-        ).decide()
+            list(decision.figures.get("parent_defect_scores", [])),
+        )
+    shadow: ShadowDecision | None = evaluation.decide() if evaluation is not None and decision.accepted else None
     reasons = [*decision.reasons, *(shadow.reasons if shadow else [])]
     if decision.accepted and shadow is None and gated.split.heldout_kind == "views":
         reasons.append("FAIL shadow: a candidate adapted on one image needs --live frames of the new domain")
     accepted = decision.accepted and not any(r.startswith("FAIL") for r in reasons)
+    figures = {**decision.figures, **({"shadow": shadow.figures} if shadow else {})}
+    # [adapt] recalibrate: a refused candidate's parent, put through the same live frames as its own candidate
+    recalibration = evaluation.recalibration().decide() if evaluation is not None and not accepted else None
+    if recalibration is not None:
+        reasons += recalibration.reasons
+        figures["recalibration"] = recalibration.figures
+    recalibrated = recalibration is not None and recalibration.accepted
     report = {
         "accepted": accepted,
+        "recalibrated": recalibrated,
         "reasons": reasons,
-        "figures": {**decision.figures, **({"shadow": shadow.figures} if shadow else {})},
+        "figures": figures,
         "adaptation": result.summary(),
     }
-    if accepted:
+    if accepted or recalibrated:
         manifest = save_adapter(
             args.out,
-            result.model,
+            result.model if accepted else parent.model,
             parent,
             result.block_names,
-            {**result.summary(), "gate": report["figures"]},
+            {**result.summary(), "gate": figures} if accepted else {RECALIBRATED_FROM: parent.version},
             domain=args.domain,
             parent_dir=args.model,
-            calibration=shadow.calibration if shadow else None,
+            calibration=(shadow.calibration if shadow else None) if accepted else recalibration.calibration,
         )
         report["version"] = manifest.version
     if args.json:
@@ -274,10 +286,15 @@ def cmd_adapt(args: argparse.Namespace, settings: Settings) -> int:
         )
         for key, value in report["figures"].items():
             print(f"  {key}: {value}")
-        verdict = f"ACCEPTED as version {report['version']} in {args.out}" if accepted else "REJECTED"
-        failed = [reason for reason in reasons if not reason.startswith("ok")]
-        print(f"candidate {verdict}" + ("" if accepted else ": " + "; ".join(failed)))
-    return 0 if accepted else EXIT_REJECTED
+        failed = "; ".join(reason for reason in reasons if not reason.startswith("ok"))
+        if accepted:
+            print(f"candidate ACCEPTED as version {report['version']} in {args.out}")
+        elif recalibrated:
+            print(f"candidate REJECTED: {failed}")
+            print(f"parent RECALIBRATED as version {report['version']} in {args.out}")
+        else:
+            print(f"candidate REJECTED: {failed}")
+    return 0 if accepted or recalibrated else EXIT_REJECTED
 
 
 def cmd_experiment(args: argparse.Namespace, settings: Settings) -> int:

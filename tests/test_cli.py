@@ -229,6 +229,37 @@ def test_adapt_rejects_a_broken_candidate_with_exit_3(
     assert not (out / "manifest.json").exists()
 
 
+def test_adapt_live_recalibrates_the_parent_of_a_refused_candidate_when_asked(
+    model_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken candidate (refused offline) and live frames: without [adapt] recalibrate that is the end;
+    with it, the parent goes through the live frames as its own candidate, and is written to --out with its
+    weights and the new threshold exactly when that passes (exit 0), else nothing is written (exit 3)."""
+    from csflow.artifacts import load_model
+
+    shots = [str(dataset / "test/good" / f"{i:03d}.png") for i in range(4)]
+    live = [str(p) for p in sorted((dataset / "test").glob("*/*.png"))]
+    out = tmp_path / "adapted"
+    args = ["adapt", "--model", str(model_dir), "--images", *shots, "--out", str(out), "--steps", "20", "--lr", "5"]
+    assert main([*args, "--live", *live, "--json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    assert "recalibration" not in report["figures"] and not report["recalibrated"]
+
+    monkeypatch.setenv("INSPECTD_ADAPT__RECALIBRATE", "true")
+    code = main([*args, "--live", *live, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert not report["accepted"] and report["figures"]["recalibration"]["frames_seen"] == len(live)
+    assert any(r.startswith(("ok recalibration", "FAIL recalibration")) for r in report["reasons"])
+    assert code == (0 if report["recalibrated"] else 3)
+    if report["recalibrated"]:
+        parent, written = load_model(model_dir), load_model(out)
+        assert written.manifest.summary["recalibrated_from"] == parent.version
+        assert written.manifest.backbone_sha256 == parent.manifest.backbone_sha256
+        assert written.threshold == report["figures"]["recalibration"]["threshold"]
+    else:
+        assert not (out / "manifest.json").exists()
+
+
 def test_evaluate_under_a_shift(model_dir: Path, dataset: Path, tmp_path: Path) -> None:
     plain, shifted = tmp_path / "plain.json", tmp_path / "dark.json"
     assert main(["evaluate", "--model", str(model_dir), "--data", str(dataset), "--json", str(plain)]) == 0
