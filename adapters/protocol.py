@@ -10,7 +10,7 @@ the training and the files.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,11 +160,24 @@ def gate_class(cell: Cell) -> str | None:
     return f"{'accepted' if accepted else 'rejected'}-{'good' if good else 'bad'}"
 
 
-def gate_confusion(cells: Iterable[Cell]) -> dict[str, list[str]]:
-    """Cell keys per gate class, in GATE_CLASSES order."""
+def recalibrated_class(cell: Cell) -> str | None:
+    """Where an adapted cell falls with [adapt] recalibrate: the candidate's class when it is accepted, else
+    the recalibrated parent's when that is accepted (judged at its own threshold on the same images), else
+    rejected, good when either would have been good. None: as `gate_class`, or no recalibration recorded."""
+    name, recalibration = gate_class(cell), cell.detail.get("recalibration")
+    if name is None or recalibration is None or cell.detail["accepted"]:
+        return name if recalibration is not None else None
+    good = recalibration["fpr"] <= GOOD_MAX_FPR and recalibration["tpr"] >= _least_good_tpr(cell)
+    if recalibration["accepted"]:
+        return f"accepted-{'good' if good else 'bad'}"
+    return "rejected-good" if good or name == "rejected-good" else "rejected-bad"
+
+
+def gate_confusion(cells: Iterable[Cell], classify: Callable[[Cell], str | None] = gate_class) -> dict[str, list[str]]:
+    """Cell keys per class (`classify`: `gate_class` or `recalibrated_class`), in GATE_CLASSES order."""
     table: dict[str, list[str]] = {name: [] for name in GATE_CLASSES}
     for cell in cells:
-        name = gate_class(cell)
+        name = classify(cell)
         if name is not None:
             table[name].append(cell.key)
     return table
@@ -194,6 +207,14 @@ def gate_markdown(cells: Sequence[Cell]) -> str:
     lines.append("| all | | " + " | ".join(f"**{len(total[n])}**" for n in GATE_CLASSES) + " |")
     bad = total["accepted-bad"]
     lines.append("\nAccepted but bad: " + (", ".join(bad) if bad else "none") + ".\n")
+    recalibrated = gate_confusion(adapted, recalibrated_class)
+    if any(recalibrated.values()):
+        counts = ", ".join(f"{len(recalibrated[n])} {n}" for n in GATE_CLASSES)
+        bad = recalibrated["accepted-bad"]
+        lines.append(
+            f"With [adapt] recalibrate (a refused candidate's parent recalibrated by the same shadow, activated if "
+            f"it passes): {counts}. Accepted but bad: {', '.join(bad) if bad else 'none'}.\n"
+        )
     refused = [c for c in adapted if not c.detail["accepted"] and "kept" in c.detail]
     if refused:
         kept = [c for c in refused if c.detail["kept"]]

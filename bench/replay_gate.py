@@ -12,10 +12,11 @@ refused on waived checks only then goes on to its shadow, which the protocol ran
 Prints one confusion table per setting, then every cell whose class changed.
 
 `--parent` adds a row for what no adaptation at all would do: the parent itself put through the same shadow
-as its own candidate (its live scores and its scores of the same probes, recorded since the shadow measures
-the parent's sensitivity; the gate's synthetic defects, which only the candidate scored, are not checked),
-recalibrated at the threshold that decision sets, and judged on the same images (the source's scores of
-the shifted test images). Usage:
+as its own candidate (its live scores and its scores of the same probes; in results recorded before the
+parent's NLLs and its scores of the gate's synthetic defects were, the defects are not checked), recalibrated
+at the threshold that decision sets, and judged on the same images (the source's scores of the shifted test
+images); and a row for `[adapt] recalibrate`: the candidate where the replay accepts it, else that parent.
+Usage:
 
     python bench/replay_gate.py --results runs/gate-exp --source runs/probe_s0 --data data/elpv \
         [--variant FIELD=VALUE,...]... [--parent] [--json OUT]
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.protocol import GATE_CLASSES, Cell, gate_class
+from adapters.protocol import GATE_CLASSES, Cell, gate_class, recalibrated_class
 from adapters.shadow import ShadowConfig, ShadowEvaluation
 from adapters.shifts import get_shift
 from csflow.artifacts import load_model, read_manifest
@@ -78,7 +79,11 @@ def replay(
         evaluation = ShadowEvaluation(calibration, record["defect_scores"], config, drift)
         rows = zip(record["parent"], record["candidate"], record["candidate_nll"], strict=True)
         probes, scores = record["probe"], np.asarray(detail["scores"])
-    else:  # the candidate's NLLs only feed its drift reference, which is not judged here
+    elif "parent_nll" in record:  # recorded since the parent's recalibration exists: checked as the worker does
+        evaluation = ShadowEvaluation(calibration, record["parent_defect_scores"], config, drift)
+        rows = zip(record["parent"], record["parent"], record["parent_nll"], strict=True)
+        probes, scores = parent_probe, parent_scores
+    else:  # the NLLs only feed the drift reference, which is not judged here; the defects were not scored
         evaluation = ShadowEvaluation(calibration, [], replace(config, min_defect_detection=0.0), drift)
         rows = zip(record["parent"], record["parent"], record["parent"], strict=True)
         probes, scores = parent_probe, parent_scores
@@ -102,6 +107,17 @@ def replay(
         "parent_sensitivity": decision.figures.get("parent_sensitivity"),
         "failed": failed if offline else ["offline", *failed],
     }
+
+
+def recalibrate(cell: Cell, candidate: dict, parent: dict) -> dict:
+    """What [adapt] recalibrate gives the line in this cell: the candidate's replay when it is accepted, else
+    the parent's when that is accepted (`adapters.protocol.recalibrated_class`)."""
+    accepted = candidate["class"].startswith("accepted")
+    recalibration = {"accepted": parent["class"].startswith("accepted"), "fpr": parent["fpr"], "tpr": parent["tpr"]}
+    detail = {**cell.detail, "accepted": accepted, "recalibration": recalibration}
+    replayed = replace(cell, fpr=candidate["fpr"], tpr=candidate["tpr"], detail=detail)
+    chosen = candidate if accepted or not recalibration["accepted"] else parent
+    return {**chosen, "class": recalibrated_class(replayed)}
 
 
 # The shadow settings that act on what was recorded (the frames, their probes and the probes' seed are fixed).
@@ -170,6 +186,9 @@ def main() -> None:
         base_setting = variants["settings"]
         rows["parent, not adapted"] = {
             c.key: replay(c, calibration, anomalous, base_setting, drift, by_shift[c.shift]) for c in cells
+        }
+        rows["recalibrate (candidate first)"] = {
+            c.key: recalibrate(c, rows["settings"][c.key], rows["parent, not adapted"][c.key]) for c in cells
         }
     same = sum(rows["settings"][c.key]["class"] == gate_class(c) for c in cells)
     print(f"{len(cells)} adapted cells of {args.results}; source threshold {calibration.threshold:.4g}")

@@ -209,7 +209,7 @@ class _Runner:
         self.test_images = cache(self._test_images)
         self.train_features = cache(self._train_features)
         self.test_features = cache(self._test_features)
-        self.source_clean_scores = cache(self._source_clean_scores)
+        self.source_scores = cache(self._source_scores)
 
     def compute(self, key: str) -> Cell:
         shift, setting, *rest = key.split("/")
@@ -311,8 +311,17 @@ class _Runner:
             spec.shadow,
             spec.drift,
             spec.fit.train.batch_size,
+            list(gated.decision.figures.get("parent_defect_scores", [])),
         )
         decision = shadow.decide()
+        recalibration = shadow.recalibration().decide()
+        recalibrated_threshold = recalibration.figures.get("threshold", version.threshold)
+        recalibrated = evaluate_scores(
+            self.source_scores(shift)[judged],
+            self.anomalous[judged],
+            [self.defect_types[i] for i in judged],
+            recalibrated_threshold,
+        ).operating_point
         try:  # the candidate's own threshold, also for a refused one (to judge the refusal)
             threshold = operating_point(candidate.image[stream], calibration, spec.shadow.lower).threshold
         except ValueError:
@@ -346,8 +355,8 @@ class _Runner:
                 )
             },
             # What the line flagged before the drift: the shadow's frames, unshifted, under the source.
-            "line_flag_rate_before": float((self.source_clean_scores()[live] > version.threshold).mean()),
-            "source_clean_tpr": self._metrics(self.source_clean_scores(), version.threshold)[1][1],
+            "line_flag_rate_before": float((self.source_scores(None)[live] > version.threshold).mean()),
+            "source_clean_tpr": self._metrics(self.source_scores(None), version.threshold)[1][1],
             "fpr_inherited_threshold": float(
                 (candidate.image[judged][~self.anomalous[judged]] > version.threshold).mean()
             ),
@@ -355,6 +364,15 @@ class _Runner:
             "best_tpr_at_good_fpr": best_operating_point(
                 candidate.image[judged], self.anomalous[judged], GOOD_MAX_FPR
             ).tpr,
+            # The parent itself through the same shadow (a new operating point, no new extractor), judged on
+            # the same images: what [adapt] recalibrate activates when the candidate is refused.
+            "recalibration": {
+                "accepted": recalibration.accepted,
+                "threshold": recalibrated_threshold,
+                "fpr": recalibrated.fpr,
+                "tpr": recalibrated.tpr,
+                "reasons": [r for r in recalibration.reasons if not r.startswith("ok")],
+            },
             "scores": candidate.image.tolist(),
             # What the shadow saw, so that its decision can be replayed under other shadow settings
             # (adapters.shadow.ShadowEvaluation); `stream` and `judged` index `scores`.
@@ -364,7 +382,9 @@ class _Runner:
                 "candidate_nll": shadow.candidate_nll,
                 "probe": shadow.probe,
                 "parent_probe": shadow.parent_probe,
+                "parent_nll": shadow.parent_nll,
                 "defect_scores": shadow.defect_scores,
+                "parent_defect_scores": shadow.parent_defect_scores,
                 "stream": stream.tolist(),
                 "judged": judged.tolist(),
             },
@@ -382,8 +402,9 @@ class _Runner:
         n_defects = max(1, round(STREAM_DEFECT_SHARE * half))
         return rng.permutation(np.r_[normal[:half], defective[:n_defects]]), np.r_[normal[half:], defective[n_defects:]]
 
-    def _source_clean_scores(self) -> np.ndarray:
-        return score_images(self.source_version().model, self.test_images(None), self.spec.fit.train.batch_size).image
+    def _source_scores(self, shift: str | None) -> np.ndarray:
+        """The source model's scores of the test images under `shift` (None: clean)."""
+        return score_images(self.source_version().model, self.test_images(shift), self.spec.fit.train.batch_size).image
 
     # --- helpers ----------------------------------------------------------------------------------
     def _shot_indices(self, k: int, fold: int) -> list[int]:

@@ -12,6 +12,7 @@ from adapters.protocol import (
     gate_confusion,
     gate_markdown,
     markdown_table,
+    recalibrated_class,
     shots_epochs,
     summarise,
 )
@@ -111,6 +112,33 @@ def test_the_gate_table_says_how_many_refused_candidates_a_worker_keeps_and_how_
     text = gate_markdown(cells)
     assert "keeps them): 2 of the 3 refused; 1 of those would be good." in text
     assert "Kept for an operator" not in gate_markdown(cells[3:])
+
+
+def test_with_recalibration_a_refused_candidates_cell_is_judged_by_what_the_line_gets() -> None:
+    """A refused candidate whose recalibrated parent is accepted: the cell is the parent's, judged at its
+    own threshold; an accepted candidate stays its own; refused both ways, the cell is good if either
+    would have been."""
+    good, bad = {"fpr": 0.01, "tpr": 0.80}, {"fpr": 0.30, "tpr": 0.90}
+    cells = [
+        _adapted(0, 0.30, 0.90, False, recalibration={**good, "accepted": True}),  # the parent saves the line
+        _adapted(1, 0.00, 0.80, False, recalibration={**bad, "accepted": True}),  # the parent is bad
+        _adapted(2, 0.02, 0.80, True, recalibration={**bad, "accepted": True}),  # the candidate comes first
+        _adapted(3, 0.30, 0.90, False, recalibration={**good, "accepted": False}),  # the parent would be good
+        _adapted(4, 0.30, 0.90, False, recalibration={**bad, "accepted": False}),
+        _adapted(5, 0.30, 0.90, False),  # recorded before recalibration: not counted
+    ]
+    assert [recalibrated_class(c) for c in cells] == [
+        "accepted-good",
+        "accepted-bad",
+        "accepted-good",
+        "rejected-good",
+        "rejected-bad",
+        None,
+    ]
+    text = gate_markdown(cells)
+    assert "With [adapt] recalibrate" in text and "2 accepted-good, 1 accepted-bad, 1 rejected-good" in text
+    assert "Accepted but bad: dark/adapted/k=1/fold=1." in text
+    assert "With [adapt] recalibrate" not in gate_markdown(cells[5:])
 
 
 def test_the_best_operating_point_flags_at_most_the_allowed_share_of_normals() -> None:
