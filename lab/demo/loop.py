@@ -167,6 +167,11 @@ class Demo:
         elif event.kind == EventKind.ADAPTATION_STARTED:
             story.started.append(event)
             self._line(f"adaptation started on {event.scope} from version {event.version} with {d.get('shots')} shots")
+        elif event.kind == EventKind.ADAPTATION_SHADOW and d.get("shadowed") == "parent":
+            self._line(
+                f"candidate refused offline ({gate_line(d)}); [adapt] recalibrate: scoring the next "
+                f"{d.get('frames')} frames with the source version alone (shadow) for a new operating point"
+            )
         elif event.kind == EventKind.ADAPTATION_SHADOW:
             self._line(
                 f"candidate passed the offline gate ({gate_line(d)}); scoring the next {d.get('frames')} frames "
@@ -174,7 +179,10 @@ class Demo:
             )
         elif event.kind == EventKind.ADAPTATION_ACCEPTED:
             story.accepted, story.adapted = event, event.version
-            self._line(f"adaptation ACCEPTED: new version {event.version} — {gate_line(d)}")
+            what = "ACCEPTED"
+            if d.get("recalibrated"):
+                what = "RECALIBRATED: the source version's weights with a new operating point"
+            self._line(f"adaptation {what}: new version {event.version} — {gate_line(d)}")
         elif event.kind == EventKind.ADAPTATION_REJECTED:
             story.rejected.append(event)
             story.rejected_at_frame.append(self.camera.sent)

@@ -34,6 +34,13 @@ def gate_line(detail: Mapping[str, Any]) -> str:
             f"the source version, {pct(shadow.get('candidate_flag_rate'))} by the candidate at its own threshold "
             f"{num(shadow.get('threshold'))}"
         )
+    recalibration = f.get("recalibration")
+    if isinstance(recalibration, dict) and "threshold" in recalibration:
+        parts.append(
+            f"recalibration on {recalibration.get('frames_seen')} live frames: the source version flagged "
+            f"{pct(recalibration.get('parent_flag_rate'))} at its threshold, "
+            f"{pct(recalibration.get('candidate_flag_rate'))} at the new one {num(recalibration.get('threshold'))}"
+        )
     return ", ".join(parts)
 
 
