@@ -361,3 +361,43 @@ def test_a_candidate_refused_in_shadow_is_kept_for_an_operator_to_force(
         after = loop.verdicts(loop.send(16, shifted=True))
         assert {v["model_version"] for v in after} == {candidate}
         assert {v["threshold"] for v in after} == {manifest.calibration["threshold"]}  # its own operating point
+
+
+@pytest.mark.slow
+def test_with_recalibrate_a_candidate_refused_offline_leaves_the_parent_alone_in_shadow(
+    loop: Loop, trained_dir: Path
+) -> None:
+    """[adapt] recalibrate in a real worker: the candidate fails the offline gate (one small step), so the
+    worker scores the camera's next frames with the parent alone, its probes and NLLs included, and decides
+    on the parent's own columns; accepted, every frame after the switch is served at the new threshold."""
+    base = read_manifest(trained_dir).version
+    loop.line.env["INSPECTD_ADAPT__MAX_STEPS"] = "1"  # one small step cannot undo the shift: held-out shots fail
+    loop.line.env["INSPECTD_ADAPT__RECALIBRATE"] = "true"
+    ports = loop.start_workers(1)
+    loop.send(16, shifted=False)
+    shifted = loop.shift_until_alarm()
+    assert main(["confirm", *shifted[:SHOTS], "--operator", "qa"]) == 0
+    shadow = loop.wait_event(EventKind.ADAPTATION_SHADOW)
+    assert shadow.detail["shadowed"] == "parent"
+    assert any(r.startswith("FAIL recovery") for r in shadow.detail["reasons"]), shadow.detail["reasons"]
+    loop.send_until(EventKind.ADAPTATION_ACCEPTED, EventKind.ADAPTATION_REJECTED)
+    ended = (loop.events(EventKind.ADAPTATION_ACCEPTED) + loop.events(EventKind.ADAPTATION_REJECTED))[0]
+    recalibration = ended.detail["figures"]["recalibration"]
+    assert (
+        recalibration["frames_seen"] == 16
+        and recalibration["parent_threshold"] == read_manifest(trained_dir).calibration["threshold"]
+    )
+    checks = [r for r in ended.detail["reasons"] if r.startswith(("ok recalibration", "FAIL recalibration"))]
+    assert len(checks) >= 6, ended.detail["reasons"]  # every check ran on the parent's columns
+    print(f"recalibration {ended.kind}: {checks}")
+    if ended.kind == EventKind.ADAPTATION_ACCEPTED:
+        assert ended.detail["recalibrated"] is True
+        manifest = read_manifest(next(loop.line.tmp_path.glob(f"cache-*/{ended.version}")))
+        assert manifest.summary["recalibrated_from"] == base
+        assert manifest.backbone_sha256 == read_manifest(trained_dir).backbone_sha256
+        loop.wait_served(ports, ended.version)
+        after = loop.verdicts(loop.send(16, shifted=True))
+        assert {v["threshold"] for v in after} == {recalibration["threshold"]}
+    else:
+        assert any(r.startswith("FAIL recalibration") for r in checks)
+        assert loop.served(ports[0]) == base
