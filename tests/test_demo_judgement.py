@@ -6,6 +6,7 @@ from lab.demo.camera import SentFrame
 from lab.demo.observe import Scored, Story
 from lab.demo.spec import DemoSpec
 from lab.demo.summary import judge_recovery
+from lab.demo.text import gate_line
 
 SPEC = DemoSpec(frames_before=100, frames_after=400, recovery_margin=0.02)
 
@@ -53,3 +54,11 @@ def test_no_adapted_version_is_not_a_recovery() -> None:
     s = story(0.01, 0.0)
     s.adapted, s.adapted_frame = None, None
     assert judge_recovery(s, SPEC) == (False, "not recovered: no adapted version served the line")
+
+
+def test_the_demo_names_a_recalibrations_flag_rates_beside_the_shadows() -> None:
+    live = {"frames_seen": 100, "parent_flag_rate": 0.4, "candidate_flag_rate": 0.03, "threshold": 0.91}
+    line = gate_line({"figures": {"shadow": live, "recalibration": {**live, "candidate_flag_rate": 0.02}}})
+    assert "shadow on 100 live frames: flagged 40% by the source version, 3% by the candidate" in line
+    assert "recalibration on 100 live frames: flagged 40% by the source version, 2% by the source version" in line
+    assert "recalibration" not in gate_line({"figures": {"shadow": live}})

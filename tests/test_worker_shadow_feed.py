@@ -19,6 +19,19 @@ from daemon.config import Settings
 from daemon.worker import Worker
 
 
+def shadowing_worker(model: CSFlow, candidate: CSFlow | None) -> tuple[Worker, ShadowEvaluation]:
+    """A worker serving `model` whose controller shadows `candidate` on cam-1 into the returned evaluation."""
+    worker = Worker(Settings(), SimpleNamespace(model=model), torch.device("cpu"))  # type: ignore[arg-type]
+    reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
+    evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=2))
+    worker.controller = SimpleNamespace(  # type: ignore[assignment]
+        shadow=("cam-1", candidate),
+        shadow_probes=evaluation.probe_images,
+        observe_shadow=lambda *columns: [evaluation.update(*row) for row in zip(*columns, strict=True)],
+    )
+    return worker, evaluation
+
+
 def test_only_fresh_frames_reach_the_shadow(
     make_tiny_model: Callable[..., CSFlow], make_images: Callable[..., Tensor]
 ) -> None:
@@ -67,14 +80,7 @@ def test_a_parent_that_fails_on_the_probes_costs_only_its_sensitivity_figure(
     """The parent's probe scores are reported, not needed: when that pass fails, the shadow still gets the
     frames' scores and the candidate's probes, and no parent probe scores (so no parent figure)."""
     model = make_tiny_model(perturb=0.05)
-    worker = Worker(Settings(), SimpleNamespace(model=model), torch.device("cpu"))  # type: ignore[arg-type]
-    reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
-    evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=2))
-    worker.controller = SimpleNamespace(  # type: ignore[assignment]
-        shadow=("cam-1", model),
-        shadow_probes=evaluation.probe_images,
-        observe_shadow=lambda *columns: [evaluation.update(*row) for row in zip(*columns, strict=True)],
-    )
+    worker, evaluation = shadowing_worker(model, model)
     broken: list[Any] = [SimpleNamespace(model=None)] * 2  # scoring with it raises
     good = list(zip([SimpleNamespace(camera_id="cam-1")] * 2, make_images(2), strict=True))
     worker._score_shadow(good, broken, np.array([1.0, 2.0]), [True, True])
@@ -91,14 +97,7 @@ def test_without_a_candidate_the_parents_columns_stand_for_the_candidates(
     """A parent alone in shadow (its candidate refused offline, [adapt] recalibrate): one pass of the parent
     gives the candidate's columns, NLLs included, and its probes are scored once."""
     parent = make_tiny_model(perturb=0.05)
-    worker = Worker(Settings(), SimpleNamespace(model=parent), torch.device("cpu"))  # type: ignore[arg-type]
-    reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
-    evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=2))
-    worker.controller = SimpleNamespace(  # type: ignore[assignment]
-        shadow=("cam-1", None),
-        shadow_probes=evaluation.probe_images,
-        observe_shadow=lambda *columns: [evaluation.update(*row) for row in zip(*columns, strict=True)],
-    )
+    worker, evaluation = shadowing_worker(parent, None)
     good = list(zip([SimpleNamespace(camera_id="cam-1")] * 3, make_images(3), strict=True))
     served = score_images(parent, torch.stack([image for _, image in good])).image
     worker._score_shadow(good, [SimpleNamespace(model=parent)] * 3, served, [True] * 3)

@@ -27,21 +27,20 @@ def gate_line(detail: Mapping[str, Any]) -> str:
         f"synthetic defects caught {pct(f.get('defect_detection_rate'))}",
         f"{a.get('steps', '?')} steps in {num(a.get('seconds'))} s",
     ]
-    shadow = f.get("shadow")
+    shadow, recalibration = f.get("shadow"), f.get("recalibration")
     if isinstance(shadow, dict) and "threshold" in shadow:
-        parts.append(
-            f"shadow on {shadow.get('frames_seen')} live frames: flagged {pct(shadow.get('parent_flag_rate'))} by "
-            f"the source version, {pct(shadow.get('candidate_flag_rate'))} by the candidate at its own threshold "
-            f"{num(shadow.get('threshold'))}"
-        )
-    recalibration = f.get("recalibration")
+        parts.append(on_live_frames("shadow", shadow, "by the candidate at its own threshold"))
     if isinstance(recalibration, dict) and "threshold" in recalibration:
-        parts.append(
-            f"recalibration on {recalibration.get('frames_seen')} live frames: the source version flagged "
-            f"{pct(recalibration.get('parent_flag_rate'))} at its threshold, "
-            f"{pct(recalibration.get('candidate_flag_rate'))} at the new one {num(recalibration.get('threshold'))}"
-        )
+        parts.append(on_live_frames("recalibration", recalibration, "by the source version at the new threshold"))
     return ", ".join(parts)
+
+
+def on_live_frames(name: str, figures: Mapping[str, Any], who: str) -> str:
+    """A shadow's (or a recalibration's) flag rates on the live frames: the source's, then the new one's."""
+    return (
+        f"{name} on {figures.get('frames_seen')} live frames: flagged {pct(figures.get('parent_flag_rate'))} by "
+        f"the source version, {pct(figures.get('candidate_flag_rate'))} {who} {num(figures.get('threshold'))}"
+    )
 
 
 def pct(x: Any) -> str:
