@@ -449,14 +449,16 @@ class AdaptationController:
         cfg = self.settings.adapt
         if not result.accepted:
             if cfg.recalibrate and cfg.shadow_frames > 0:
-                return self._start_shadow(run, result, None, reasons, figures)
+                self._start_shadow(run, result, None, reasons, figures)
+                return None
             return self._rejected(run, reasons, figures)
         try:
             candidate = _candidate(run.parent, run.directory / "adapter")
         except (ArtifactError, SafetensorError, OSError, ValueError, RuntimeError) as exc:
             return self._failed(run, f"the child's adapter cannot be applied: {type(exc).__name__}: {exc}")
         if cfg.shadow_frames > 0:
-            return self._start_shadow(run, result, candidate, reasons, figures)
+            self._start_shadow(run, result, candidate, reasons, figures)
+            return None
         if result.heldout_kind == "views":
             reason = "FAIL shadow: a candidate adapted on one shot is never activated without shadow evidence"
             return self._rejected(run, [*reasons, f"{reason} ([adapt] shadow_frames is 0)"], figures)
@@ -485,7 +487,6 @@ class AdaptationController:
         self.events.append(Event(EventKind.ADAPTATION_SHADOW, run.camera, run.parent.version, detail))
         log = self._log.bind(camera_id=run.camera, parent=run.parent.version)
         log.info("candidate in shadow", shadowed=detail["shadowed"])
-        return None
 
     def _shadow_outcome(self, shadow: _Shadow) -> Outcome:
         """The candidate when the shadow accepts it; else ([adapt] recalibrate) the parent with the operating
@@ -506,7 +507,7 @@ class AdaptationController:
             if recalibration.accepted:
                 return self._activate(run, result, None, reasons, json_safe(figures), recalibration.calibration)
         kept = None
-        if shadow.candidate is not None and decision is not None:
+        if shadow.candidate is not None and decision is not None:  # a candidate was shadowed and refused
             kept = self._keep_refused(run, result, shadow.candidate, decision.reasons, decision.calibration)
         return self._rejected(run, reasons, json_safe(figures), kept)
 
