@@ -15,7 +15,8 @@ Prints one confusion table per setting, then every cell whose class changed.
 as its own candidate (its live scores and its scores of the same probes; in results recorded before the
 parent's NLLs and its scores of the gate's synthetic defects were, the defects are not checked), recalibrated
 at the threshold that decision sets, and judged on the same images (the source's scores of the shifted test
-images); and a row for `[adapt] recalibrate`: the candidate where the replay accepts it, else that parent.
+images); and a row for `[adapt] recalibrate`: the candidate where the replay accepts it, else that parent
+(both rows for each `--variant` too).
 Usage:
 
     python bench/replay_gate.py --results runs/gate-exp --source runs/probe_s0 --data data/elpv \
@@ -183,13 +184,13 @@ def main() -> None:
         for c in cells:  # the recorded live scores are the source's scores of the stream's frames
             stream = np.asarray(c.detail["shadow_record"]["stream"])[: len(c.detail["shadow_record"]["parent"])]
             np.testing.assert_allclose(by_shift[c.shift][stream], c.detail["shadow_record"]["parent"], atol=1e-3)
-        base_setting = variants["settings"]
-        rows["parent, not adapted"] = {
-            c.key: replay(c, calibration, anomalous, base_setting, drift, by_shift[c.shift]) for c in cells
-        }
-        rows["recalibrate (candidate first)"] = {
-            c.key: recalibrate(c, rows["settings"][c.key], rows["parent, not adapted"][c.key]) for c in cells
-        }
+        for name, setting in variants.items():  # each setting judges the parent's recalibration too
+            suffix = "" if name == "settings" else f", {name}"
+            parent = {c.key: replay(c, calibration, anomalous, setting, drift, by_shift[c.shift]) for c in cells}
+            rows[f"parent, not adapted{suffix}"] = parent
+            rows[f"recalibrate (candidate first){suffix}"] = {
+                c.key: recalibrate(c, rows[name][c.key], parent[c.key]) for c in cells
+            }
     same = sum(rows["settings"][c.key]["class"] == gate_class(c) for c in cells)
     print(f"{len(cells)} adapted cells of {args.results}; source threshold {calibration.threshold:.4g}")
     print(f"replayed under config.toml's settings: {same} of {len(cells)} cells in their recorded class")
