@@ -1,12 +1,12 @@
 """What a shadow costs the worker per shadowed frame, as a ratio to serving the frame alone.
 
-The worker scores each frame of the shadowed camera with the active version (the verdict); then, in one pass
-per model over the frame and its sensitivity probes (`[adapt] shadow_probes_per_frame`), with NLLs, the
-parent (its sensitivity on the same frames, and what its recalibration needs) and the candidate
-(`daemon/worker.py` `shadow_pass`). A parent alone in shadow (its candidate refused offline, `[adapt]
-recalibrate`) costs the parent's pass only. This times serving and both kinds of shadow on the same frames in
-one run, alternating, with a model directory of yours (its own model stands in for the candidate: the cost
-does not depend on the weights) and images of a folder. Usage:
+The worker scores each frame of the shadowed camera with the active version (the verdict); then the candidate
+in one pass over the frame and its sensitivity probes (`[adapt] shadow_probes_per_frame`), with NLLs, and the
+parent over the same probes, plus the frame with `[adapt] recalibrate` (the NLLs its recalibration needs)
+(`daemon/worker.py` `shadow_pass`; this follows config.toml's `recalibrate`). A parent alone in shadow (its
+candidate refused offline, `[adapt] recalibrate`) costs the parent's pass only. This times serving and both
+kinds of shadow on the same frames in one run, alternating, with a model directory of yours (its own model
+stands in for the candidate: the cost does not depend on the weights) and images of a folder. Usage:
 
     python bench/bench_shadow.py --model runs/demo-model --images data/elpv/test --frames 64 [--batch 16]
 
@@ -52,6 +52,7 @@ def main() -> None:
     frames = load_batch(paths, version.model.image_size, settings.limits.to_limits())
     shadow_config = settings.adapt.shadow_config()
     options = settings.model.worker_serving_options()
+    recalibrate = settings.adapt.recalibrate  # as the worker: the parent's frames again only for a recalibration
 
     def serve() -> None:
         for batch in frames.split(args.batch):
@@ -66,7 +67,7 @@ def main() -> None:
         evaluation = ShadowEvaluation(calibration, [], shadow_config)
         for batch in frames.split(args.batch):
             probes = evaluation.probe_images(batch)
-            parent = shadow_pass(version.model, batch, probes, options)
+            parent = shadow_pass(version.model, batch, probes, options, not with_candidate or recalibrate)
             ours = shadow_pass(version.model, batch, probes, options) if with_candidate else parent
             rows = zip(parent.scores, ours.scores, ours.nll, ours.probes, parent.probes, parent.nll, strict=True)
             for row in rows:

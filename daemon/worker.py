@@ -722,11 +722,11 @@ class Worker:
         fresh: list[bool],
     ) -> None:
         """A candidate in shadow scores its camera's fresh frames of this batch beside the parent, whose
-        scores are the verdicts, and each frame's sensitivity probes; the parent scores the frames again for
-        their NLLs, and the same probes (its sensitivity on the same frames, and what its recalibration
-        needs). Without a candidate (the parent alone is recalibrated) the parent's columns stand for the
-        candidate's. The controller decides once it has seen enough (adapters/shadow.py). The candidate is
-        built on the served parent (its flow, its layout), so both run under `options`."""
+        scores are the verdicts, and each frame's sensitivity probes; the parent scores the same probes (its
+        sensitivity on the same frames) and, with [adapt] recalibrate, the frames again for their NLLs (what
+        its recalibration needs). Without a candidate (the parent alone is recalibrated) the parent's columns
+        stand for the candidate's. The controller decides once it has seen enough (adapters/shadow.py). The
+        candidate is built on the served parent (its flow, its layout), so both run under `options`."""
         shadow = self.controller.shadow
         if shadow is None:
             return
@@ -739,7 +739,9 @@ class Worker:
         t0 = time.perf_counter()
         images = torch.stack([good[i][1] for i in idx])
         probes = self.controller.shadow_probes(images).to(images.dtype)
-        parent = shadow_pass(versions[idx[0]].model, images, probes, self.options)
+        # the parent's frames again only for their NLLs, which only its recalibration uses
+        frames = candidate is None or self.settings.adapt.recalibrate
+        parent = shadow_pass(versions[idx[0]].model, images, probes, self.options, frames)
         if parent.error is not None:  # the parent's columns are figures or a recalibration's: the batch goes on
             self._log.warning("shadow parent pass failed", camera_id=camera, error=parent.error)
         if candidate is None:
@@ -967,14 +969,19 @@ class ShadowPass:
     error: str | None = None
 
 
-def shadow_pass(model: CSFlow, images: torch.Tensor, probes: torch.Tensor, options: ServingOptions) -> ShadowPass:
-    """The frames and their probes in one pass."""
+def shadow_pass(
+    model: CSFlow, images: torch.Tensor, probes: torch.Tensor, options: ServingOptions, frames: bool = True
+) -> ShadowPass:
+    """The frames and their probes in one pass; `frames` False: the probes only (the frames' scores and NLLs
+    are then NaN, as not measured)."""
     n, per_frame = len(images), len(probes) // len(images)
+    nan = [float("nan")] * n
     try:
-        out = score_images(model, torch.cat([images, probes]), nll=True, options=options)
+        out = score_images(model, torch.cat([images, probes]) if frames else probes, nll=frames, options=options)
     except Exception as exc:
-        nan = float("nan")
-        return ShadowPass([nan] * n, [nan] * n, [[] for _ in range(n)], _describe(exc))
+        return ShadowPass(nan, nan, [[] for _ in range(n)], _describe(exc))
+    if not frames:
+        return ShadowPass(nan, nan, out.image.reshape(n, per_frame).tolist())
     return ShadowPass(
         out.image[:n].tolist(), np.asarray(out.nll)[:n].tolist(), out.image[n:].reshape(n, per_frame).tolist()
     )

@@ -40,6 +40,7 @@ def test_only_fresh_frames_reach_the_shadow(
     seen: list[list[float]] = []
     probes: list[list[list[float]]] = []
     parent_probes: list[list[list[float]]] = []
+    parent_nlls: list[list[float]] = []
     reference = Calibration(1.0, 0.1, [0.5, 1.0], probe_detection={"0.5": 0.5, "1": 1.0})
     evaluation = ShadowEvaluation(reference, [], ShadowConfig(frames=10, probes_per_frame=3))
 
@@ -54,6 +55,7 @@ def test_only_fresh_frames_reach_the_shadow(
         seen.append(parent)
         probes.append(probe)
         parent_probes.append(by_parent)
+        parent_nlls.append(parent_nll)
 
     worker.controller = SimpleNamespace(  # type: ignore[assignment]
         shadow=("cam-1", model), shadow_probes=evaluation.probe_images, observe_shadow=observe
@@ -70,6 +72,8 @@ def test_only_fresh_frames_reach_the_shadow(
     # and the same probes by the parent serving the camera (its sensitivity on these frames)
     assert len(parent_probes[0]) == 2 and all(len(p) == 3 and np.isfinite(p).all() for p in parent_probes[0])
     assert not np.allclose(parent_probes[0], probes[0])
+    # without [adapt] recalibrate the parent scores the probes only: its frames' NLLs are not measured
+    assert np.isnan(parent_nlls[0]).all()
     worker._score_shadow(good, versions, scores, [False, False, False, False])
     assert seen == [[1.0, 4.0]]
 
