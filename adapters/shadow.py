@@ -35,6 +35,7 @@ be blinder than the parent on the same frames); measured on ELPV, neither improv
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
@@ -44,7 +45,16 @@ import torch
 from torch import Tensor
 
 from csflow.calibration import PROBE_REVISION, Calibration
-from csflow.defects import DefectConfig, ProbeItem, graded_defects, probe_detection, probe_plan, sensitivity
+from csflow.defects import (
+    DefectConfig,
+    ProbeItem,
+    graded_defects,
+    probe_detection,
+    probe_plan,
+    sensitivity,
+    sensitivity_noise,
+    strength_key,
+)
 from csflow.model import CSFlow
 from csflow.scoring import score_images
 from drift.config import DriftConfig
@@ -61,7 +71,10 @@ class ShadowConfig:
     frame; `max_sensitivity_loss`: how far the candidate's probe sensitivity may fall below the reference;
     `probe_reference`: "source", the source's sensitivity on its held-out normals; "source_or_parent", the lower
     of that and the parent's on the same live frames (where the parent's probes were scored and cover every
-    strength); "source_and_parent", the higher of the two."""
+    strength); "source_and_parent", the higher of the two; `sensitivity_z`: how many standard errors of the
+    probe's own noise (`csflow.defects.sensitivity_noise`) the sensitivity may fall below the reference
+    besides `max_sensitivity_loss`; `recalibration_sensitivity_z`: the same for the parent judged as its own
+    candidate (`ShadowEvaluation.recalibration`)."""
 
     frames: int = 100
     lower: float = 0.1
@@ -70,6 +83,8 @@ class ShadowConfig:
     max_sensitivity_loss: float = 0.0
     probe_seed: int = 0
     probe_reference: ProbeReference = "source"
+    sensitivity_z: float = 0.0
+    recalibration_sensitivity_z: float = 0.0
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -84,6 +99,13 @@ class ShadowConfig:
             raise ValueError(f"probe_reference must be one of {get_args(ProbeReference)}, got {self.probe_reference!r}")
         if not 0.0 <= self.max_sensitivity_loss <= 1.0:
             raise ValueError(f"max_sensitivity_loss must be in [0, 1], got {self.max_sensitivity_loss}")
+        for name in ("sensitivity_z", "recalibration_sensitivity_z"):
+            if not 0.0 <= getattr(self, name) <= 5.0:
+                raise ValueError(f"{name} must be in [0, 5], got {getattr(self, name)}")
+
+    def for_recalibration(self) -> ShadowConfig:
+        """The settings that judge the parent as its own candidate."""
+        return replace(self, sensitivity_z=self.recalibration_sensitivity_z)
 
 
 @dataclass(frozen=True)
@@ -191,7 +213,7 @@ class ShadowEvaluation:
         return ShadowEvaluation(
             self.parent_calibration,
             list(self.parent_defect_scores),
-            self.config,
+            self.config.for_recalibration(),
             self.drift,
             parent=list(self.parent),
             candidate=list(self.parent),
@@ -313,7 +335,8 @@ class ShadowEvaluation:
         if len(self.probe) != per_frame * self.frames_seen:
             return {}, False, f"{len(self.probe)} probe scores for {self.frames_seen} frames x {per_frame} probes"
         plan = probe_plan(0, self.frames_seen, per_frame, self.strengths, len(DefectConfig().kinds))
-        detection, n_probes = _detection_on_unflagged(self.probe, plan, flagged, threshold)
+        detection, counts = _detection_on_unflagged(self.probe, plan, flagged, threshold)
+        n_probes = sum(counts.values())
         figures: dict[str, Any] = {
             "probe_detection": detection,
             "probe_reference": dict(reference),
@@ -338,11 +361,18 @@ class ShadowEvaluation:
                 theirs = figures["reference_sensitivity"] = parent
             else:
                 compared += f" (the parent {parent:.0%} on these frames)"
+        cfg = self.config
+        noise = sensitivity_noise(reference, counts)
+        allowed = cfg.max_sensitivity_loss + cfg.sensitivity_z * noise
+        figures |= {"sensitivity_noise": noise, "sensitivity_bar": theirs - allowed}
+        margin = f"{cfg.max_sensitivity_loss:.0%}"
+        if cfg.sensitivity_z:
+            margin += f" + {cfg.sensitivity_z:g} x {noise:.1%} (the probe's noise over {n_probes}) = {allowed:.1%}"
         text = (
             f"{ours:.0%} of {n_probes} graded synthetic defects on unflagged live frames above the new threshold, "
-            f"{compared}; may fall by {self.config.max_sensitivity_loss:.0%}"
+            f"{compared}; may fall by {margin}"
         )
-        return figures, ours >= theirs - self.config.max_sensitivity_loss, text
+        return figures, ours >= theirs - allowed, text
 
     def _parent_on_line(self, plan: list[ProbeItem], strengths: set[str]) -> dict[str, float] | None:
         """The parent's detection curve on the same probes, on the live frames it does not flag, at its own
@@ -357,10 +387,11 @@ class ShadowEvaluation:
 
 def _detection_on_unflagged(
     scores: Sequence[float], plan: Sequence[ProbeItem], flagged: np.ndarray, threshold: float
-) -> tuple[dict[str, float], int]:
-    """The probes' detection curve over the hosts not `flagged`, and how many probes that is."""
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The probes' detection curve over the hosts not `flagged`, and how many probes that is per strength."""
     kept = [(score, item) for score, item in zip(scores, plan, strict=True) if not flagged[item.host]]
-    return probe_detection([s for s, _ in kept], [i for _, i in kept], threshold), len(kept)
+    counts = Counter(strength_key(item.strength) for _, item in kept)
+    return probe_detection([s for s, _ in kept], [i for _, i in kept], threshold), dict(counts)
 
 
 def shadow_stream(

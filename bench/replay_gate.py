@@ -75,6 +75,8 @@ def replay(
     frames = len(record["candidate"])
     per = len(record["probe"]) // max(frames, 1)  # as the experiment ran, whatever config.toml says now
     config = replace(config, frames=frames, probes_per_frame=per)
+    if parent_scores is not None:
+        config = config.for_recalibration()
     parent_probe = record.get("parent_probe", [])  # recorded since the shadow scores them (stop 27)
     if parent_scores is None:
         evaluation = ShadowEvaluation(calibration, record["defect_scores"], config, drift)
@@ -122,7 +124,14 @@ def recalibrate(cell: Cell, candidate: dict, parent: dict) -> dict:
 
 
 # The shadow settings that act on what was recorded (the frames, their probes and the probes' seed are fixed).
-REPLAYABLE = ("lower", "min_defect_detection", "max_sensitivity_loss", "probe_reference")
+REPLAYABLE = (
+    "lower",
+    "min_defect_detection",
+    "max_sensitivity_loss",
+    "probe_reference",
+    "sensitivity_z",
+    "recalibration_sensitivity_z",
+)
 # The offline gate's checks that a variant can waive (`waive=NAME`, repeatable), as adapters.gate names them.
 WAIVABLE = ("recovery", "false_rejects", "improvement", "defects", "floor")
 

@@ -201,3 +201,13 @@ def sensitivity(detection: dict[str, float]) -> float:
     if not detection:
         raise ValueError("no probe detection rates")
     return sum(detection.values()) / len(detection)
+
+
+def sensitivity_noise(reference: dict[str, float], counts: dict[str, int]) -> float:
+    """The standard error of a `sensitivity` measured with `counts` probes per strength, were its true
+    detection rates the `reference`'s: how far a model exactly as sensitive as the reference reads below it
+    by chance (about one time in six by one such error, one in forty-four by two)."""
+    if not reference or any(counts.get(key, 0) < 1 for key in reference):
+        raise ValueError(f"need probes at every strength of {sorted(reference)}, got {counts}")
+    variance = sum(p * (1.0 - p) / counts[key] for key, p in reference.items())
+    return math.sqrt(variance) / len(reference)

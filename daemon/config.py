@@ -172,6 +172,8 @@ class AdaptSection(Section):
     shadow_probes_per_frame: int = Field(2, ge=1)
     max_sensitivity_loss: float = Field(0.0, ge=0, le=1)
     probe_reference: Literal["source", "source_or_parent", "source_and_parent"] = "source"
+    sensitivity_z: float = Field(0.0, ge=0, le=5)
+    recalibration_sensitivity_z: float = Field(0.0, ge=0, le=5)
     shadow_timeout_s: float = Field(600.0, gt=0)
     keep_refused: bool = True
     recalibrate: bool = False
@@ -219,6 +221,8 @@ class AdaptSection(Section):
             self.shadow_probes_per_frame,
             self.max_sensitivity_loss,
             probe_reference=self.probe_reference,
+            sensitivity_z=self.sensitivity_z,
+            recalibration_sensitivity_z=self.recalibration_sensitivity_z,
         )
 
 

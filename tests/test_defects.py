@@ -15,6 +15,7 @@ from csflow.defects import (
     probe_detection,
     probe_plan,
     sensitivity,
+    sensitivity_noise,
     synthetic_defects,
 )
 
@@ -56,6 +57,24 @@ def test_detection_per_strength_and_its_mean() -> None:
         probe_detection(scores[:-1], plan, 1.0)
     with pytest.raises(ValueError):
         sensitivity({})
+
+
+def test_the_probes_noise_is_the_standard_error_of_their_mean_rate() -> None:
+    """Per strength p(1 - p)/n at the reference's rates, averaged over the strengths; a strength caught
+    always (or never) adds no noise; more probes, less noise; a strength with no probes is an error."""
+    reference = {"0.5": 0.5, "1": 1.0}
+    assert sensitivity_noise(reference, {"0.5": 25, "1": 25}) == pytest.approx(math.sqrt(0.25 / 25) / 2)
+    assert sensitivity_noise(reference, {"0.5": 100, "1": 1}) == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="every strength"):
+        sensitivity_noise(reference, {"0.5": 25})
+    # empirically: a model as sensitive as the reference, probed 60 times per strength, reads below it by
+    # more than two such errors about one time in forty-four (normal approximation; binomial rates are lumpy)
+    rng = torch.Generator().manual_seed(0)
+    rates = torch.tensor([0.5, 0.7, 0.9])
+    reads = (torch.rand(20_000, 3, 60, generator=rng) < rates[:, None]).float().mean(dim=(1, 2))
+    noise = sensitivity_noise({str(i): float(p) for i, p in enumerate(rates)}, {"0": 60, "1": 60, "2": 60})
+    assert reads.std().item() == pytest.approx(noise, rel=0.05)
+    assert 0.01 < (reads < rates.mean() - 2 * noise).float().mean().item() < 0.04
 
 
 @pytest.mark.parametrize("kind", ["scratch", "cutpaste"])

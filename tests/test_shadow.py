@@ -331,3 +331,42 @@ def test_the_parents_recalibration_is_judged_on_its_own_columns() -> None:
     assert not unmeasured.accepted and any(r.startswith("FAIL recalibration finite") for r in unmeasured.reasons)
     no_defects = shadow(3.0, []).recalibration().decide()
     assert not no_defects.accepted and any(r.startswith("FAIL recalibration defects") for r in no_defects.reasons)
+
+
+def _three_strengths_caught(config: ShadowConfig) -> ShadowEvaluation:
+    """The parent as its own candidate (same columns) on a dimmer line: its probes are caught at the three
+    strongest strengths (sensitivity 0.75, a little below the source's 0.775); it flags nearly every frame at
+    its own threshold, its NLLs and its scores of the gate's synthetic defects are measured."""
+    normal = 1.4 * np.random.default_rng(3).gamma(9.0, 0.1, 100) + 0.6
+    strengths = [item.strength for item in probe_plan(0, 100, 2, [0.25, 0.5, 0.75, 1.0], 2)]
+    ev = ShadowEvaluation(CALIBRATION, [8.0] * 20, config, parent_defect_scores=[8.0] * 20)
+    for i, c in enumerate(normal):
+        probes = [c + (10.0 if s >= 0.5 else 0.0) for s in strengths[2 * i : 2 * i + 2]]
+        ev.update(c, c, c * 3.0, probes, probes, c * 3.0)
+    return ev
+
+
+def test_sensitivity_may_fall_by_the_probes_own_noise_and_no_further() -> None:
+    """0.75 against 0.775 over 200 probes: within two standard errors of the probe's noise (about 2.7 points
+    each), not within half of one; at z = 0 (the default) refused."""
+    for z, accepted in ((0.0, False), (0.5, False), (2.0, True)):
+        decision = _three_strengths_caught(replace(CONFIG, sensitivity_z=z)).decide()
+        figures = decision.figures
+        assert figures["sensitivity"] == pytest.approx(0.75) and 0.02 < figures["sensitivity_noise"] < 0.035
+        assert figures["sensitivity_bar"] == pytest.approx(0.775 - z * figures["sensitivity_noise"])
+        assert decision.accepted is accepted, decision.reasons
+    assert any("+ 2 x 2." in r and r.startswith("ok shadow sensitivity") for r in decision.reasons), decision.reasons
+    with pytest.raises(ValueError, match="recalibration_sensitivity_z"):
+        ShadowConfig(recalibration_sensitivity_z=-1.0)
+
+
+def test_the_recalibrations_noise_allowance_is_its_own() -> None:
+    """`recalibration_sensitivity_z` widens the bar for the parent judged as its own candidate only: on the same
+    columns the candidate, held to `sensitivity_z` = 0, is refused."""
+    widened = _three_strengths_caught(replace(CONFIG, recalibration_sensitivity_z=2.0))
+    assert not widened.decide().accepted
+    recalibration = widened.recalibration().decide()
+    assert recalibration.accepted, recalibration.reasons
+    assert recalibration.figures["sensitivity_bar"] < 0.75 < widened.decide().figures["sensitivity_bar"]
+    strict = _three_strengths_caught(CONFIG).recalibration().decide()
+    assert not strict.accepted and any(r.startswith("FAIL recalibration sensitivity") for r in strict.reasons)
