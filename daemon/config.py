@@ -176,6 +176,7 @@ class AdaptSection(Section):
     recalibration_sensitivity_z: float = Field(0.0, ge=0, le=5)
     shadow_timeout_s: float = Field(600.0, gt=0)
     keep_refused: bool = True
+    max_kept_refused: int = Field(5, ge=1, le=100)
     recalibrate: bool = False
     # The run's child process (daemon/adaptation_job.py): its memory bound (RLIMIT_DATA, 0: none) and wall time.
     max_memory_mb: int = Field(6144, ge=0)

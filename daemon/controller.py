@@ -43,6 +43,7 @@ later batches:
   the shadow measured and its failed checks in the manifest summary, never activated by the worker; the
   event names it (`candidate`), and an operator may activate it with `inspectd models activate --force`
   (the gate refuses good candidates too). One refused before the shadow has no operating point: discarded.
+  A camera keeps its newest [adapt] max_kept_refused: the registry removes older ones never activated.
 
 Adapters are parented on the base: adapting an adapted version yields an adapter of the base that carries
 the blocks of both adaptations, so versions never chain toward csflow.artifacts.MAX_CHAIN.
@@ -522,10 +523,14 @@ class AdaptationController:
         refused = [r for r in [*result.reasons, *reasons] if r.startswith("FAIL")]
         try:
             version = self._save(run, result, candidate, calibration, refused)
-            self.registry.publish(self.cache_dir / version)
+            _, removed = self.registry.keep_refused(self.cache_dir / version, self.settings.adapt.max_kept_refused)
         except (ArtifactError, RegistryError, OSError, ValueError) as exc:
             self._log.warning("refused candidate not kept", camera_id=run.camera, error=f"{type(exc).__name__}: {exc}")
             return None
+        for old in removed:  # never served, so never loaded from here again
+            shutil.rmtree(self.cache_dir / old, ignore_errors=True)
+        if removed:
+            self._log.info("older refused candidates removed", camera_id=run.camera, versions=removed)
         return version
 
     def _activate(

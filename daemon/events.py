@@ -32,6 +32,7 @@ class EventKind(StrEnum):
     VERSION_ACTIVATED = "version_activated"
     ROLLBACK = "rollback"
     VERSION_UNPINNED = "version_unpinned"  # a scope's own version removed: it falls back (registry unpin)
+    VERSION_REMOVED = "version_removed"  # a kept refused candidate, never activated, deleted from the registry
     FRAMES_CONFIRMED = "frames_confirmed"  # an operator confirmed frames as normal (console)
 
 

@@ -12,6 +12,13 @@ Key layout (prefix [redis] key_prefix; `Keys` in daemon/store.py):
 - `active:{scope}`: the version served in the scope; `history:{scope}`: activations, newest first (the
   head is the active version, or `UNPINNED` when the scope has none of its own since an unpin), capped
   at [registry] history_len. Rollback pops the head.
+- `activated-versions`: set of every version ever made active in some scope, written in the transaction
+  that activates it.
+- `kept-refused:{camera}`: the camera's kept refused candidates (published, never activated unless forced),
+  newest first. Each holds its tensors in Redis, so only the newest [adapt] max_kept_refused are kept: an
+  older one is removed (`remove_refused`) unless it was activated since or an adapted version was
+  published on top of it (`parent-versions`: set of every version that another one names as its
+  parent). Versions are otherwise never removed (a rollback may need any of them).
 - pub/sub channel `models`: one JSON announcement per change, see `Announcement`. Pub/sub is at-most-once,
   so a worker reads `active()` when it (re)subscribes and takes an announcement as a cue to re-resolve.
 
@@ -164,10 +171,18 @@ class ModelRegistry:
                 )
             fields = {FILE_FIELD + name: self._read_file(manifest, directory, name) for name in manifest.files}
         fields[MANIFEST_FIELD] = json.dumps(asdict(replace(manifest, parent_path=None)), sort_keys=True).encode()
-        pipe = self.client.pipeline()  # MULTI: a version is registered whole or not at all
-        pipe.hset(self.keys.model(manifest.version), mapping=fields)
-        pipe.zadd(self.keys.model_versions, {manifest.version: now_ms()}, nx=True)
-        pipe.execute()
+        parent_key = None if manifest.parent is None else self.keys.model(manifest.parent)
+
+        def change(pipe: Pipeline) -> None:  # a version is registered whole or not at all
+            if parent_key is not None and not pipe.exists(parent_key):
+                raise UnknownVersionError(str(manifest.parent))  # removed since it was checked
+            pipe.multi()
+            pipe.hset(self.keys.model(manifest.version), mapping=fields)
+            pipe.zadd(self.keys.model_versions, {manifest.version: now_ms()}, nx=True)
+            if manifest.parent is not None:  # a parent is never removed: this version needs it
+                pipe.sadd(self.keys.parent_versions, manifest.parent)
+
+        self.client.transaction(change, *([parent_key] if parent_key else []))
         return manifest
 
     def _read_file(self, manifest: Manifest, directory: Path, name: str) -> bytes:
@@ -267,21 +282,25 @@ class ModelRegistry:
         if failed and manifest is not None and not force:
             raise RefusedVersionError(version, failed, manifest.domain)
         active_key, history_key = self.keys.active(scope), self.keys.history(scope)
+        model_key = self.keys.model(version)
 
         def change(pipe: Pipeline) -> Announcement | None:
             current = pipe.get(active_key)
             previous = None if current is None else current.decode()
             if previous == version or (if_unset and previous is not None):
                 return None
+            if not pipe.exists(model_key):  # removed since its manifest was read
+                raise UnknownVersionError(version)
             announcement = Announcement("activate", scope, version, previous, now_ms())
             pipe.multi()
             pipe.set(active_key, version)
+            pipe.sadd(self.keys.activated_versions, version)
             pipe.lpush(history_key, version)
             pipe.ltrim(history_key, 0, self.history_len - 1)
             self._announce(pipe, announcement, EventKind.VERSION_ACTIVATED, author)
             return announcement
 
-        return self.client.transaction(change, active_key, history_key, value_from_callable=True)
+        return self.client.transaction(change, active_key, history_key, model_key, value_from_callable=True)
 
     def rollback(self, scope: str, author: str | None = None) -> Announcement:
         """Make the version active before the current one in `scope` active again (`author` as in activate);
@@ -302,6 +321,7 @@ class ModelRegistry:
                 pipe.delete(active_key)
             else:
                 pipe.set(active_key, previous)
+                pipe.sadd(self.keys.activated_versions, previous)
             self._announce(pipe, announcement, EventKind.ROLLBACK, author)
             return announcement
 
@@ -336,6 +356,49 @@ class ModelRegistry:
         if author is not None:
             detail["author"] = author
         self.events.append(Event(kind, a.scope, a.version or "", detail, a.ts), pipe)
+
+    # ---------------------------------------------------------------------------------------------- kept refused
+
+    def keep_refused(self, directory: str | Path, limit: int) -> tuple[Manifest, list[str]]:
+        """Publish a candidate the gate refused (its manifest's summary names the failed checks) as the newest
+        of its camera's kept candidates, and remove the oldest beyond `limit` (see `remove_refused`): the
+        manifest and the ids removed."""
+        manifest = read_manifest(Path(directory))
+        if not refused_checks(manifest):
+            raise RegistryError(f"version {manifest.version} is not marked refused: it is published, not kept")
+        self.publish(directory)
+        camera, key = manifest.domain, self.keys.kept_refused(manifest.domain)
+        pipe = self.client.pipeline()
+        pipe.lrem(key, 0, manifest.version)  # kept again (the same tensors and figures): newest once
+        pipe.lpush(key, manifest.version)
+        pipe.lrange(key, limit, -1)
+        older = [v.decode() for v in pipe.execute()[-1]]
+        return manifest, [v for v in older if self.remove_refused(v, camera)]
+
+    def remove_refused(self, version: str, camera: str) -> bool:
+        """Delete a kept refused candidate of `camera` (its tensors, manifest and id) and record it; False,
+        with nothing deleted (it then leaves the camera's kept list), when it was ever activated or
+        an adapted version was published on top of it (or it is not on that list). Each is read inside the
+        transaction that deletes, which every activation's and publication's transaction invalidates."""
+        kept_key, model_key = self.keys.kept_refused(camera), self.keys.model(version)
+
+        def change(pipe: Pipeline) -> bool:
+            needed = pipe.sismember(self.keys.activated_versions, version) or pipe.sismember(
+                self.keys.parent_versions, version
+            )
+            listed = pipe.lpos(kept_key, version) is not None
+            pipe.multi()
+            pipe.lrem(kept_key, 0, version)
+            if needed or not listed:
+                return False
+            pipe.delete(model_key)
+            pipe.zrem(self.keys.model_versions, version)
+            detail = {"reason": "a newer refused candidate of the camera is kept ([adapt] max_kept_refused)"}
+            self.events.append(Event(EventKind.VERSION_REMOVED, camera, version, detail), pipe)
+            return True
+
+        watched = [self.keys.activated_versions, self.keys.parent_versions, kept_key, model_key]
+        return bool(self.client.transaction(change, *watched, value_from_callable=True))
 
     # ---------------------------------------------------------------------------------------------- materialise
 
@@ -427,7 +490,10 @@ class ModelRegistry:
             previous = None if current is None else current.decode()
             if previous == version:
                 return None
+            if not pipe.exists(self.keys.model(version)):
+                raise UnknownVersionError(version)
             pipe.multi()
+            pipe.sadd(self.keys.activated_versions, version, fence.parent)
             if previous is None:
                 pin = Announcement("activate", scope, fence.parent, None, now_ms())
                 pipe.set(active_key, fence.parent)
@@ -441,7 +507,7 @@ class ModelRegistry:
             self._announce(pipe, announcement, EventKind.VERSION_ACTIVATED, None)
             return announcement
 
-        watched = dict.fromkeys([fence.lock_key, active_key, history_key, *served_keys])
+        watched = dict.fromkeys([fence.lock_key, active_key, history_key, self.keys.model(version), *served_keys])
         return self.client.transaction(change, *watched, value_from_callable=True)
 
 

@@ -167,6 +167,20 @@ class Keys:
         return f"{self.prefix}history:{scope}"
 
     @property
+    def activated_versions(self) -> str:
+        """Set: every version ever made active in some scope (such a version is never removed)."""
+        return f"{self.prefix}activated-versions"
+
+    @property
+    def parent_versions(self) -> str:
+        """Set: every version that a published version names as its parent (never removed either)."""
+        return f"{self.prefix}parent-versions"
+
+    def kept_refused(self, camera_id: str) -> str:
+        """List, newest first: the camera's refused candidates kept for an operator to force."""
+        return f"{self.prefix}kept-refused:{camera_id}"
+
+    @property
     def models_channel(self) -> str:
         return f"{self.prefix}models"
 

@@ -38,7 +38,7 @@ from daemon.confirmations import AdaptationBuffer
 from daemon.controller import AdaptationController
 from daemon.events import Event, EventKind, EventLog
 from daemon.metrics import WorkerMetrics
-from daemon.registry import Fence, ModelRegistry, SupersededError
+from daemon.registry import Fence, ModelRegistry, SupersededError, UnknownVersionError
 from daemon.scopes import DEFAULT_SCOPE, camera_scope
 from daemon.store import Keys
 from lab.services import LocalRedis
@@ -484,13 +484,13 @@ def refusing_stand_in(monkeypatch: pytest.MonkeyPatch, adapters: list[Prepared],
     monkeypatch.setattr(controller_module, "command", command)
 
 
-def feed_darker_line(controller: AdaptationController, nll: float = 10.0) -> None:
+def feed_darker_line(controller: AdaptationController, nll: float = 10.0, seed: int = 1) -> None:
     """The shadow's frames of a line whose normal scores moved from about 1 to about 2.5 (the parent flags
     all of them at 1.3) with the same shape. The parent's probes score far above its frames; a candidate is
     blind (its probes score as its frames). `nll`: the parent's NLL of each frame (NaN: not measured).
     Without a candidate, the parent's columns stand for the candidate's, as the worker passes them."""
     assert controller.shadow is not None
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     parent = (2.5 + 1.5 * rng.normal(0.0, 0.1, SHADOW_FRAMES)).tolist()
     probes = [[s + 20.0, s + 40.0] for s in parent]
     nlls = [nll] * SHADOW_FRAMES
@@ -584,4 +584,40 @@ def test_no_recalibration_without_the_setting_or_without_the_parents_evidence(
     assert not plant.events(EventKind.ADAPTATION_ACCEPTED)
     assert plant.registry.active(CAMERA) == plant.base.version
     assert plant.attempt()["status"] == "rejected"
+    plant.client.close()
+
+
+def test_a_camera_keeps_only_its_newest_refused_candidates(
+    redis_server: LocalRedis,
+    calibrated: tuple[Path, ModelVersion],
+    adapters: list[Prepared],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each attempt refused in its shadow keeps its candidate (each holds its tensors in Redis); with
+    [adapt] max_kept_refused = 1 the second attempt's removes the first's from the registry and from the
+    worker's cache, recorded as version_removed, and the removed one can no longer be activated."""
+    plant = Plant(redis_server, calibrated, tmp_path, shadow_frames=SHADOW_FRAMES, max_kept_refused=1)
+    refusing_stand_in(monkeypatch, adapters, {"accepted": True, "figures": DEFECTS})
+    controller, _ = plant.controller()
+    kept = []
+    for attempt in range(2):
+        plant.confirm(2)  # newer frames: the camera is tried again
+        controller._next_check = 0.0
+        start(controller, plant.base)
+        go(controller)
+        finish(controller, plant.base)
+        feed_darker_line(controller, seed=attempt)  # other frames: another operating point, another version
+        conclude(controller, plant.base)
+        kept.append(plant.events(EventKind.ADAPTATION_REJECTED)[-1].detail["candidate"])
+    first, second = kept
+    assert first != second and plant.registry.registered(second)
+    assert not plant.registry.registered(first) and first not in plant.registry.versions()
+    [removed] = plant.events(EventKind.VERSION_REMOVED)
+    assert (removed.scope, removed.version) == (CAMERA, first)
+    cache = tmp_path / "cache-0"
+    assert not (cache / first).exists() and (cache / second).is_dir()
+    with pytest.raises(UnknownVersionError):
+        plant.registry.activate(camera_scope(CAMERA), first, force=True)
+    assert plant.registry.active(CAMERA) == plant.base.version
     plant.client.close()

@@ -24,7 +24,7 @@ from csflow.model import CSFlow, image_scores
 from daemon.config import RegistrySection
 from daemon.events import EventKind, EventLog
 from daemon.frames import ID_PATTERN as FRAME_ID_PATTERN
-from daemon.registry import UNPINNED, Announcement, ModelRegistry, RegistryError, UnknownVersionError
+from daemon.registry import REFUSED, UNPINNED, Announcement, ModelRegistry, RegistryError, UnknownVersionError
 from daemon.scopes import DEFAULT_SCOPE, camera_scope, line_scope
 from daemon.scopes import ID_PATTERN as SCOPE_ID_PATTERN
 from daemon.serving import ServedModels, Swap
@@ -418,6 +418,74 @@ def test_concurrent_activations_serialise(client: redis.Redis, versions: Version
     assert registry.history("line:line-3") == [a.version for a in reversed(got)]
     assert registry.active("cam-1") == got[-1].version
     assert [e.version for e in registry.events.recent()] == registry.history("line:line-3")
+
+
+# ------------------------------------------------------------------------------------------------ kept refused
+
+
+def refused_copies(versions: Versions, root: Path, n: int) -> list[Path]:
+    """`n` refused candidates of cam-1 (the adapter's tensors, each with other failed checks: other ids)."""
+    parent, adapted = load_model(versions.base_dir), load_model(versions.adapter_dir)
+    blocks = versions.adapter.summary["adapted_blocks"]
+    directories = []
+    for i in range(n):
+        summary = {**versions.adapter.summary, REFUSED: [f"FAIL shadow sensitivity: attempt {i}"]}
+        save_adapter(root / f"refused-{i}", adapted.model, parent, blocks, summary, "cam-1", versions.base_dir)
+        directories.append(root / f"refused-{i}")
+    return directories
+
+
+def test_a_cameras_kept_refused_candidates_are_bounded(
+    registry: ModelRegistry, versions: Versions, client: redis.Redis, tmp_path: Path
+) -> None:
+    """Kept beyond the limit, the oldest is deleted whole and recorded; one activated since (forced), or one
+    that a published version is built on, is never deleted, only no longer counted; an unrefused version is
+    not kept this way."""
+    registry.publish(versions.base_dir)
+    ids = [registry.keep_refused(d, limit=2)[0].version for d in refused_copies(versions, tmp_path, 6)[:3]]
+    assert len(set(ids)) == 3
+    assert client.lrange(KEYS.kept_refused("cam-1"), 0, -1) == [ids[2].encode(), ids[1].encode()]
+    assert ids[0] not in registry.versions() and not client.exists(KEYS.model(ids[0]))
+    [removed] = [e for e in registry.events.recent() if e.kind == EventKind.VERSION_REMOVED]
+    assert (removed.scope, removed.version) == ("cam-1", ids[0])
+    with pytest.raises(UnknownVersionError):
+        registry.activate("camera:cam-1", ids[0], force=True)
+
+    registry.activate("camera:cam-1", ids[1], force=True)  # an operator forced it: it serves the camera
+    child_root = tmp_path / "child"
+    kept_dir = registry.materialise(ids[2], tmp_path / "cache")
+    served, blocks = load_model(kept_dir), versions.adapter.summary["adapted_blocks"]
+    save_adapter(child_root, served.model, served, blocks, {"built": "on a kept one"}, "cam-1", kept_dir)
+    registry.publish(child_root)  # a version built on ids[2]
+    more = [registry.keep_refused(d, limit=2) for d in refused_copies(versions, tmp_path / "more", 6)[3:5]]
+    assert [r for _, r in more] == [[], []], "an activated version or a parent was removed"
+    assert all(registry.registered(v) for v in ids[1:])
+    assert client.lrange(KEYS.kept_refused("cam-1"), 0, -1) == [m.version.encode() for m, _ in reversed(more)]
+    assert registry.active("cam-1") == ids[1]
+    with pytest.raises(RegistryError, match="not marked refused"):
+        registry.keep_refused(versions.adapter_dir, limit=2)
+
+
+def test_an_activation_racing_a_removal_activates_nothing(
+    registry: ModelRegistry, versions: Versions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kept candidate removed between the check of its manifest and the activating transaction: the
+    transaction sees it gone and refuses, where a pointer to a deleted version would stop the camera."""
+    registry.publish(versions.base_dir)
+    registry.activate("camera:cam-1", versions.base.version)
+    kept = registry.keep_refused(refused_copies(versions, tmp_path, 1)[0], limit=1)[0].version
+    read = registry.manifest
+
+    def removed_meanwhile(version: str) -> Manifest:
+        manifest = read(version)
+        assert registry.remove_refused(version, "cam-1")
+        return manifest
+
+    monkeypatch.setattr(registry, "manifest", removed_meanwhile)
+    with pytest.raises(UnknownVersionError):
+        registry.activate("camera:cam-1", kept, force=True)
+    assert registry.active("cam-1") == versions.base.version
+    assert registry.history("camera:cam-1") == [versions.base.version]
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
